@@ -1,0 +1,5 @@
+"""Diagnostics: predictive metrics (and, later, ArviZ conversion and plots)."""
+
+from . import metrics
+
+__all__ = ["metrics"]

@@ -1,0 +1,117 @@
+"""The main job's methods: each fits one posterior on a data set and predicts the test split.
+
+A method is a function ``run(ctx) -> MethodResult`` registered in :data:`METHODS` under the name
+the ``--methods`` option uses. The :class:`Context` carries the data, the network, the MAP
+weights (fitted once and shared, since every Laplace method starts from them) and the settings.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from . import metrics
+from .data import Dataset
+from .infer.map import fit_map
+from .nn import BayesianNet
+
+
+@dataclass
+class MethodResult:
+    """Test-set predictions of one method and what it cost."""
+
+    name: str
+    seconds: float
+    probs: Optional[torch.Tensor] = None   # classification: (N, C)
+    mean: Optional[torch.Tensor] = None    # regression: (N,)
+    var: Optional[torch.Tensor] = None     # regression: predictive variance, noise included
+    diagnostics: Dict[str, float] = field(default_factory=dict)
+
+    def scores(self, ds: Dataset) -> Dict[str, float]:
+        out = {"time_s": self.seconds}
+        if ds.likelihood == "classification":
+            out.update(accuracy=metrics.accuracy(self.probs, ds.y_test), nll=metrics.nll(self.probs, ds.y_test),
+                       ece=metrics.ece(self.probs, ds.y_test), brier=metrics.brier(self.probs, ds.y_test))
+        else:
+            # Report in the original units of the target.
+            mean = self.mean * ds.y_std + ds.y_mean
+            var = self.var * ds.y_std ** 2
+            y = ds.y_test * ds.y_std + ds.y_mean
+            out.update(rmse=metrics.rmse(mean, y), nll=metrics.nll(mean, y, var=var))
+        out.update(self.diagnostics)
+        return out
+
+
+def mlp(num_in: int, num_out: int, hidden=(100, 100), activation=nn.Tanh) -> nn.Sequential:
+    """The multilayer perceptron the main job uses (tanh, as in the subnetwork-inference paper)."""
+    layers, width = [], num_in
+    for h in hidden:
+        layers += [nn.Linear(width, h), activation()]
+        width = h
+    layers.append(nn.Linear(width, num_out))
+    return nn.Sequential(*layers)
+
+
+@dataclass
+class Context:
+    """What every method gets: data, model, MAP weights and settings."""
+
+    ds: Dataset
+    model: BayesianNet
+    quick: bool = False
+    seed: int = 0
+    progress: bool = True
+    map_steps: int = 2000
+    _map: Optional[torch.Tensor] = None
+    _map_seconds: float = 0.0
+
+    @property
+    def theta_map(self) -> torch.Tensor:
+        """MAP weights, fitted on first use and shared by the methods that start from them."""
+        if self._map is None:
+            t0 = time.perf_counter()
+            torch.manual_seed(self.seed)
+            self._map = fit_map(self.model, self.ds.x_train, self.ds.y_train, num_steps=self.map_steps,
+                                lr=3e-3, batch_size=128, progress=self.progress, seed=self.seed).theta
+            self._map_seconds = time.perf_counter() - t0
+        return self._map
+
+    @property
+    def map_seconds(self) -> float:
+        self.theta_map
+        return self._map_seconds
+
+
+def make_context(ds: Dataset, quick: bool = False, seed: int = 0, progress: bool = True) -> Context:
+    torch.manual_seed(seed)
+    hidden = (50,) if quick else (100, 100)
+    net = mlp(ds.num_features, ds.num_outputs, hidden)
+    noise = 0.5 if ds.likelihood == "regression" else 0.1
+    model = BayesianNet(net, likelihood=ds.likelihood, prior_scale=1.0, noise_scale=noise)
+    return Context(ds, model, quick=quick, seed=seed, progress=progress, map_steps=600 if quick else 2000)
+
+
+def run_map(ctx: Context) -> MethodResult:
+    """The MAP network alone: no uncertainty over the weights."""
+    theta = ctx.theta_map
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        f = ctx.model.network.flat(theta, ctx.ds.x_test)
+    predict_s = time.perf_counter() - t0
+    seconds = ctx.map_seconds + predict_s
+    if ctx.ds.likelihood == "classification":
+        return MethodResult("MAP", seconds, probs=torch.softmax(f, -1))
+    # The noise scale at the MAP: the training residual standard deviation.
+    with torch.no_grad():
+        resid = ctx.model.network.flat(theta, ctx.ds.x_train)[:, 0] - ctx.ds.y_train
+    var = resid.pow(2).mean().expand(len(f))
+    return MethodResult("MAP", seconds, mean=f[:, 0], var=var)
+
+
+METHODS: Dict[str, Callable[[Context], MethodResult]] = {
+    "map": run_map,
+}

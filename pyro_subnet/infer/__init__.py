@@ -1,0 +1,6 @@
+"""Inference: Laplace guides, stochastic-gradient MCMC kernels, SMC, analytic predictive."""
+
+from . import autoguide
+from .map import fit_map
+
+__all__ = ["autoguide", "fit_map"]

@@ -1,0 +1,5 @@
+"""Laplace guides and the curvature core they share."""
+
+from . import curvature
+
+__all__ = ["curvature"]

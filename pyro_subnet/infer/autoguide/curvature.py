@@ -1,0 +1,160 @@
+"""The curvature core: per-example Jacobians, Jacobian-vector products and GGN accumulation.
+
+Every method that linearises the network uses these functions (and only these): the subnetwork
+Laplace guide, the sampled Laplace guide, selection strategies and the analytic predictive.
+
+Notation. ``f(x; theta)`` is the network output, ``O`` its size, ``theta`` the flat weight vector
+of length ``D`` (:class:`~pyro_subnet.nn.SiteLayout`), ``S`` a subset of ``k`` coordinates of it.
+
+* :func:`jacobian` returns :math:`J_{S,n} = \\partial f(x_n) / \\partial \\theta_S`, shape
+  ``(N, O, k)``. It differentiates only the parameter tensors that hold a selected coordinate, one
+  reverse pass per output and example batch (``vmap`` of ``jacrev``), so the full ``(N, O, D)``
+  Jacobian is never formed when ``S`` covers a few layers; memory is bounded by ``chunk_size``.
+* :func:`jvp` / :func:`vjp` apply :math:`J_S` and :math:`J_S^\\top` without forming it (for
+  sample-then-optimise).
+* :func:`ggn` accumulates :math:`G_S = \\sum_n J_{S,n}^\\top \\Lambda_n J_{S,n}` over data batches,
+  dense (``k x k``) or diagonal (``k``), where :math:`\\Lambda_n` is the Hessian of the negative
+  log-likelihood in the output (:meth:`~pyro_subnet.nn.Likelihood.output_hessian`). With the
+  factor :math:`\\Lambda_n = L_n L_n^\\top`, :math:`G_S = \\sum_n M_n^\\top M_n`,
+  :math:`M_n = L_n^\\top J_{S,n}`: one matrix product per batch.
+
+The Laplace posterior precision over ``S`` is then :math:`G_S + P_0` (Daxberger et al., 2021,
+eq. 6; Immer et al., 2021).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Tuple
+
+import torch
+from torch.func import jacrev, jvp as _jvp, vjp as _vjp, vmap
+
+from ...nn.functional import FunctionalNet
+from ...nn.likelihoods import Likelihood
+from ..batches import iter_batches
+
+# Bound on the floats one Jacobian chunk may hold (about 256 MB in float32).
+_JACOBIAN_BUDGET = 64 * 2 ** 20
+
+
+def _split(fnet: FunctionalNet, theta: torch.Tensor, indices: Optional[torch.Tensor]):
+    """Split the weights into the tensors to differentiate and the fixed rest, and say where each
+    selected coordinate sits."""
+    layout = fnet.layout
+    params = layout.unflatten(theta)
+    if indices is None:
+        indices = torch.arange(layout.dim, device=theta.device)
+    groups = layout.locate(indices.to(theta.device))
+    touched = [g[0] for g in groups]
+    selected = {n: params[n] for n in touched}
+    fixed = {n: v.detach() for n, v in params.items() if n not in selected}
+    return selected, fixed, groups, indices.numel()
+
+
+def _gather(per_site: dict, groups, k: int, lead: Tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Assemble ``{site: (*lead, *site_shape)}`` into ``(*lead, k)`` in the order of the indices."""
+    out = like.new_empty(*lead, k)
+    for name, positions, local in groups:
+        out[..., positions] = per_site[name].reshape(*lead, -1)[..., local]
+    return out
+
+
+def jacobian(fnet: FunctionalNet, theta: torch.Tensor, x: torch.Tensor,
+             indices: Optional[torch.Tensor] = None,
+             chunk_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-example Jacobians of the outputs with respect to ``theta[indices]``.
+
+    :param fnet: the network.
+    :param theta: flat weights, shape ``(D,)``.
+    :param x: inputs, shape ``(N, ...)``.
+    :param indices: coordinates ``S`` (LongTensor of length ``k``); ``None`` means all ``D``.
+    :param chunk_size: examples per ``vmap`` call (default: what fits a fixed memory budget).
+    :returns: ``f`` of shape ``(N, O)`` and ``J`` of shape ``(N, O, k)``.
+    """
+    selected, fixed, groups, k = _split(fnet, theta.detach(), indices)
+
+    def f_single(sel, xn):
+        out = fnet({**fixed, **sel}, xn.unsqueeze(0))[0]
+        return out, out
+
+    jac_fn = vmap(jacrev(f_single, has_aux=True), in_dims=(None, 0))
+    n = x.shape[0]
+    if chunk_size is None:
+        d_touched = sum(v.numel() for v in selected.values())
+        num_out = fnet({**fixed, **selected}, x[:1]).shape[-1]
+        chunk_size = max(1, min(n, _JACOBIAN_BUDGET // max(1, d_touched * num_out)))
+    fs, js = [], []
+    for start in range(0, n, chunk_size):
+        jac, f = jac_fn(selected, x[start:start + chunk_size])
+        fs.append(f)
+        js.append(_gather(jac, groups, k, f.shape, theta))
+    return torch.cat(fs), torch.cat(js)
+
+
+def jvp(fnet: FunctionalNet, theta: torch.Tensor, x: torch.Tensor, v: torch.Tensor,
+        indices: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward-mode product :math:`J_S v` for one or a batch of tangents.
+
+    :param v: tangent(s) on the coordinates ``S``, shape ``(k,)`` or ``(K, k)``.
+    :returns: ``f`` of shape ``(N, O)`` and ``J v`` of shape ``(N, O)`` or ``(K, N, O)``.
+    """
+    theta = theta.detach()
+    if indices is None:
+        def f_sub(z):
+            return fnet.flat(z, x)
+        base = theta
+    else:
+        def f_sub(z):
+            return fnet.flat(theta.index_put((indices,), z), x)
+        base = theta[indices]
+    if v.dim() == 1:
+        return _jvp(f_sub, (base,), (v,))
+    f = fnet.flat(theta, x)
+    return f, vmap(lambda t: _jvp(f_sub, (base,), (t,))[1])(v)
+
+
+def vjp(fnet: FunctionalNet, theta: torch.Tensor, x: torch.Tensor, u: torch.Tensor,
+        indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reverse-mode product :math:`J_S^\\top u = \\sum_n J_{S,n}^\\top u_n`.
+
+    :param u: cotangent(s) on the outputs, shape ``(N, O)`` or ``(K, N, O)``.
+    :returns: shape ``(k,)`` or ``(K, k)``.
+    """
+    theta = theta.detach()
+    if indices is None:
+        def f_sub(z):
+            return fnet.flat(z, x)
+        base = theta
+    else:
+        def f_sub(z):
+            return fnet.flat(theta.index_put((indices,), z), x)
+        base = theta[indices]
+    _, pullback = _vjp(f_sub, base)
+    if u.dim() == 2:
+        return pullback(u)[0]
+    return vmap(lambda c: pullback(c)[0])(u)
+
+
+def ggn(fnet: FunctionalNet, likelihood: Likelihood, theta: torch.Tensor, data,
+        indices: Optional[torch.Tensor] = None, structure: str = "dense",
+        batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+    """Generalised Gauss-Newton matrix :math:`\\sum_n J_{S,n}^\\top \\Lambda_n J_{S,n}`.
+
+    :param data: inputs ``x``, a pair ``(x, y)`` or an iterable of batches (a DataLoader);
+        only the inputs are used (:math:`\\Lambda_n` does not depend on ``y`` for the
+        Categorical and Gaussian likelihoods).
+    :param indices: coordinates ``S`` (``None``: all weights).
+    :param structure: ``"dense"`` (``k x k``) or ``"diag"`` (its diagonal, ``k``).
+    :returns: the GGN in ``theta``'s dtype and device.
+    """
+    if structure not in ("dense", "diag"):
+        raise ValueError(f"ggn: structure must be 'dense' or 'diag', got {structure!r}.")
+    k = fnet.layout.dim if indices is None else len(indices)
+    G = None
+    for xb, _ in iter_batches(data, batch_size, device=theta.device, progress=progress, desc="GGN"):
+        f, J = jacobian(fnet, theta, xb, indices)
+        L = likelihood.output_hessian_sqrt(f)  # (B, O, O)
+        M = torch.einsum("boc,bok->bck", L, J).reshape(-1, k)
+        term = M.T @ M if structure == "dense" else (M * M).sum(0)
+        G = term if G is None else G + term
+    return G

@@ -1,0 +1,163 @@
+"""The bridge from a plain torch module to a batch-aware Pyro model."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Callable, Dict, Mapping, Optional, Union
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+from torch import nn
+
+from .functional import FunctionalNet
+from .likelihoods import Likelihood, make_likelihood
+from .validation import check_data
+
+PriorSpec = Union[None, dist.Distribution, Callable[[str, torch.Size], dist.Distribution]]
+
+
+class BayesianNet(PyroModule):
+    """A Pyro model made from a plain torch module: a prior on every weight and a likelihood.
+
+    .. math::
+
+        w_s \\sim p(w_s) \\;(\\text{default } \\mathcal{N}(0, \\text{prior\\_scale}^2 I))
+        \\text{ for each parameter } s, \\qquad
+        y_n \\mid x_n, w \\sim p(y_n \\mid f(x_n; w)),
+
+    with ``p(y | f)`` Categorical on logits ``f`` (``likelihood="classification"``) or
+    ``Normal(f, noise_scale)`` (``"regression"``). The weight sites are named after the
+    parameters (``"0.weight"``, ``"fc1.bias"``, ...), the observed site is ``"obs"`` inside
+    ``pyro.plate("data", N, subsample_size=subsample_size)``, and the model returns ``f`` (the
+    logits or the mean).
+
+    The model is *batch-aware*: when the weight sites carry leading sample dimensions (as under
+    ``Predictive(..., parallel=True)``, or ``arviz.from_pyro``'s log-likelihood), every draw is
+    evaluated at once with ``torch.func.vmap``, and ``f`` gets those dimensions in front of
+    ``(N, O)``. Global weights sit outside the data plate (dim ``-1``), so a weight batch shape
+    ``(S, 1)`` means ``S`` draws.
+
+    :param net: a plain ``nn.Module`` mapping ``x`` of shape ``(N, ...)`` to ``(N, O)``.
+    :param likelihood: ``"classification"``, ``"regression"`` or a :class:`~pyro_subnet.nn.Likelihood`.
+    :param prior_scale: standard deviation of the default Normal prior; a number, or a dict from
+        site-name patterns (``fnmatch``) to numbers, e.g. ``{"*.bias": 10.0, "*": 1.0}``.
+    :param noise_scale: observation noise of the regression likelihood.
+    :param subsample_size: mini-batch size of the data plate (``None``: all data).
+    :param prior: replaces the Normal prior: a distribution with scalar batch shape (expanded to
+        each site, e.g. :class:`~pyro_subnet.distributions.SpikeSlab`) or a callable
+        ``(name, shape) -> distribution`` with event shape ``shape``.
+
+    >>> net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 3))
+    >>> model = BayesianNet(net, likelihood="classification", prior_scale=1.0)
+    >>> x, y = torch.randn(10, 2), torch.randint(0, 3, (10,))
+    >>> trace = pyro.poutine.trace(model).get_trace(x, y)
+    >>> sorted(n for n in trace.nodes if n not in ("_INPUT", "_RETURN", "data"))
+    ['0.bias', '0.weight', '2.bias', '2.weight', 'obs']
+    """
+
+    def __init__(self, net: nn.Module, likelihood: Union[str, Likelihood] = "classification",
+                 prior_scale: Union[float, Mapping[str, float]] = 1.0, noise_scale: float = 0.1,
+                 subsample_size: Optional[int] = None, prior: PriorSpec = None):
+        super().__init__()
+        self.network = FunctionalNet(net)
+        self.likelihood = make_likelihood(likelihood, noise_scale)
+        if subsample_size is not None and (not isinstance(subsample_size, int) or subsample_size < 1):
+            raise ValueError(f"subsample_size must be a positive integer or None, got {subsample_size!r}.")
+        self.subsample_size = subsample_size
+        self.prior_scale = prior_scale
+        self.prior = prior
+        self._scales = {n: self._scale_for(n) for n in self.layout.names}
+        self._num_outputs = None
+
+    # ----------------------------------------------------------------------------------------
+    @property
+    def layout(self):
+        """The :class:`~pyro_subnet.nn.SiteLayout` of the weight sites."""
+        return self.network.layout
+
+    @property
+    def net(self) -> nn.Module:
+        return self.network.module
+
+    @property
+    def noise_scale(self):
+        return getattr(self.likelihood, "noise_scale", None)
+
+    def _scale_for(self, name: str) -> float:
+        s = self.prior_scale
+        if isinstance(s, Mapping):
+            for pattern, value in s.items():
+                if fnmatch.fnmatchcase(name, pattern):
+                    s = value
+                    break
+            else:
+                raise ValueError(f"prior_scale: no pattern matches site {name!r}; add a '*' entry.")
+        if not (isinstance(s, (int, float)) and s > 0):
+            raise ValueError(f"prior_scale must be positive, got {s!r} for site {name!r}.")
+        return float(s)
+
+    def prior_precision(self, dtype=None, device=None) -> torch.Tensor:
+        """Per-weight prior precision ``1 / prior_scale^2`` of the Normal prior, shape ``(D,)``.
+
+        Only defined for the default Normal prior (the Laplace guides start from it)."""
+        if self.prior is not None:
+            raise ValueError("prior_precision() is defined for the default Normal prior only.")
+        parts = [torch.full((self.layout.shapes[n].numel(),), self._scales[n] ** -2, dtype=dtype, device=device)
+                 for n in self.layout.names]
+        return torch.cat(parts)
+
+    def site_prior(self, name: str, like: torch.Tensor) -> dist.Distribution:
+        """The prior distribution of weight site ``name`` (event shape = the site's shape)."""
+        shape = self.layout.shapes[name]
+        if self.prior is None:
+            zero = torch.zeros((), dtype=like.dtype, device=like.device)
+            return dist.Normal(zero, zero + self._scales[name]).expand(shape).to_event(len(shape))
+        if isinstance(self.prior, dist.Distribution) or isinstance(self.prior, torch.distributions.Distribution):
+            return self.prior.expand(shape).to_event(len(shape))
+        return self.prior(name, shape)
+
+    def initial_values(self) -> Dict[str, torch.Tensor]:
+        """The wrapped network's own weights (e.g. a pretrained MAP)."""
+        return self.network.initial_values()
+
+    # ----------------------------------------------------------------------------------------
+    # The fast functional path used by the samplers and MAP fitting: the same densities as the
+    # Pyro model, on flat weights of shape (*batch, D), with no trace.
+    def log_prior(self, theta: torch.Tensor) -> torch.Tensor:
+        """``log p(theta)`` for flat weights of shape ``(*batch, D)``; returns ``(*batch,)``."""
+        values = self.layout.unflatten(theta)
+        return sum(self.site_prior(n, theta).log_prob(v) for n, v in values.items())
+
+    def log_likelihood(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Pointwise ``log p(y_n | x_n, theta)`` for flat weights ``(*batch, D)``; returns
+        ``(*batch, N)``. No validation: call :func:`~pyro_subnet.nn.check_data` once first."""
+        return self.likelihood.log_prob(self.network.flat_batched(theta, x), y)
+
+    def initial_theta(self, dtype=None, device=None) -> torch.Tensor:
+        """The wrapped network's weights as one flat vector ``(D,)``."""
+        return self.layout.flatten(self.initial_values()).to(dtype=dtype, device=device)
+
+    # ----------------------------------------------------------------------------------------
+    def forward(self, x, y=None):
+        x, y = check_data(x, y, self.likelihood.name, self._num_outputs
+                          if self.likelihood.name == "classification" else None)
+        params = {n: pyro.sample(n, self.site_prior(n, x)) for n in self.layout.names}
+        sample_shape = self._sample_shape(params)
+        with pyro.plate("data", x.shape[0], subsample_size=self.subsample_size, device=x.device) as idx:
+            xb = x if self.subsample_size is None else x.index_select(0, idx)
+            f = self.network.batched(params, xb, sample_shape)
+            if self._num_outputs is None:
+                self._num_outputs = f.shape[-1]
+            yb = None if y is None else (y if self.subsample_size is None else y.index_select(0, idx))
+            pyro.sample("obs", self.likelihood.distribution(f), obs=yb)
+        return f
+
+    def _sample_shape(self, params) -> torch.Size:
+        shapes = self.layout.shapes
+        batch = torch.broadcast_shapes(*(v.shape[: v.dim() - len(shapes[n])] for n, v in params.items()))
+        # Global weights sit outside the data plate (dim -1): a trailing 1 is that plate's slot.
+        if len(batch) and batch[-1] == 1:
+            batch = batch[:-1]
+        return batch

@@ -1,0 +1,110 @@
+"""Likelihoods of a network's output ``f`` and their curvature in ``f``.
+
+A likelihood turns the network output ``f`` of shape ``(..., N, O)`` into the distribution of the
+observed site, and gives the Hessian of the negative log-likelihood in ``f``,
+
+.. math:: \\Lambda_n = -\\partial^2_f \\log p(y_n \\mid f_n),
+
+which is the middle factor of the generalised Gauss-Newton matrix
+:math:`G = \\sum_n J_n^\\top \\Lambda_n J_n`. For both likelihoods here :math:`\\Lambda_n` does not
+depend on ``y``, and a square root :math:`L_n L_n^\\top = \\Lambda_n` is known in closed form, so
+that :math:`G = \\sum_n (L_n^\\top J_n)^\\top (L_n^\\top J_n)` is one matrix product.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro.distributions as dist
+import torch
+
+
+class Likelihood:
+    """Base class: the observation model of a :class:`~pyro_subnet.nn.BayesianNet`."""
+
+    name: str = ""
+
+    def distribution(self, f: torch.Tensor) -> dist.Distribution:
+        """Distribution of ``obs`` with batch shape ``f.shape[:-1]``."""
+        raise NotImplementedError
+
+    def log_prob(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Pointwise ``log p(y_n | f_n)``, shape ``f.shape[:-1]``."""
+        return self.distribution(f).log_prob(y)
+
+    def output_hessian(self, f: torch.Tensor) -> torch.Tensor:
+        """:math:`\\Lambda_n`, shape ``(..., N, O, O)``."""
+        L = self.output_hessian_sqrt(f)
+        return L @ L.transpose(-1, -2)
+
+    def output_hessian_sqrt(self, f: torch.Tensor) -> torch.Tensor:
+        """A factor ``L_n`` with :math:`L_n L_n^\\top = \\Lambda_n`, shape ``(..., N, O, O)``."""
+        raise NotImplementedError
+
+
+class Categorical(Likelihood):
+    """``y_n ~ Categorical(softmax(f_n))``.
+
+    :math:`\\Lambda_n = \\mathrm{diag}(p_n) - p_n p_n^\\top` with
+    :math:`L_n = \\mathrm{diag}(\\sqrt{p_n}) - p_n \\sqrt{p_n}^\\top` (this uses
+    :math:`\\sum_c p_{nc} = 1`).
+    """
+
+    name = "classification"
+
+    def distribution(self, f):
+        return dist.Categorical(logits=f)
+
+    def output_hessian(self, f):
+        p = torch.softmax(f, dim=-1)
+        return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+
+    def output_hessian_sqrt(self, f):
+        p = torch.softmax(f, dim=-1)
+        s = p.sqrt()
+        return torch.diag_embed(s) - p.unsqueeze(-1) * s.unsqueeze(-2)
+
+    def __repr__(self):
+        return "Categorical()"
+
+
+class Gaussian(Likelihood):
+    """``y_n ~ Normal(f_n, noise_scale^2)``, one output (``y`` of shape ``(N,)``) or several
+    (``y`` of shape ``(N, O)``, independent noise). :math:`\\Lambda_n = \\sigma^{-2} I`."""
+
+    name = "regression"
+
+    def __init__(self, noise_scale: float = 0.1):
+        if not (isinstance(noise_scale, (int, float)) and noise_scale > 0 and math.isfinite(noise_scale)):
+            raise ValueError(f"Gaussian likelihood: noise_scale must be a positive number, got {noise_scale!r}.")
+        self.noise_scale = float(noise_scale)
+
+    def distribution(self, f, noise_scale=None):
+        scale = self.noise_scale if noise_scale is None else noise_scale
+        if f.shape[-1] == 1:
+            return dist.Normal(f[..., 0], scale)
+        return dist.Normal(f, scale).to_event(1)
+
+    def output_hessian_sqrt(self, f):
+        eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)
+        return (eye / self.noise_scale).expand(*f.shape, f.shape[-1])
+
+    def output_hessian(self, f):
+        eye = torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)
+        return (eye / self.noise_scale ** 2).expand(*f.shape, f.shape[-1])
+
+    def __repr__(self):
+        return f"Gaussian(noise_scale={self.noise_scale})"
+
+
+def make_likelihood(likelihood, noise_scale: float = 0.1) -> Likelihood:
+    """``"classification"`` / ``"regression"`` / a :class:`Likelihood` -> a :class:`Likelihood`."""
+    if isinstance(likelihood, Likelihood):
+        return likelihood
+    if likelihood == "classification":
+        return Categorical()
+    if likelihood == "regression":
+        return Gaussian(noise_scale)
+    raise ValueError(
+        f"likelihood must be 'classification' or 'regression' (or a ps.nn.Likelihood), got {likelihood!r}."
+    )

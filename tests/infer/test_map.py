@@ -1,0 +1,18 @@
+import torch
+from torch import nn
+
+from pyro_subnet.infer import fit_map
+from pyro_subnet.nn import BayesianNet
+
+
+def test_map_of_linear_regression_is_the_ridge_solution():
+    torch.manual_seed(0)
+    x = torch.randn(40, 3, dtype=torch.float64)
+    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.3 + 0.2 * torch.randn(40, dtype=torch.float64)
+    model = BayesianNet(nn.Linear(3, 1), "regression", prior_scale=0.5, noise_scale=0.2)
+    res = fit_map(model, x, y, num_steps=3000, lr=0.02, batch_size=None, progress=False)
+    X = torch.cat([x, torch.ones(40, 1, dtype=torch.float64)], 1)
+    A = X.T @ X / 0.04 + torch.eye(4, dtype=torch.float64) / 0.25
+    exact = torch.linalg.solve(A, X.T @ y / 0.04)
+    assert torch.allclose(res.theta, exact, atol=1e-4)
+    assert res.losses[-1] < res.losses[0]

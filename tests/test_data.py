@@ -1,0 +1,29 @@
+import pytest
+import torch
+
+import pyro_subnet as ps
+
+
+@pytest.mark.parametrize("name,n,d,c", [("digits", 1797, 64, 10), ("breast_cancer", 569, 30, 2),
+                                        ("wine", 178, 13, 3), ("diabetes", 442, 10, 1)])
+def test_loaders_split_and_standardise(name, n, d, c):
+    ds = ps.data.load(name)
+    assert ds.x_train.shape[0] + ds.x_test.shape[0] == n and ds.num_features == d and ds.num_outputs == c
+    assert ds.x_train.mean(0).abs().max() < 1e-5
+    sd = ds.x_train.std(0, unbiased=False)
+    assert ((sd - 1).abs() < 1e-4).logical_or(sd == 0).all()
+    again = ps.data.load(name)
+    assert torch.equal(ds.x_test, again.x_test)  # deterministic
+
+
+def test_gap_regression_has_a_gap_and_two_moons_has_two_classes():
+    ds = ps.data.gap_regression(n=80)
+    x = ds.x_train[:, 0]
+    assert ((x > -1) & (x < 1)).sum() == 0 and (x < -1).sum() == 40
+    moons = ps.data.two_moons(n=100)
+    assert set(moons.y_train.tolist()) == {0, 1}
+
+
+def test_unknown_dataset():
+    with pytest.raises(ValueError, match="unknown data set"):
+        ps.data.load("mnist")
