@@ -5,7 +5,7 @@
 """
 
 from . import data, diagnostics, infer, nn
-from .diagnostics import metrics
+from .diagnostics import metrics, to_inference_data
 
 __version__ = "0.1.0"
-__all__ = ["nn", "infer", "data", "diagnostics", "metrics"]
+__all__ = ["nn", "infer", "data", "diagnostics", "metrics", "to_inference_data"]

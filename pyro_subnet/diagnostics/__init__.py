@@ -1,5 +1,7 @@
-"""Diagnostics: predictive metrics (and, later, ArviZ conversion and plots)."""
+"""Diagnostics: predictive metrics, ArviZ conversion, pointwise log-likelihoods."""
 
 from . import metrics
+from .arviz_io import to_inference_data
+from .pointwise import full_data, pointwise
 
-__all__ = ["metrics"]
+__all__ = ["metrics", "to_inference_data", "pointwise", "full_data"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from typing import Callable, Dict, Mapping, Optional, Union
 
@@ -117,6 +118,13 @@ class BayesianNet(PyroModule):
         if isinstance(self.prior, dist.Distribution) or isinstance(self.prior, torch.distributions.Distribution):
             return self.prior.expand(shape).to_event(len(shape))
         return self.prior(name, shape)
+
+    def with_subsample_size(self, subsample_size: Optional[int]) -> "BayesianNet":
+        """A view of this model with another mini-batch size (``None``: all data). The views
+        share the network and priors; only the data plate differs."""
+        view = copy.copy(self)
+        view.__dict__["subsample_size"] = subsample_size
+        return view
 
     def initial_values(self) -> Dict[str, torch.Tensor]:
         """The wrapped network's own weights (e.g. a pretrained MAP)."""
