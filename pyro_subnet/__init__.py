@@ -5,7 +5,8 @@
 """
 
 from . import data, diagnostics, infer, nn
+from .diagnostics import plots
 from .diagnostics import metrics, to_inference_data
 
 __version__ = "0.1.0"
-__all__ = ["nn", "infer", "data", "diagnostics", "metrics", "to_inference_data"]
+__all__ = ["nn", "infer", "data", "diagnostics", "metrics", "plots", "to_inference_data"]

@@ -27,3 +27,15 @@ def test_gap_regression_has_a_gap_and_two_moons_has_two_classes():
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown data set"):
         ps.data.load("mnist")
+
+
+@pytest.mark.parametrize("name,n_train,n_test,d", [("boston", 455, 51, 13), ("concrete", 927, 103, 8),
+                                                   ("energy", 691, 77, 8), ("yacht", 277, 31, 6)])
+def test_uci_standard_split(name, n_train, n_test, d):
+    ds = ps.data.load_uci(name, split=0)
+    assert ds.x_train.shape == (n_train, d) and ds.x_test.shape == (n_test, d)
+    assert abs(float(ds.y_train.mean())) < 1e-5 and abs(float(ds.y_train.std(unbiased=False)) - 1) < 1e-4
+    assert ps.data.num_splits(name) == 20 and ps.data.hidden_units(name) == 50
+    # original units come back exactly
+    raw = ds.y_train * ds.y_std + ds.y_mean
+    assert raw.min() > 0
