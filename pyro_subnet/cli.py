@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import torch
@@ -21,13 +24,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="pyro-subnet",
         description="Fit Bayesian neural networks with every pyro_subnet method on an embedded data "
-                    "set and print test accuracy, NLL, ECE, Brier score and time side by side.",
+                    "set; print test accuracy, NLL, ECE, Brier score, time and each method's "
+                    "diagnostics side by side; write them as JSON with figures.",
     )
     p.add_argument("--dataset", default="digits", choices=sorted(LOADERS),
                    help="embedded data set (default: digits)")
     p.add_argument("--methods", default="all",
                    help=f"comma-separated methods from {{{','.join(METHODS)}}}, or 'all' (default)")
     p.add_argument("--quick", action="store_true", help="small network and short runs (a smoke test)")
+    p.add_argument("--out", default="pyro_subnet_out",
+                   help="folder for results.json and the PNG figures (default: pyro_subnet_out)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
@@ -43,14 +49,57 @@ def _parse_methods(spec: str) -> List[str]:
     return names
 
 
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
 def format_table(rows, likelihood: str) -> str:
+    """One line a method: the scores, then the method's own diagnostics as ``key=value``."""
     cols = (["accuracy", "nll", "ece", "brier", "time_s"] if likelihood == "classification"
             else ["rmse", "nll", "time_s"])
-    head = f"{'method':<22}" + "".join(f"{c:>10}" for c in cols)
+    head = f"{'method':<20}" + "".join(f"{c:>10}" for c in cols) + "  diagnostics"
     lines = [head, "-" * len(head)]
     for name, scores in rows:
-        lines.append(f"{name:<22}" + "".join(f"{scores[c]:>10.4f}" for c in cols))
+        extra = " ".join(f"{k}={_fmt(v)}" for k, v in scores.items() if k not in cols)
+        lines.append(f"{name:<20}" + "".join(f"{scores[c]:>10.4f}" for c in cols) + "  " + extra)
     return "\n".join(lines)
+
+
+def _json_safe(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def write_outputs(out: Path, ds, results, rows) -> List[Path]:
+    """results.json and the figures; returns the files written."""
+    from .diagnostics import plots
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    payload = {"dataset": ds.name, "likelihood": ds.likelihood, "num_train": len(ds.x_train),
+               "num_test": len(ds.x_test),
+               "methods": {name: {k: _json_safe(v) for k, v in scores.items()} for name, scores in rows}}
+    (out / "results.json").write_text(json.dumps(payload, indent=2))
+    written.append(out / "results.json")
+    if ds.likelihood == "classification":
+        path = out / "reliability.png"
+        plots.reliability_diagram({r.name: r.probs for r in results}, ds.y_test, path=path)
+        written.append(path)
+    elif ds.num_features == 1:
+        for r in results:
+            path = out / f"band_{r.name}.png"
+            plots.predictive_band(ds.x_train, ds.y_train, ds.x_test, r.mean, r.var.sqrt(), title=r.name, path=path)
+            written.append(path)
+    for r in results:
+        if "smc" in r.plots:
+            path = out / f"smc_{r.name}.png"
+            plots.smc_traces(r.plots["smc"], path=path)
+            written.append(path)
+        if "inclusion" in r.plots:
+            path = out / f"inclusion_{r.name}.png"
+            plots.inclusion_histogram(r.plots["inclusion"], path=path)
+            written.append(path)
+    return written
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -61,11 +110,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         ds = load(args.dataset, seed=args.seed)
         ctx = make_context(ds, quick=args.quick, seed=args.seed, progress=not args.no_progress)
         print(f"{ds}; network {ctx.model.layout.dim} weights", flush=True)
-        rows = []
+        results, rows = [], []
         for name in methods:
             result = METHODS[name](ctx)
+            results.append(result)
             rows.append((result.name, result.scores(ds)))
         print(format_table(rows, ds.likelihood))
+        written = write_outputs(Path(args.out), ds, results, rows)
+        print(f"wrote {', '.join(str(p) for p in written)}")
     except ValueError as e:
         print(f"pyro-subnet: error: {e}", file=sys.stderr)
         return 1

@@ -29,7 +29,8 @@ class MethodResult:
     probs: Optional[torch.Tensor] = None   # classification: (N, C)
     mean: Optional[torch.Tensor] = None    # regression: (N,)
     var: Optional[torch.Tensor] = None     # regression: predictive variance, noise included
-    diagnostics: Dict[str, float] = field(default_factory=dict)
+    diagnostics: Dict[str, float] = field(default_factory=dict)  # printed and saved, e.g. ESS, R-hat
+    plots: Dict[str, object] = field(default_factory=dict)       # data for figures, e.g. SMC traces
 
     def scores(self, ds: Dataset) -> Dict[str, float]:
         out = {"time_s": self.seconds}
