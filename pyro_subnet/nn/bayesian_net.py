@@ -44,7 +44,9 @@ class BayesianNet(PyroModule):
     :param likelihood: ``"classification"``, ``"regression"`` or a :class:`~pyro_subnet.nn.Likelihood`.
     :param prior_scale: standard deviation of the default Normal prior; a number, or a dict from
         site-name patterns (``fnmatch``) to numbers, e.g. ``{"*.bias": 10.0, "*": 1.0}``.
-    :param noise_scale: observation noise of the regression likelihood.
+    :param noise_scale: observation noise of the regression likelihood; ``None`` means "learn
+        it" (a hyperparameter, starting at 1, that the inference method fits: by the evidence in
+        the Laplace guides, by EM in the samplers; ``model.likelihood.noise_scale`` holds it).
     :param subsample_size: mini-batch size of the data plate (``None``: all data).
     :param prior: replaces the Normal prior: a distribution with scalar batch shape (expanded to
         each site, e.g. :class:`~pyro_subnet.distributions.SpikeSlab`) or a callable
@@ -59,7 +61,7 @@ class BayesianNet(PyroModule):
     """
 
     def __init__(self, net: nn.Module, likelihood: Union[str, Likelihood] = "classification",
-                 prior_scale: Union[float, Mapping[str, float]] = 1.0, noise_scale: float = 0.1,
+                 prior_scale: Union[float, Mapping[str, float]] = 1.0, noise_scale: Optional[float] = 0.1,
                  subsample_size: Optional[int] = None, prior: PriorSpec = None):
         super().__init__()
         self.network = FunctionalNet(net)

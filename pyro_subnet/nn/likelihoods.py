@@ -14,6 +14,7 @@ that :math:`G = \\sum_n (L_n^\\top J_n)^\\top (L_n^\\top J_n)` is one matrix pro
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import pyro.distributions as dist
 import torch
@@ -74,10 +75,26 @@ class Gaussian(Likelihood):
 
     name = "regression"
 
-    def __init__(self, noise_scale: float = 0.1):
-        if not (isinstance(noise_scale, (int, float)) and noise_scale > 0 and math.isfinite(noise_scale)):
+    def __init__(self, noise_scale: Optional[float] = 0.1, initial_noise_scale: float = 1.0):
+        #: ``True`` when the noise is a hyperparameter that the inference method learns (by the
+        #: evidence for the Laplace guides, by EM for the samplers), ``noise_scale=None``.
+        self.learn_noise = noise_scale is None
+        if noise_scale is None:
+            noise_scale = initial_noise_scale
+        self.set_noise_scale(noise_scale)
+
+    def set_noise_scale(self, noise_scale: float) -> None:
+        noise_scale = float(noise_scale)
+        if not (noise_scale > 0 and math.isfinite(noise_scale)):
             raise ValueError(f"Gaussian likelihood: noise_scale must be a positive number, got {noise_scale!r}.")
-        self.noise_scale = float(noise_scale)
+        self.noise_scale = noise_scale
+
+    def em_noise_scale(self, f: torch.Tensor, y: torch.Tensor) -> float:
+        """The maximum-likelihood noise scale given outputs ``f`` (``(..., N, O)``) and targets:
+        :math:`\sigma^2 = \mathrm{mean}_n \|y_n - f_n\|^2 / O`, averaged over any leading
+        (draw) dimensions: the M-step of EM for the noise."""
+        resid = (y.reshape(*y.shape[:1], -1) - f.reshape(*f.shape[:-2], f.shape[-2], -1))
+        return float(resid.pow(2).mean().sqrt().clamp_min(1e-6))
 
     def distribution(self, f, noise_scale=None):
         scale = self.noise_scale if noise_scale is None else noise_scale
@@ -94,11 +111,12 @@ class Gaussian(Likelihood):
         return (eye / self.noise_scale ** 2).expand(*f.shape, f.shape[-1])
 
     def __repr__(self):
-        return f"Gaussian(noise_scale={self.noise_scale})"
+        return f"Gaussian(noise_scale={self.noise_scale:.4g}{', learned' if self.learn_noise else ''})"
 
 
-def make_likelihood(likelihood, noise_scale: float = 0.1) -> Likelihood:
-    """``"classification"`` / ``"regression"`` / a :class:`Likelihood` -> a :class:`Likelihood`."""
+def make_likelihood(likelihood, noise_scale: Optional[float] = 0.1) -> Likelihood:
+    """``"classification"`` / ``"regression"`` / a :class:`Likelihood` -> a :class:`Likelihood`.
+    ``noise_scale=None`` makes the regression noise a learned hyperparameter."""
     if isinstance(likelihood, Likelihood):
         return likelihood
     if likelihood == "classification":

@@ -136,3 +136,16 @@ def test_float64_data_gives_float64_sites():
     tr = pyro.poutine.trace(model).get_trace(x)
     assert tr.nodes["0.weight"]["value"].dtype == torch.float64
     assert tr.nodes["_RETURN"]["value"].dtype == torch.float64
+
+
+def test_learned_noise_starts_at_one_and_em_update_is_the_residual_rms():
+    model = BayesianNet(nn.Linear(1, 1), "regression", noise_scale=None)
+    assert model.likelihood.learn_noise and model.noise_scale == 1.0
+    f = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    y = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    assert model.likelihood.em_noise_scale(f, y) == pytest.approx((6 / 4) ** 0.5)
+    model.likelihood.set_noise_scale(0.25)
+    tr = pyro.poutine.trace(model).get_trace(torch.randn(3, 1), torch.randn(3))
+    assert float(tr.nodes["obs"]["fn"].scale) == 0.25
+    with pytest.raises(ValueError, match="positive"):
+        model.likelihood.set_noise_scale(-1.0)
