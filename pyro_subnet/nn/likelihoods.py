@@ -91,7 +91,7 @@ class Gaussian(Likelihood):
 
     def em_noise_scale(self, f: torch.Tensor, y: torch.Tensor) -> float:
         """The maximum-likelihood noise scale given outputs ``f`` (``(..., N, O)``) and targets:
-        :math:`\sigma^2 = \mathrm{mean}_n \|y_n - f_n\|^2 / O`, averaged over any leading
+        :math:`\\sigma^2 = \\mathrm{mean}_n \\|y_n - f_n\\|^2 / O`, averaged over any leading
         (draw) dimensions: the M-step of EM for the noise."""
         resid = (y.reshape(*y.shape[:1], -1) - f.reshape(*f.shape[:-2], f.shape[-2], -1))
         return float(resid.pow(2).mean().sqrt().clamp_min(1e-6))
