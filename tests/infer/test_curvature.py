@@ -105,3 +105,15 @@ def test_ggn_accepts_a_dataloader():
     assert torch.allclose(a, b, atol=1e-10)
     with pytest.raises(ValueError, match="structure"):
         curvature.ggn(model.network, model.likelihood, theta, x, structure="kron")
+
+
+def test_ggn_vector_products_match_the_dense_ggn():
+    model, theta = _net_and_theta()
+    x = torch.randn(9, 3, dtype=torch.float64)
+    idx = torch.tensor([0, 7, 20, 31, 37])
+    G = curvature.ggn(model.network, model.likelihood, theta, x, idx)
+    V = torch.randn(3, 5, dtype=torch.float64)
+    assert torch.allclose(curvature.ggn_vp(model.network, model.likelihood, theta, x, V, idx), V @ G, atol=1e-10)
+    G_all = curvature.ggn(model.network, model.likelihood, theta, x)
+    v = torch.randn(model.layout.dim, dtype=torch.float64)
+    assert torch.allclose(curvature.ggn_vp(model.network, model.likelihood, theta, x, v), G_all @ v, atol=1e-10)

@@ -10,8 +10,8 @@ of length ``D`` (:class:`~pyro_subnet.nn.SiteLayout`), ``S`` a subset of ``k`` c
   ``(N, O, k)``. It differentiates only the parameter tensors that hold a selected coordinate, one
   reverse pass per output and example batch (``vmap`` of ``jacrev``), so the full ``(N, O, D)``
   Jacobian is never formed when ``S`` covers a few layers; memory is bounded by ``chunk_size``.
-* :func:`jvp` / :func:`vjp` apply :math:`J_S` and :math:`J_S^\\top` without forming it (for
-  sample-then-optimise).
+* :func:`jvp` / :func:`vjp` apply :math:`J_S` and :math:`J_S^\\top` without forming it, and
+  :func:`ggn_vp` the GGN (for sample-then-optimise).
 * :func:`ggn` accumulates :math:`G_S = \\sum_n J_{S,n}^\\top \\Lambda_n J_{S,n}` over data batches,
   dense (``k x k``) or diagonal (``k``), where :math:`\\Lambda_n` is the Hessian of the negative
   log-likelihood in the output (:meth:`~pyro_subnet.nn.Likelihood.output_hessian`). With the
@@ -133,6 +133,23 @@ def vjp(fnet: FunctionalNet, theta: torch.Tensor, x: torch.Tensor, u: torch.Tens
     if u.dim() == 2:
         return pullback(u)[0]
     return vmap(lambda c: pullback(c)[0])(u)
+
+
+def ggn_vp(fnet: FunctionalNet, likelihood: Likelihood, theta: torch.Tensor, x: torch.Tensor,
+           v: torch.Tensor, indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """GGN-vector products :math:`\sum_n J_{S,n}^\top \Lambda_n J_{S,n} v` on a batch ``x``,
+    matrix-free (one forward-mode and one reverse-mode pass per vector).
+
+    :param v: shape ``(k,)`` or ``(K, k)``.
+    :returns: the same shape as ``v``.
+    """
+    single = v.dim() == 1
+    V = v[None] if single else v
+    f, JV = jvp(fnet, theta, x, V, indices)                     # (K, N, O)
+    L = likelihood.output_hessian_sqrt(f)                        # (N, O, O)
+    LLJV = torch.einsum("nop,npq,knq->kno", L, L.transpose(-1, -2), JV)
+    out = vjp(fnet, theta, x, LLJV, indices)                     # (K, k)
+    return out[0] if single else out
 
 
 def ggn(fnet: FunctionalNet, likelihood: Likelihood, theta: torch.Tensor, data,
