@@ -6,6 +6,8 @@
 
 found with Adam on mini-batches, the data term scaled by ``N / B`` so every step is an unbiased
 estimate of the full objective (divided by ``N`` so that learning rates do not depend on ``N``).
+Under ``torch.distributed`` each rank draws its mini-batches from its own shard and the gradients
+are averaged over ranks before every step.
 This is the first step of every Laplace method, and a sensible start for the samplers.
 """
 
@@ -17,6 +19,7 @@ import torch
 from tqdm.auto import trange
 
 from ..nn.validation import check_data
+from . import distributed
 
 
 class MAPResult(NamedTuple):
@@ -52,19 +55,24 @@ def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Op
     """
     x, y = check_data(x, y, model.likelihood.name)
     n = x.shape[0]
+    # Under torch.distributed every rank passes the whole data set and works on its shard; the
+    # gradients are averaged (as DistributedDataParallel does), so all ranks take the same steps.
+    local = distributed.shard(n)
+    x, y = x[local], y[local]
+    n_local = x.shape[0]
     theta0 = model.initial_theta(dtype=x.dtype, device=x.device) if init is None else init.to(x)
     theta = theta0.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=lr)
     gen = torch.Generator(device="cpu")
     gen.manual_seed(torch.initial_seed() if seed is None else seed)
-    b = n if batch_size is None or batch_size >= n else batch_size
-    perm, pos = torch.randperm(n, generator=gen), 0
+    b = n_local if batch_size is None or batch_size >= n_local else batch_size
+    perm, pos = torch.randperm(n_local, generator=gen), 0
     losses = torch.empty(num_steps)
     bar = trange(num_steps, desc="MAP", disable=not progress, leave=False)
     for step in bar:
-        if b < n:
-            if pos + b > n:
-                perm, pos = torch.randperm(n, generator=gen), 0
+        if b < n_local:
+            if pos + b > n_local:
+                perm, pos = torch.randperm(n_local, generator=gen), 0
             idx = perm[pos:pos + b].to(x.device)
             pos += b
             xb, yb = x[idx], y[idx]
@@ -73,6 +81,7 @@ def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Op
         loss = neg_log_joint(model, theta, xb, yb, n) / n
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.all_reduce_mean(theta.grad)
         opt.step()
         losses[step] = loss.detach()
         if progress and step % 50 == 0:

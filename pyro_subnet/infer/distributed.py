@@ -1,0 +1,107 @@
+"""Data and particle parallelism on PyTorch's own engine, ``torch.distributed``.
+
+Launch any script that uses pyro_subnet with ``torchrun --nproc_per_node=N script.py``; the
+script calls :func:`init` once (gloo on CPU, NCCL on CUDA) and the methods see the process group:
+
+* the MAP and the Laplace guides shard the data by rank; gradients, GGNs and sample-then-optimise
+  products are summed with ``all_reduce``, so every rank ends with the same guide, equal to the
+  single-process one;
+* :class:`~pyro_subnet.infer.AnnealedSMC` shards the particles and resamples across ranks;
+* the SG-MCMC kernels run one chain per rank and gather the samples.
+
+Everything here is a no-op in a single process, so library code calls these helpers
+unconditionally. A rank that raises makes ``torchrun`` stop the whole group (and every
+collective has a timeout), so a failure ends the run instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def is_active() -> bool:
+    """Whether a process group with more than one rank is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_active() else 1
+
+
+def init(backend: Optional[str] = None, timeout_s: float = 300.0) -> int:
+    """Join the process group that ``torchrun`` set up (reads ``RANK``/``WORLD_SIZE`` from the
+    environment); ``backend`` defaults to NCCL when CUDA is available, else gloo. Returns the
+    rank. Does nothing outside ``torchrun``."""
+    if "RANK" not in os.environ or (dist.is_available() and dist.is_initialized()):
+        return rank()
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(n: int) -> slice:
+    """This rank's contiguous share of ``n`` items (the first ``n % world`` ranks get one more)."""
+    w, r = world_size(), rank()
+    base, extra = divmod(n, w)
+    start = r * base + min(r, extra)
+    return slice(start, start + base + (1 if r < extra else 0))
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (in place, also returned)."""
+    if is_active():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if is_active():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= dist.get_world_size()
+    return t
+
+
+def all_gather_cat(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Concatenate every rank's tensor along ``dim`` (sizes may differ between ranks)."""
+    if not is_active():
+        return t
+    sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([t.shape[dim]], device=t.device))
+    sizes = [int(s) for s in sizes]
+    moved = t.movedim(dim, 0).contiguous()
+    padded = torch.zeros(max(sizes), *moved.shape[1:], dtype=t.dtype, device=t.device)
+    padded[: moved.shape[0]] = moved
+    bufs = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(bufs, padded)
+    return torch.cat([b[:s] for b, s in zip(bufs, sizes)]).movedim(0, dim)
+
+
+def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    if is_active():
+        dist.broadcast(t, src)
+    return t
+
+
+def gather_objects(obj) -> List[object]:
+    """Every rank's Python object, on every rank."""
+    if not is_active():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
