@@ -59,6 +59,7 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--mcmc-steps", type=int, default=5)
     ap.add_argument("--move", default="mala")
+    ap.add_argument("--ess-threshold", type=float, default=0.5)
     ap.add_argument("--prior-scale", type=float, default=0.5)
     ap.add_argument("--schedules", default="full,adaptive,linear")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 gives stable timings on a shared box)")
@@ -71,14 +72,15 @@ def main(argv=None):
         args.hidden, args.particles = 16, 32
     ds = load(args.dataset)
     print(f"{ds}; MLP hidden={args.hidden}, particles={args.particles}, batch={args.batch_size}, "
-          f"move={args.move} x{args.mcmc_steps}, threads={args.threads}")
+          f"move={args.move} x{args.mcmc_steps}, ess_threshold={args.ess_threshold}, threads={args.threads}")
     rows = {}
     for schedule in args.schedules.split(","):
         torch.manual_seed(args.seed)
         model = BayesianNet(mlp(ds.num_features, ds.num_outputs, (args.hidden,)), ds.likelihood,
                             prior_scale=args.prior_scale)
         smc = AnnealedSMC(model, num_particles=args.particles, batch_size=args.batch_size, schedule=schedule,
-                          move=args.move, num_mcmc_steps=args.mcmc_steps, seed=args.seed, progress=args.progress)
+                          ess_threshold=args.ess_threshold, move=args.move, num_mcmc_steps=args.mcmc_steps,
+                          seed=args.seed, progress=args.progress)
         t0 = time.perf_counter()
         smc.run(ds.x_train, ds.y_train)
         seconds = time.perf_counter() - t0

@@ -28,13 +28,13 @@ def _conjugate_problem(n=60, d=2, sigma=0.5, alpha=1.0):
 def test_conjugate_linear_regression_matches_exact_posterior_and_evidence(schedule, move):
     model, x, y, mean, cov, log_z = _conjugate_problem()
     assert model.layout.names == ["weight", "bias"]
-    p = 1000
+    p = 600
     smc = AnnealedSMC(model, num_particles=p, batch_size=10, schedule=schedule, move=move, seed=1, progress=False)
     smc.run(x, y)
     theta = smc.particles()[0]
     sd = cov.diag().sqrt()
     # Monte Carlo error: resampling and correlated moves leave fewer than P effective draws;
-    # 5 / sqrt(P) posterior standard deviations (~0.16 sd) is about 3 standard errors at ESS = P/3.
+    # 5 / sqrt(P) posterior standard deviations (~0.2 sd) is about 3 standard errors at ESS = P/3.
     assert ((theta.mean(0) - mean).abs() / sd < 5 / math.sqrt(p)).all(), (theta.mean(0), mean)
     emp_cov = torch.cov(theta.T)
     assert torch.allclose(emp_cov.diag() / cov.diag(), torch.ones(3, dtype=torch.float64), atol=0.2)

@@ -31,6 +31,7 @@ independent, so the gradient of the summed log density is every particle's own g
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple, Tuple
 
 import torch
@@ -107,7 +108,7 @@ def adapt_step_size(step_size: float, accept_rate: float, target: float, rate: f
     """Multiplicative Robbins-Monro-style update ``eps * exp(rate * (accept - target))``: larger
     steps when accepting more than the target, smaller when less. Applied between move steps,
     so each step is still an exact :math:`\\pi_s`-invariant kernel."""
-    return float(step_size * torch.tensor(rate * (accept_rate - target)).exp())
+    return float(step_size * math.exp(rate * (accept_rate - target)))
 
 
 KERNELS = {"mala": (mala, 0.574), "hmc": (hmc, 0.65)}
