@@ -14,7 +14,8 @@ from pyro_subnet.nn import BayesianNet
 def _conjugate_problem(n=60, d=2, sigma=0.5, alpha=1.0):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
-    y = x @ torch.tensor([1.0, -0.5], dtype=torch.float64) + 0.3 + sigma * torch.randn(n, generator=g, dtype=torch.float64)
+    noise = sigma * torch.randn(n, generator=g, dtype=torch.float64)
+    y = x @ torch.tensor([1.0, -0.5], dtype=torch.float64) + 0.3 + noise
     model = BayesianNet(nn.Linear(d, 1).double(), "regression", prior_scale=alpha, noise_scale=sigma)
     X = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1)   # theta = (weight, bias)
     cov = torch.linalg.inv(X.T @ X / sigma ** 2 + torch.eye(d + 1, dtype=torch.float64) / alpha ** 2)

@@ -12,7 +12,8 @@ MALA (Roberts and Tweedie 1996), with :math:`M^{-1} = \\mathrm{diag}(\\text{scal
 
     \\theta' = \\theta + \\tfrac{\\epsilon^2}{2} M^{-1} \\nabla \\log\\pi(\\theta)
              + \\epsilon M^{-1/2} \\xi, \\qquad
-    \\alpha = \\min\\Big(1, \\frac{\\pi(\\theta') q(\\theta \\mid \\theta')}{\\pi(\\theta) q(\\theta' \\mid \\theta)}\\Big).
+    \\alpha = \\min\\Big(1, \\frac{\\pi(\\theta') q(\\theta \\mid \\theta')}
+                          {\\pi(\\theta) q(\\theta' \\mid \\theta)}\\Big).
 
 HMC (Neal 2011): ``num_leapfrog_steps`` leapfrog steps of size :math:`\\epsilon` with momentum
 :math:`r \\sim \\mathcal{N}(0, M)`, accepted with :math:`\\min(1, e^{-\\Delta H})`.
