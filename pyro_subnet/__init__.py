@@ -5,6 +5,7 @@
 """
 
 from . import data, diagnostics, infer, nn
+from . import distributions
 from .diagnostics import metrics
 
 __version__ = "0.1.0"

@@ -4,3 +4,5 @@ from . import autoguide
 from .map import fit_map
 
 __all__ = ["autoguide", "fit_map"]
+from . import mcmc
+from .mcmc import SGHMC

@@ -1,0 +1,7 @@
+"""Stochastic-gradient MCMC kernels for ``pyro.infer.MCMC``."""
+
+from .schedules import Constant, CyclicalCosine, PolynomialDecay
+from .sghmc import SGHMC
+from .stats import add_sample_stats, sample_stats
+
+__all__ = ["SGHMC", "Constant", "PolynomialDecay", "CyclicalCosine", "sample_stats", "add_sample_stats"]
