@@ -6,3 +6,4 @@ from .map import fit_map
 __all__ = ["autoguide", "fit_map"]
 from . import mcmc
 from .mcmc import SGHMC
+from .mcmc import SpikeSlabSGHMC
