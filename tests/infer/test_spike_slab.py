@@ -55,7 +55,8 @@ def test_inclusion_probabilities_select_the_true_features():
     x, y = _sparse_regression()
     model = BayesianNet(nn.Linear(50, 1), likelihood="regression", noise_scale=0.5)
     kernel = SpikeSlabSGHMC(model, step_size=2e-4, friction=0.5, spike_scale=0.02, slab_scale=1.0,
-                            steps_per_sample=2, subsample_size=100)
+                            steps_per_sample=2, subsample_size=100, inclusion_beta=(1.0, 1.0),
+                            learn_slab_scale=True)
     MCMC(kernel, num_samples=400, warmup_steps=400, disable_progbar=True).run(x, y)
     rho = kernel.inclusion_probabilities()["weight"][0]
     assert (rho[:5] > 0.9).all(), rho[:5]
@@ -66,7 +67,8 @@ def test_pruning_reaches_target_sparsity_with_exact_zeros():
     torch.set_num_threads(1)
     x, y = _sparse_regression()
     model = BayesianNet(nn.Linear(50, 1), likelihood="regression", noise_scale=0.5)
-    kernel = SpikeSlabSGHMC(model, step_size=2e-4, friction=0.5, spike_scale=0.02, target_sparsity=0.8)
+    kernel = SpikeSlabSGHMC(model, step_size=2e-4, friction=0.5, spike_scale=0.02, target_sparsity=0.8,
+                            inclusion_beta=(1.0, 1.0))
     mcmc = MCMC(kernel, num_samples=100, warmup_steps=200, disable_progbar=True)
     mcmc.run(x, y)
     w = mcmc.get_samples()["weight"][:, 0]

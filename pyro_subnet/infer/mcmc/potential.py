@@ -27,6 +27,16 @@ from ...nn import BayesianNet, SiteLayout
 from ...nn.validation import check_data
 
 
+def flatten(layout: SiteLayout, values) -> torch.Tensor:
+    """``{name: value}`` -> ``(D,)`` (also for scalar sites, unlike batch-aware layout.flatten)."""
+    return torch.cat([values[n].reshape(-1) for n in layout.names])
+
+
+def unflatten(layout: SiteLayout, theta: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """``(D,)`` -> ``{name: value}`` (also for scalar sites)."""
+    return {n: theta[sl].reshape(tuple(layout.shapes[n])) for n, sl in layout.slices().items()}
+
+
 class NetPotential:
     """``U`` of a BayesianNet on kernel-drawn mini-batches.
 
@@ -95,7 +105,7 @@ class TracePotential:
     def __call__(self, theta: torch.Tensor) -> Tuple[float, torch.Tensor]:
         theta = theta.detach().requires_grad_(True)
         with torch.enable_grad():
-            unconstrained = self.layout.unflatten(theta)
+            unconstrained = unflatten(self.layout, theta)
             constrained = {k: self.transforms[k].inv(v) for k, v in unconstrained.items()}
             with poutine.block():
                 trace = poutine.trace(poutine.condition(self.model, constrained)).get_trace(*self.args, **self.kwargs)

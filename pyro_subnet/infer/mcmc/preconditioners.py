@@ -35,12 +35,13 @@ class PreconditionerState(NamedTuple):
 
 
 def _normalise(h: torch.Tensor, min_gain: float, max_gain: float) -> torch.Tensor:
-    root = h.clamp_min(0).sqrt()
-    positive = root[root > 0]
+    positive = h[h > 0]
     if positive.numel() == 0:
         return torch.ones_like(h)
     ref = positive.median()
-    return (ref / root.clamp_min(ref * 1e-12)).clamp(min_gain, max_gain)
+    # A noisy estimate can be <= 0 (Stein) or tiny: floor it relative to the median.
+    root = h.clamp_min(ref * min_gain ** 2).sqrt()
+    return (ref.sqrt() / root).clamp(min_gain, max_gain)
 
 
 class Identity:
@@ -59,12 +60,13 @@ class RMSprop(Identity):
     """pSGLD's preconditioner: ``h = EMA_beta(g^2)``, ``G ~ 1 / sqrt(h)``.
 
     :param beta: EMA decay. :param min_gain, max_gain: clamp of ``G``.
+    :param min_count: observations before ``G`` leaves ``I``.
     """
 
     adaptive = True
 
-    def __init__(self, beta: float = 0.99, min_gain: float = 1e-2, max_gain: float = 1e2):
-        self.beta, self.min_gain, self.max_gain = beta, min_gain, max_gain
+    def __init__(self, beta: float = 0.99, min_gain: float = 1e-2, max_gain: float = 10.0, min_count: int = 100):
+        self.beta, self.min_gain, self.max_gain, self.min_count = beta, min_gain, max_gain, min_count
 
     def _observe(self, grad, noise, noise_scale):
         return grad * grad
@@ -75,6 +77,8 @@ class RMSprop(Identity):
             return state
         h = self.beta * state.curvature + (1 - self.beta) * obs
         count = state.count + 1
+        if count < self.min_count:             # too few observations: keep G = I
+            return PreconditionerState(state.scale, h, count)
         h_hat = h / (1 - self.beta ** count)   # bias-corrected EMA (Adam)
         return PreconditionerState(_normalise(h_hat, self.min_gain, self.max_gain), h, count)
 
@@ -84,11 +88,11 @@ class VariationalBayes(RMSprop):
     identity), ``G ~ 1 / sqrt(h)`` = the mean-field VB standard deviation up to a constant.
 
     :param beta: EMA decay (the Stein estimate is noisy: keep it close to 1).
-    :param min_gain, max_gain: clamp of ``G``.
+    :param min_gain, max_gain: clamp of ``G``. :param min_count: observations before ``G`` leaves ``I``.
     """
 
-    def __init__(self, beta: float = 0.995, min_gain: float = 1e-2, max_gain: float = 1e2):
-        super().__init__(beta, min_gain, max_gain)
+    def __init__(self, beta: float = 0.995, min_gain: float = 1e-2, max_gain: float = 10.0, min_count: int = 200):
+        super().__init__(beta, min_gain, max_gain, min_count)
 
     def _observe(self, grad, noise, noise_scale):
         if noise is None:

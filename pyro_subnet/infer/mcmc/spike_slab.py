@@ -16,14 +16,15 @@ After every SGHMC step (of :mod:`.integrator`):
   + ||w_g||^2 / 2 (1/sigma_0^2 - 1/sigma_1^2)``, and ``kappa_g = rho_g / sigma_1^2 + (1 - rho_g) /
   sigma_0^2`` is the adaptive per-weight weight decay: the sampler's prior term is the expected
   complete-data log prior ``-kappa_g ||w_g||^2 / 2`` (Deng et al.'s ``Q``).
-* **M-step**: ``delta = (sum_g rho_g + a - 1) / (G + a + b - 2)`` (Beta(a, b) hyper-prior) and
+* **M-step** (opt-in, see ``inclusion_beta``, ``learn_slab_scale``):
+  ``delta = (sum_g rho_g + a - 1) / (G + a + b - 2)`` (Beta(a, b) hyper-prior) and
   ``sigma_1^2 = (sum_g rho_g ||w_g||^2 + 2 b_1) / (sum_g rho_g m_g + 2 (a_1 + 1))`` (inverse-gamma
   hyper-prior with mode at the initial slab variance); the spike scale stays fixed unless
   ``learn_spike_scale`` (a shrinking spike makes the potential stiff).
 * **Stochastic approximation**: every quantity moves as ``q <- (1 - omega_k) q + omega_k q_new``,
   ``omega_k = sa_c / (sa_A + k)^sa_alpha`` (Deng et al., Alg. 1).
 * **Pruning**: between ``prune_start`` and ``prune_end`` (calls of ``sample``, default the second
-  half of warm-up), the sparsity of each sparse site follows ``s_k = S (1 - (1 - p_k)^3)``
+  half of warm-up), the sparsity over all sparse sites together follows ``s_k = S (1 - (1 - p_k)^3)``
   (``p_k`` = progress in ``[0, 1]``, Zhu & Gupta 2017) and the groups of least magnitude are
   zeroed for good (a mask multiplies the position and velocity after every step), so pruned
   weights are exactly zero in every later draw.
@@ -74,15 +75,20 @@ class SpikeSlabSGHMC(SGHMC):
     :param slab_scale: initial ``sigma_1`` (default: the model's SpikeSlab, else 1.0).
     :param inclusion_prior: initial inclusion rate ``delta`` (default: the model's SpikeSlab,
         else 0.5).
-    :param inclusion_beta: ``(a, b)`` of the Beta hyper-prior on ``delta`` (``(1, 1)``: flat).
+    :param inclusion_beta: ``(a, b)`` of the Beta hyper-prior on ``delta`` for its M-step (``(1, 1)``:
+        flat); ``None`` (default) keeps ``delta`` fixed, as Deng et al. advise for deep networks,
+        where a learnt ``delta`` can cascade to zero (many redundant weights each carry little
+        likelihood, the E-step puts them in the spike, ``delta`` falls, and the threshold rises).
     :param sites: ``fnmatch`` patterns of the sparse sites (default: every site of 2 or more
         dimensions, i.e. weight matrices and filters, not biases).
     :param group: ``"weight"`` (one inclusion probability per weight) or ``"neuron"`` (per row
         ``w[o, ...]``: an output neuron of a linear layer, a filter of a convolution).
-    :param target_sparsity: fraction ``S`` of groups of each sparse site to prune (``None``: none).
+    :param target_sparsity: fraction ``S`` of the sparse sites' weights to prune, ranked by group
+        mean-square magnitude across all sparse sites (``None``: no pruning).
     :param prune_start, prune_end: calls of ``sample`` over which sparsity ramps up to ``S``
         (default: the second half of warm-up).
-    :param learn_slab_scale, learn_spike_scale: M-step on the scales.
+    :param learn_slab_scale, learn_spike_scale: M-step on the scales (off by default, also following
+        Deng et al.'s advice for deep networks).
     :param sa_c, sa_A, sa_alpha: stochastic-approximation weights ``omega_k = c / (A + k)^alpha``.
 
     ``kernel.inclusion_probabilities()`` gives site -> per-weight ``P(gamma = 1 | data)`` (the SA
@@ -105,9 +111,9 @@ class SpikeSlabSGHMC(SGHMC):
 
     def __init__(self, model, step_size: float, friction: float = 0.1, *, spike_scale: Optional[float] = None,
                  slab_scale: Optional[float] = None, inclusion_prior: Optional[float] = None,
-                 inclusion_beta=(1.0, 1.0), sites: Optional[Sequence[str]] = None, group: str = "weight",
+                 inclusion_beta=None, sites: Optional[Sequence[str]] = None, group: str = "weight",
                  target_sparsity: Optional[float] = None, prune_start: Optional[int] = None,
-                 prune_end: Optional[int] = None, learn_slab_scale: bool = True, learn_spike_scale: bool = False,
+                 prune_end: Optional[int] = None, learn_slab_scale: bool = False, learn_spike_scale: bool = False,
                  sa_c: float = 1.0, sa_A: float = 10.0, sa_alpha: float = 0.7, **sghmc_options):
         if not isinstance(model, BayesianNet):
             raise ValueError("SpikeSlabSGHMC needs a pyro_subnet.nn.BayesianNet (it works on the weight sites).")
@@ -129,7 +135,7 @@ class SpikeSlabSGHMC(SGHMC):
             raise ValueError(f"target_sparsity must lie in [0, 1), got {target_sparsity}.")
         self.target_sparsity = target_sparsity
         self.prune_start, self.prune_end = prune_start, prune_end
-        self.inclusion_beta = tuple(float(v) for v in inclusion_beta)
+        self.inclusion_beta = None if inclusion_beta is None else tuple(float(v) for v in inclusion_beta)
         self.learn_slab_scale, self.learn_spike_scale = learn_slab_scale, learn_spike_scale
         self.sa_c, self.sa_A, self.sa_alpha = sa_c, sa_A, sa_alpha
         shapes = self.layout.shapes
@@ -158,11 +164,13 @@ class SpikeSlabSGHMC(SGHMC):
         theta = self.layout.flatten({n: v for n, v in self._initial.items()}).to(ref)
         values = self.layout.unflatten(theta)
         rho, keep = {}, {}
-        for n in self.sparse_sites:
-            G = _groups(values[n], self.group).shape[0]
-            rho[n] = torch.full((G,), self.inclusion_prior, dtype=ref.dtype, device=ref.device)
-            keep[n] = torch.ones(G, dtype=torch.bool, device=ref.device)
         s1, s0 = self.slab_scale ** 2, self.spike_scale ** 2
+        for n in self.sparse_sites:
+            wg = _groups(values[n], self.group)
+            # Start the EM from an E-step at the initial weights (a prior-mean start would
+            # shrink every weight hard before the first E-step could rescue the large ones).
+            rho[n] = e_step(wg.pow(2).sum(-1), wg.shape[1], self.inclusion_prior, s1, s0)
+            keep[n] = torch.ones(wg.shape[0], dtype=torch.bool, device=ref.device)
         self._em = EMState(rho, {n: self.inclusion_prior for n in self.sparse_sites},
                            {n: s1 for n in self.sparse_sites}, {n: s0 for n in self.sparse_sites}, keep, 0)
         self._rho_mean = {n: r.clone() for n, r in rho.items()}
@@ -215,24 +223,36 @@ class SpikeSlabSGHMC(SGHMC):
         rho, delta, slab, spike, keep = dict(em.rho), dict(em.delta), dict(em.slab_var), dict(em.spike_var), dict(em.keep)
         target = self._target()
         pruned_now = False
-        a, b = self.inclusion_beta
+        sq_norms = {n: _groups(values[n].detach(), self.group).pow(2).sum(-1) for n in self.sparse_sites}
+        # Pruning: zero the groups of least mean-square magnitude, over all sparse sites together
+        # (the network decides which layers to thin), until the scheduled sparsity is reached.
+        sizes = {n: self.layout.shapes[n].numel() // keep[n].numel() for n in self.sparse_sites}
+        total = sum(keep[n].numel() * sizes[n] for n in self.sparse_sites)
+        pruned = sum(int((~keep[n]).sum()) * sizes[n] for n in self.sparse_sites)
+        if target * total > pruned + 0.5:
+            score = torch.cat([torch.where(keep[n], sq_norms[n] / sizes[n], torch.full_like(sq_norms[n], -1.0))
+                               for n in self.sparse_sites])
+            weight = torch.cat([torch.full_like(sq_norms[n], float(sizes[n])) for n in self.sparse_sites])
+            order = torch.argsort(score)
+            cut = int(torch.searchsorted(torch.cumsum(weight[order], 0), torch.tensor(target * total + 1e-9,
+                                         dtype=weight.dtype, device=weight.device), right=True))
+            flat_keep = torch.ones_like(score, dtype=torch.bool)
+            flat_keep[order[:cut]] = False
+            offset = 0
+            for n in self.sparse_sites:
+                G = keep[n].numel()
+                keep[n] = keep[n] & flat_keep[offset:offset + G]
+                offset += G
+            pruned_now = True
         for n in self.sparse_sites:
-            wg = _groups(values[n].detach(), self.group)
-            G, m = wg.shape
-            sq = wg.pow(2).sum(-1)
-            # Pruning: zero the groups of least magnitude until the scheduled sparsity is reached.
-            n_prune = int(math.floor(target * G + 1e-9))
-            if n_prune > int((~keep[n]).sum()):
-                score = torch.where(keep[n], sq, torch.full_like(sq, -1.0))
-                order = torch.argsort(score)
-                new_keep = torch.ones_like(keep[n])
-                new_keep[order[:n_prune]] = False
-                keep[n] = keep[n] & new_keep
-                pruned_now = True
+            sq = sq_norms[n]
+            G, m = sq.numel(), sizes[n]
             r_new = e_step(sq, m, delta[n], slab[n], spike[n]) * keep[n]
             rho[n] = (1 - omega) * rho[n] + omega * r_new
-            d_new = (float(rho[n].sum()) + a - 1) / (G + a + b - 2)
-            delta[n] = min(max((1 - omega) * delta[n] + omega * d_new, 1e-6), 1 - 1e-6)
+            if self.inclusion_beta is not None:
+                a, b = self.inclusion_beta
+                d_new = (float(rho[n].sum()) + a - 1) / (G + a + b - 2)
+                delta[n] = min(max((1 - omega) * delta[n] + omega * d_new, 1e-6), 1 - 1e-6)
             if self.learn_slab_scale:
                 s0 = self.slab_scale ** 2   # inverse-gamma(1, 2 s0) hyper-prior: mode at the initial value
                 s_new = (float((rho[n] * sq).sum()) + 2 * s0) / (float(rho[n].sum()) * m + 4)
