@@ -56,7 +56,7 @@ def step(state: SGHMCState, potential_and_grad, step_size: float, friction: floa
     :param mask: ``(D,)`` 0/1 tensor of weights kept (``None``: all).
     """
     u, grad = potential_and_grad(state.theta)
-    if not (math.isfinite(u) and bool(torch.isfinite(grad).all())):
+    if not math.isfinite(u):
         # Reject: keep the position, forget the velocity (it carried us somewhere bad).
         return state._replace(velocity=torch.zeros_like(state.velocity), noise=None), SGHMCInfo(u, True)
     pre = state.precond
@@ -64,15 +64,21 @@ def step(state: SGHMCState, potential_and_grad, step_size: float, friction: floa
         pre = preconditioner.update(pre, grad, state.noise, torch.sqrt(2 * friction * state.step_size * pre.scale))
     elif adapt:
         pre = preconditioner.update(pre, grad, None, None)
-    g = pre.scale
     velocity = state.velocity
+    decay = 1 - friction
     if state.step_size > 0 and step_size != state.step_size:
-        velocity = velocity * math.sqrt(step_size / state.step_size)
+        decay = decay * math.sqrt(step_size / state.step_size)
     noise = torch.randn_like(state.theta)
-    velocity = (1 - friction) * velocity - step_size * g * grad + torch.sqrt(2 * friction * step_size * g) * noise
+    if preconditioner.adaptive:
+        g = pre.scale
+        velocity = decay * velocity - step_size * g * grad + torch.sqrt(2 * friction * step_size * g) * noise
+    else:   # G = I: scalar coefficients, fused
+        velocity = torch.add(torch.add(velocity * decay, grad, alpha=-step_size), noise,
+                             alpha=math.sqrt(2 * friction * step_size))
     theta = state.theta + velocity
     if mask is not None:
         theta, velocity = theta * mask, velocity * mask
-    if not bool(torch.isfinite(theta).all()):
+    # One reduction catches a non-finite gradient, noise or position (NaN and inf propagate).
+    if not math.isfinite(float(velocity.sum())):
         return state._replace(velocity=torch.zeros_like(state.velocity), noise=None), SGHMCInfo(u, True)
     return SGHMCState(theta, velocity, pre, step_size, noise), SGHMCInfo(u, False)

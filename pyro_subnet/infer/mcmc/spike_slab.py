@@ -152,7 +152,7 @@ class SpikeSlabSGHMC(SGHMC):
         super()._reset()
         self._stats.update(sparsity=[], inclusion_rate=[])
         self._em = None
-        self._rho_mean = None
+        self._kappa = None
 
     def setup(self, warmup_steps, *args, **kwargs):
         super().setup(warmup_steps, *args, **kwargs)
@@ -173,26 +173,39 @@ class SpikeSlabSGHMC(SGHMC):
             keep[n] = torch.ones(wg.shape[0], dtype=torch.bool, device=ref.device)
         self._em = EMState(rho, {n: self.inclusion_prior for n in self.sparse_sites},
                            {n: s1 for n in self.sparse_sites}, {n: s0 for n in self.sparse_sites}, keep, 0)
-        self._rho_mean = {n: r.clone() for n, r in rho.items()}
         self._mask_flat = None
+        self._kappa = None
 
     def _log_prior(self):
         return self._em_log_prior
 
     def _em_log_prior(self, theta: torch.Tensor) -> torch.Tensor:
-        """Model prior on the other sites + expected complete-data log prior on the sparse ones."""
-        values = self.layout.unflatten(theta)
-        lp = theta.new_zeros(())
-        em = self._em
-        for n, v in values.items():
-            if n not in em.rho:
-                lp = lp + self._model.site_prior(n, theta).log_prob(v)
-                continue
-            wg = _groups(v, self.group)
-            rho = em.rho[n]
-            kappa = rho / em.slab_var[n] + (1 - rho) / em.spike_var[n]
-            lp = lp - 0.5 * (kappa * wg.pow(2).sum(-1)).sum()
+        """Model prior on the other sites + expected complete-data log prior on the sparse ones:
+        ``-1/2 sum_j kappa_j theta_j^2`` with ``kappa`` cached after each EM update (the default
+        Normal prior of the other sites is folded into ``kappa`` too)."""
+        if self._kappa is None:
+            self._kappa = self._build_kappa(theta)
+        lp = -0.5 * (self._kappa * theta * theta).sum()
+        if self._other_sites:
+            values = self.layout.unflatten(theta)
+            for n in self._other_sites:
+                lp = lp + self._model.site_prior(n, theta).log_prob(values[n])
         return lp
+
+    def _build_kappa(self, ref: torch.Tensor) -> torch.Tensor:
+        em, parts = self._em, {}
+        normal = self._model.prior is None
+        self._other_sites = [] if normal else [n for n in self.layout.names if n not in em.rho]
+        for n in self.layout.names:
+            shape = self.layout.shapes[n]
+            if n in em.rho:
+                rho = em.rho[n]
+                kappa = rho / em.slab_var[n] + (1 - rho) / em.spike_var[n]
+                parts[n] = kappa[:, None].expand(-1, shape.numel() // rho.numel()).reshape(shape)
+            else:
+                scale = self._model._scales[n] if normal else math.inf
+                parts[n] = torch.full(shape, scale ** -2, dtype=ref.dtype, device=ref.device)
+        return self.layout.flatten(parts).detach()
 
     def _mask(self):
         if self._mask_flat is None:
@@ -262,6 +275,7 @@ class SpikeSlabSGHMC(SGHMC):
                 s_new = (float(((1 - rho[n]) * sq * keep[n]).sum()) + 2 * s0) / (float(((1 - rho[n]) * keep[n]).sum()) * m + 4)
                 spike[n] = (1 - omega) * spike[n] + omega * min(s_new, slab[n] / 4)
         self._em = EMState(rho, delta, slab, spike, keep, k)
+        self._kappa = None
         if pruned_now:
             self._mask_flat = None
             state = state._replace(theta=state.theta * self._mask(), velocity=state.velocity * self._mask())
