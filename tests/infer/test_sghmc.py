@@ -84,8 +84,8 @@ def test_generic_pyro_model_with_its_own_subsampled_plate():
         with pyro.plate("data", x.shape[0], subsample_size=50) as idx:
             pyro.sample("obs", dist.Normal(x[idx] @ w, SIGMA * tau), obs=y[idx])
 
-    kernel = SGHMC(model, step_size=8e-4, friction=0.5, steps_per_sample=5)
-    mcmc = MCMC(kernel, num_samples=300, warmup_steps=200, disable_progbar=True)
+    kernel = SGHMC(model, step_size=8e-4, friction=0.5, steps_per_sample=4)
+    mcmc = MCMC(kernel, num_samples=200, warmup_steps=100, disable_progbar=True)
     mcmc.run(x, y)
     samples = mcmc.get_samples()
     assert (samples["tau"] > 0).all()             # returned in the constrained space

@@ -105,8 +105,8 @@ class SpikeSlabSGHMC(SGHMC):
     >>> kernel = SpikeSlabSGHMC(model, step_size=5e-4, friction=0.5, spike_scale=0.02)
     >>> mcmc = pyro.infer.MCMC(kernel, num_samples=300, warmup_steps=300, disable_progbar=True)
     >>> mcmc.run(x, y)
-    >>> kernel.inclusion_probabilities()["weight"][0, :3].round(decimals=1)
-    tensor([1., 0., 0.])
+    >>> (kernel.inclusion_probabilities()["weight"][0, :3] > 0.5).tolist()
+    [True, False, False]
     """
 
     def __init__(self, model, step_size: float, friction: float = 0.1, *, spike_scale: Optional[float] = None,
