@@ -132,7 +132,7 @@ def sgmcmc_posterior(ctx: Context, target_sparsity: Optional[float] = None, num_
     if target_sparsity is None:
         kernel = SGHMC(model, **options)
     else:
-        kernel = SpikeSlabSGHMC(model, spike_scale=0.01, slab_scale=1.0, inclusion_prior=0.5,
+        kernel = SpikeSlabSGHMC(model, spike_scale=0.3, slab_scale=1.0, inclusion_prior=0.5,
                                 target_sparsity=target_sparsity, **options)
     pyro.set_rng_seed(ctx.seed)
     init = model.layout.unflatten(theta0)
