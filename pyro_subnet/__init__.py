@@ -4,9 +4,8 @@
 >>> model = ps.nn.BayesianNet(net, likelihood="classification")      # doctest: +SKIP
 """
 
-from . import data, diagnostics, infer, nn
-from .diagnostics import plots
-from .diagnostics import metrics, to_inference_data
+from . import data, diagnostics, distributions, infer, nn
+from .diagnostics import metrics, plots, to_inference_data
 
 __version__ = "0.1.0"
-__all__ = ["nn", "infer", "data", "diagnostics", "metrics", "plots", "to_inference_data"]
+__all__ = ["nn", "infer", "data", "diagnostics", "distributions", "metrics", "plots", "to_inference_data"]

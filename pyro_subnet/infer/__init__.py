@@ -1,9 +1,8 @@
 """Inference: Laplace guides, stochastic-gradient MCMC kernels, SMC, analytic predictive."""
 
-from . import autoguide
+from . import autoguide, mcmc
 from .map import fit_map
-
-__all__ = ["autoguide", "fit_map"]
+from .mcmc import SGHMC, SpikeSlabSGHMC
 from .smc import AnnealedSMC
 
-__all__ += ["AnnealedSMC"]
+__all__ = ["autoguide", "mcmc", "fit_map", "SGHMC", "SpikeSlabSGHMC", "AnnealedSMC"]

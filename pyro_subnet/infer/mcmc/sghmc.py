@@ -1,0 +1,209 @@
+"""Stochastic-gradient Hamiltonian Monte Carlo as a ``pyro.infer.MCMC`` kernel."""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import Dict, Optional
+
+import torch
+from pyro.infer.autoguide.initialization import init_to_sample
+from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
+
+from ...nn import BayesianNet
+from . import integrator
+from .potential import NetPotential, TracePotential, flatten, setup_trace_model, unflatten
+from .preconditioners import make_preconditioner
+from .schedules import make_schedule
+
+
+class SGHMC(MCMCKernel):
+    """Stochastic-gradient HMC (Chen, Fox & Guestrin, ICML 2014) with a diagonal preconditioner,
+    for :class:`pyro.infer.MCMC`, driven like NUTS but on mini-batches:
+
+    .. math::
+
+        v \\leftarrow (1 - \\alpha) v - \\epsilon_t G \\nabla \\tilde U(\\theta)
+            + \\sqrt{2 \\alpha \\epsilon_t G}\\, \\xi, \\qquad \\theta \\leftarrow \\theta + v,
+
+    with ``U~`` the potential on a mini-batch of ``B`` of the ``N`` examples (likelihood scaled by
+    ``N/B``), ``alpha`` the friction, ``epsilon_t`` the step size at step ``t`` and ``G`` the
+    preconditioner: ``"vb"`` is the diagonal variational-Bayes preconditioner of Ke & Fan, *On the
+    optimization and pruning for Bayesian deep learning* (2022), who show their adaptive VB update
+    is this SGHMC; ``"rmsprop"`` is pSGLD's (Li et al., 2016); ``None`` is ``G = I``. See
+    :mod:`.integrator` and :mod:`.preconditioners` for the maths.
+
+    Models: a :class:`~pyro_subnet.nn.BayesianNet` runs on the fast functional path (batches of
+    ``subsample_size``, else the model's own ``subsample_size``, else all data); any other Pyro
+    model with continuous latent sites runs through traces, its mini-batches coming from its own
+    ``pyro.plate("data", N, subsample_size=B)``. ``kernel.model`` is a *full-data* view (for a
+    BayesianNet, a copy with ``subsample_size=None``) so that ``arviz.from_pyro(mcmc)`` computes the
+    log-likelihood of all ``N`` points.
+
+    Warm-up: the preconditioner adapts during the ``warmup_steps`` calls only (``adapt_preconditioner
+    ="warmup"``), then stays fixed so that the chain targets the posterior. ``MCMC`` never calls
+    ``end_warmup``; the kernel counts its own calls. Each call to :meth:`sample` makes
+    ``steps_per_sample`` SGHMC steps (thinning inside the kernel).
+
+    Diagnostics (per chain, via ``mcmc.diagnostics()``): ``"divergences"`` (draw indices where the
+    potential or position was not finite; the step is rejected and the velocity reset),
+    ``"step_size"`` and ``"lp"`` (minus the mini-batch potential, averaged over the thinned
+    steps) per draw. :func:`~pyro_subnet.infer.mcmc.sample_stats` turns them into ArviZ
+    ``sample_stats`` arrays of shape ``(chain, draw)``.
+
+    :param model: a BayesianNet or a Pyro model with continuous latent sites.
+    :param step_size: ``epsilon`` (the learning rate on the full-data potential ``U``; a stable
+        value is below ``~alpha / lambda_max(G H)`` with ``H`` the posterior Hessian).
+    :param friction: ``alpha`` in ``(0, 1]`` (``1 - momentum``; ``1`` gives SGLD).
+    :param preconditioner: ``"vb"``, ``"rmsprop"`` or ``None``.
+    :param subsample_size: mini-batch size for a BayesianNet (overrides the model's).
+    :param steps_per_sample: SGHMC steps per returned draw.
+    :param step_size_schedule: ``None``/``"constant"``, ``"polynomial"``, ``"cyclical"`` or a callable
+        ``t -> epsilon_t`` of the global step ``t`` (warm-up included); options in
+        ``schedule_options`` (``decay_steps``, ``power``; ``cycle_length``).
+    :param adapt_preconditioner: ``"warmup"`` (default), ``"always"`` or ``"never"``.
+    :param preconditioner_options: keyword arguments of the preconditioner (``beta``, ...).
+    :param init_strategy: Pyro init strategy for generic models (a BayesianNet starts from its
+        network's weights unless ``MCMC(initial_params=...)`` says otherwise).
+
+    >>> import pyro, torch
+    >>> from torch import nn
+    >>> from pyro_subnet.nn import BayesianNet
+    >>> model = BayesianNet(nn.Linear(2, 1), likelihood="regression", noise_scale=0.5)
+    >>> x = torch.randn(100, 2); y = x @ torch.tensor([1.0, -1.0]) + 0.5 * torch.randn(100)
+    >>> kernel = SGHMC(model, step_size=1e-3, friction=0.5, subsample_size=20)
+    >>> mcmc = pyro.infer.MCMC(kernel, num_samples=200, warmup_steps=200, disable_progbar=True)
+    >>> mcmc.run(x, y)
+    >>> mcmc.get_samples()["weight"].shape
+    torch.Size([200, 1, 2])
+    """
+
+    def __init__(self, model, step_size: float, friction: float = 0.1, preconditioner=None,
+                 subsample_size: Optional[int] = None, steps_per_sample: int = 1, step_size_schedule=None,
+                 schedule_options: Optional[dict] = None, adapt_preconditioner: str = "warmup",
+                 preconditioner_options: Optional[dict] = None, init_strategy=init_to_sample):
+        if not (isinstance(friction, (int, float)) and 0 < friction <= 1):
+            raise ValueError(f"friction must be in (0, 1], got {friction!r}.")
+        if not (isinstance(steps_per_sample, int) and steps_per_sample >= 1):
+            raise ValueError(f"steps_per_sample must be a positive integer, got {steps_per_sample!r}.")
+        if adapt_preconditioner not in ("warmup", "always", "never"):
+            raise ValueError(f"adapt_preconditioner must be 'warmup', 'always' or 'never', got {adapt_preconditioner!r}.")
+        self._is_net = isinstance(model, BayesianNet)
+        if subsample_size is not None and not self._is_net:
+            raise ValueError("subsample_size is for BayesianNet models; a generic Pyro model subsamples through "
+                             "its own pyro.plate('data', N, subsample_size=B).")
+        self.step_size = float(step_size)
+        self.schedule = make_schedule(step_size, step_size_schedule, **(schedule_options or {}))
+        self.friction = float(friction)
+        self.preconditioner = make_preconditioner(preconditioner, **(preconditioner_options or {}))
+        self.subsample_size = subsample_size
+        self.steps_per_sample = steps_per_sample
+        self.adapt_preconditioner = adapt_preconditioner
+        self.init_strategy = init_strategy
+        self._model = model
+        if self._is_net:
+            # A full-data view for arviz.from_pyro / Predictive: same weights, no subsampling.
+            self.model = copy.deepcopy(model)
+            self.model.subsample_size = None
+            self.transforms = {}     # all weight sites are real-valued: identity
+            self.layout = model.layout
+        else:
+            self.model = model
+            self.transforms = None   # found in setup (MCMC calls setup(0, ...) to get them)
+            self.layout = None
+        self._user_initial = None
+        self._initial = None
+        self._reset()
+
+    # --------------------------------------------------------------------------------------------
+    def _reset(self):
+        self._t = 0               # calls of sample()
+        self._k = 0               # SGHMC steps
+        self._divergences = []
+        self._stats = {"step_size": [], "lp": []}
+        self._state = None
+
+    @property
+    def initial_params(self) -> Dict[str, torch.Tensor]:
+        return self._user_initial if self._user_initial is not None else self._initial
+
+    @initial_params.setter
+    def initial_params(self, params):
+        self._user_initial = params
+
+    def _log_prior(self):
+        """The prior used in the potential (``None``: the model's own)."""
+        return None
+
+    def setup(self, warmup_steps, *args, **kwargs):
+        self._reset()
+        self._warmup_steps = warmup_steps
+        if self._is_net:
+            x = args[0] if args else kwargs.get("x")
+            y = args[1] if len(args) > 1 else kwargs.get("y")
+            batch = self.subsample_size if self.subsample_size is not None else self._model.subsample_size
+            self.potential = NetPotential(self._model, x, y, batch, log_prior=self._log_prior())
+            theta0 = self._model.initial_theta(dtype=self.potential.x.dtype, device=self.potential.x.device)
+            self._initial = self.layout.unflatten(theta0)
+        else:
+            self._initial, self.transforms, self.layout = setup_trace_model(self._model, args, kwargs,
+                                                                            self.init_strategy)
+            self.potential = TracePotential(self._model, args, kwargs, self.transforms, self.layout)
+        self._state = None
+
+    def _flatten(self, params) -> torch.Tensor:
+        ref = next(iter(self._initial.values()))
+        return flatten(self.layout, params).to(dtype=ref.dtype, device=ref.device)
+
+    def _adapting(self) -> bool:
+        if self.adapt_preconditioner == "never" or not self.preconditioner.adaptive:
+            return False
+        return self.adapt_preconditioner == "always" or self._t < self._warmup_steps
+
+    def _mask(self):
+        return None
+
+    def _after_step(self, state):
+        """Hook for subclasses (the EM update); returns the state to continue from."""
+        return state
+
+    def sample(self, params):
+        theta = self._flatten(params)
+        if self._state is None:
+            self._state = integrator.init(theta, self.preconditioner)
+        elif not torch.equal(theta, self._state.theta):
+            self._state = self._state._replace(theta=theta.detach())   # params changed from outside
+        lp_sum, diverged = 0.0, False
+        for _ in range(self.steps_per_sample):
+            eps = float(self.schedule(self._k))
+            self._state, info = integrator.step(self._state, self.potential, eps, self.friction,
+                                                self.preconditioner, self._adapting(), self._mask())
+            self._state = self._after_step(self._state)
+            self._k += 1
+            diverged |= info.diverging
+            lp_sum += -info.potential
+        if self._t >= self._warmup_steps:
+            draw = self._t - self._warmup_steps
+            if diverged:
+                self._divergences.append(draw)
+            self._record(eps, lp_sum / self.steps_per_sample)
+        self._t += 1
+        out = unflatten(self.layout, self._state.theta)
+        # Keep any extra keys the caller stored alongside the sites.
+        return {**{k: v for k, v in params.items() if k not in out}, **out}
+
+    def _record(self, eps, lp):
+        self._stats["step_size"].append(eps)
+        self._stats["lp"].append(lp)
+
+    def logging(self):
+        return OrderedDict([("step size", f"{self.schedule(max(self._k - 1, 0)):.2e}"),
+                            ("div", len(self._divergences))])
+
+    def diagnostics(self):
+        return {"divergences": list(self._divergences), "acceptance rate": 1.0,
+                **{k: list(v) for k, v in self._stats.items()}}
+
+    def cleanup(self):
+        # Drop the data and the state (the kernel object is reused by the next chain).
+        self._state = None
