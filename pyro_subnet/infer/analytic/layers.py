@@ -2,7 +2,7 @@
 
 :func:`propagate` runs the plain network ``model.network.module`` on ``(mean, var)`` pairs: each
 module is handled by the rule registered for its type in :data:`RULES` (a rule is
-``rule(module, prefix, mean, var, posterior) -> (mean, var)``, where ``prefix`` is the module's
+``rule(module, prefix, x, posterior) -> x`` on :class:`~.moments.Gaussian` activations, where ``prefix`` is the module's
 path, so that its weight sites are ``prefix + "weight"`` etc.). Containers (``nn.Sequential``,
 ``nn.TransformerEncoder``) are walked in order. A module with no rule raises an error that names
 it; :func:`register` adds a rule for a new type.
@@ -33,7 +33,7 @@ from torch import nn
 from . import moments
 from .posterior import SitePosterior
 
-Rule = Callable[[nn.Module, str, torch.Tensor, torch.Tensor, SitePosterior], moments.Moments]
+Rule = Callable[[nn.Module, str, moments.Gaussian, SitePosterior], moments.Gaussian]
 RULES: Dict[Type[nn.Module], Rule] = {}
 
 ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.Mish,
@@ -67,10 +67,9 @@ def rule_for(module: nn.Module, path: str) -> Rule:
     )
 
 
-def propagate(module: nn.Module, mean: torch.Tensor, var: torch.Tensor, post: SitePosterior,
-              prefix: str = "") -> moments.Moments:
-    """Moments of ``module``'s output for input moments ``(mean, var)``."""
-    return rule_for(module, prefix)(module, prefix, mean, var, post)
+def propagate(module: nn.Module, x: moments.Gaussian, post: SitePosterior, prefix: str = "") -> moments.Gaussian:
+    """Moments of ``module``'s output for the input moments ``x``."""
+    return rule_for(module, prefix)(module, prefix, x, post)
 
 
 def prefers_diagonal(module: nn.Module, max_width: int = 256) -> bool:
@@ -84,24 +83,24 @@ def prefers_diagonal(module: nn.Module, max_width: int = 256) -> bool:
     return False
 
 
-def _require_diagonal(name, mean, var):
-    if moments.is_full(mean, var):
+def _require_diagonal(name, x):
+    if x.full:
         raise ValueError(f"AnalyticPredictive: {name} needs diagonal activations; use covariance='diag'.")
 
 
 # ------------------------------------------------------------------------------------------------
 @register(nn.Sequential)
-def _sequential(module, prefix, mean, var, post):
+def _sequential(module, prefix, x, post):
     for name, child in module.named_children():
-        mean, var = propagate(child, mean, var, post, f"{prefix}{name}.")
-    return mean, var
+        x = propagate(child, x, post, f"{prefix}{name}.")
+    return x
 
 
 for _t in IDENTITY:
-    RULES[_t] = lambda module, prefix, mean, var, post: (mean, var)
+    RULES[_t] = lambda module, prefix, x, post: x
 
 for _t in ELEMENTWISE:
-    RULES[_t] = lambda module, prefix, mean, var, post: moments.elementwise(module, mean, var)
+    RULES[_t] = lambda module, prefix, x, post: moments.elementwise(module, x)
 
 
 def _linear_params(post: SitePosterior, w: str, b: str, has_bias: bool, rows: slice = slice(None)):
@@ -122,14 +121,14 @@ def _linear_params(post: SitePosterior, w: str, b: str, has_bias: bool, rows: sl
 
 
 @register(nn.Linear)
-def _linear(module, prefix, mean, var, post):
+def _linear(module, prefix, x, post):
     weight, bias, wv, G = _linear_params(post, prefix + "weight", prefix + "bias", module.bias is not None)
-    return moments.linear(mean, var, weight, bias, wv, G)
+    return moments.linear(x, weight, bias, wv, G)
 
 
 @register(nn.Conv2d)
-def _conv2d(module, prefix, mean, var, post):
-    _require_diagonal("Conv2d", mean, var)
+def _conv2d(module, prefix, x, post):
+    _require_diagonal("Conv2d", x)
     if module.padding_mode != "zeros":
         raise NotImplementedError(f"AnalyticPredictive: Conv2d at {prefix!r} with padding_mode="
                                   f"{module.padding_mode!r} is not supported (only 'zeros').")
@@ -141,39 +140,42 @@ def _conv2d(module, prefix, mean, var, post):
     if grids is not None:
         fw = grids[0].movedim(-1, 0)
         fb = grids[1].movedim(-1, 0) if has_bias else fw.new_zeros(fw.shape[0], fw.shape[1])
-    return moments.conv2d(mean, var, post.mean[w], post.mean[b] if has_bias else None,
+    return moments.conv2d(x, post.mean[w], post.mean[b] if has_bias else None,
                           post.independent_var(w), post.independent_var(b) if has_bias else None, fw, fb,
                           stride=module.stride, padding=module.padding, dilation=module.dilation,
                           groups=module.groups)
 
 
 @register(nn.Flatten)
-def _flatten(module, prefix, mean, var, post):
-    _require_diagonal("Flatten", mean, var)
-    return module(mean), module(var)
+def _flatten(module, prefix, x, post):
+    _require_diagonal("Flatten", x)
+    return moments.reshape(module, x)
 
 
 @register(nn.Unflatten)
-def _unflatten(module, prefix, mean, var, post):
-    _require_diagonal("Unflatten", mean, var)
-    return module(mean), module(var)
+def _unflatten(module, prefix, x, post):
+    _require_diagonal("Unflatten", x)
+    return moments.reshape(module, x)
 
 
 @register(nn.LayerNorm)
-def _layer_norm(module, prefix, mean, var, post):
+def _layer_norm(module, prefix, x, post):
     affine = module.elementwise_affine
     w, b = prefix + "weight", prefix + "bias"
     has_bias = affine and module.bias is not None
-    return moments.layer_norm(mean, var, len(module.normalized_shape),
-                              post.mean[w] if affine else None, post.mean[b] if has_bias else None, module.eps,
+    if len(module.normalized_shape) != 1:
+        raise NotImplementedError(f"AnalyticPredictive: LayerNorm at {prefix!r} over more than the last "
+                                  "dimension is not supported.")
+    return moments.layer_norm(x, post.mean[w] if affine else None, post.mean[b] if has_bias else None, module.eps,
                               post.marginal_var(w) if affine else None, post.marginal_var(b) if has_bias else None)
 
 
 @register(nn.MultiheadAttention)
-def _self_attention(module, prefix, mean, var, post):
+def _self_attention(module, prefix, x, post):
     """Self-attention ``(N, T, E)`` (batch first): attention matrix from the mean queries and keys,
     Gaussian values and output projection."""
-    _require_diagonal("MultiheadAttention", mean, var)
+    _require_diagonal("MultiheadAttention", x)
+    mean = x.mean
     if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
         raise NotImplementedError(f"AnalyticPredictive: MultiheadAttention at {prefix!r} with separate q/k/v "
                                   "projections, bias_k/bias_v or add_zero_attn is not supported.")
@@ -189,58 +191,60 @@ def _self_attention(module, prefix, mean, var, post):
     heads = lambda t: t.reshape(N, T, H, d).transpose(1, 2)  # noqa: E731  (N, H, T, d)
     attn = torch.softmax(heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(d), dim=-1)
     weight, bias, wv, G = _linear_params(post, w, b, has_bias, rows=slice(2 * E, 3 * E))
-    vm, vv = moments.linear(mean, var, weight, bias, wv, G)
-    om, ov = moments.attention_values(heads(vm), heads(vv), attn)
-    om, ov = om.transpose(1, 2).reshape(N, T, E), ov.transpose(1, 2).reshape(N, T, E)
-    return propagate(module.out_proj, om, ov, post, prefix + "out_proj.")
+    v = moments.linear(x, weight, bias, wv, G)
+    r = None if v.A is None else v.A.shape[-1]
+    v = moments.Gaussian(heads(v.mean), heads(v.var),
+                         None if v.A is None else v.A.reshape(N, T, H, d, r).transpose(1, 2))
+    o = moments.attention_values(v, attn)
+    o = moments.Gaussian(o.mean.transpose(1, 2).reshape(N, T, E), o.var.transpose(1, 2).reshape(N, T, E),
+                         None if o.A is None else o.A.transpose(1, 2).reshape(N, T, E, r))
+    return propagate(module.out_proj, o, post, prefix + "out_proj.")
 
 
-def _activation(fn, prefix, mean, var, post):
+def _activation(fn, prefix, x, post):
     if isinstance(fn, nn.Module):
-        return propagate(fn, mean, var, post, prefix)
-    return moments.elementwise(fn, mean, var)
+        return propagate(fn, x, post, prefix)
+    return moments.elementwise(fn, x)
+
+
+def _time_first(x: moments.Gaussian) -> moments.Gaussian:
+    return moments.Gaussian(x.mean.transpose(0, 1), x.var.transpose(0, 1),
+                            None if x.A is None else x.A.transpose(0, 1))
 
 
 @register(nn.TransformerEncoderLayer)
-def _encoder_layer(module, prefix, mean, var, post):
+def _encoder_layer(module, prefix, x, post):
     """``x + SA(x)`` and ``x + FF(x)`` with LayerNorms (post-norm or ``norm_first``); each residual
-    branch is treated as independent of its input, so the variances add."""
-    _require_diagonal("TransformerEncoderLayer", mean, var)
+    branch's independent part is treated as independent of its input, so those variances add."""
+    _require_diagonal("TransformerEncoderLayer", x)
     batch_first = module.self_attn.batch_first
     if not batch_first:
-        mean, var = mean.transpose(0, 1), var.transpose(0, 1)
+        x = _time_first(x)
 
-    def sa(m, v):
-        return propagate(module.self_attn, m, v, post, prefix + "self_attn.")
+    def sa(h):
+        return propagate(module.self_attn, h, post, prefix + "self_attn.")
 
-    def ff(m, v):
-        m, v = propagate(module.linear1, m, v, post, prefix + "linear1.")
-        m, v = _activation(module.activation, prefix + "activation.", m, v, post)
-        return propagate(module.linear2, m, v, post, prefix + "linear2.")
+    def ff(h):
+        h = propagate(module.linear1, h, post, prefix + "linear1.")
+        h = _activation(module.activation, prefix + "activation.", h, post)
+        return propagate(module.linear2, h, post, prefix + "linear2.")
 
-    def norm(i, m, v):
-        return propagate(getattr(module, f"norm{i}"), m, v, post, f"{prefix}norm{i}.")
+    def norm(i, h):
+        return propagate(getattr(module, f"norm{i}"), h, post, f"{prefix}norm{i}.")
 
-    def add(a, b):
-        return a[0] + b[0], a[1] + b[1]
-
-    x = (mean, var)
     if module.norm_first:
-        x = add(x, sa(*norm(1, *x)))
-        x = add(x, ff(*norm(2, *x)))
+        x = moments.add(x, sa(norm(1, x)))
+        x = moments.add(x, ff(norm(2, x)))
     else:
-        x = norm(1, *add(x, sa(*x)))
-        x = norm(2, *add(x, ff(*x)))
-    mean, var = x
-    if not batch_first:
-        mean, var = mean.transpose(0, 1), var.transpose(0, 1)
-    return mean, var
+        x = norm(1, moments.add(x, sa(x)))
+        x = norm(2, moments.add(x, ff(x)))
+    return x if batch_first else _time_first(x)
 
 
 @register(nn.TransformerEncoder)
-def _encoder(module, prefix, mean, var, post):
+def _encoder(module, prefix, x, post):
     for i, layer in enumerate(module.layers):
-        mean, var = propagate(layer, mean, var, post, f"{prefix}layers.{i}.")
+        x = propagate(layer, x, post, f"{prefix}layers.{i}.")
     if module.norm is not None:
-        mean, var = propagate(module.norm, mean, var, post, prefix + "norm.")
-    return mean, var
+        x = propagate(module.norm, x, post, prefix + "norm.")
+    return x

@@ -178,10 +178,9 @@ class SitePosterior:
         return self.var[name] if self.has_var[name] else None
 
     def factor(self, names: Sequence[str]) -> Optional[List[torch.Tensor]]:
-        """Factors of the correlated covariance of the sites ``names`` taken together, one tensor
-        ``(*site_shape, r)`` per site (zeros where a coordinate is not correlated), with the rank
-        reduced to at most the number of correlated coordinates (by a QR factorisation, exact).
-        Correlations with other sites are dropped. ``None`` when no coordinate is correlated."""
+        """The rows of the factor ``F`` for the sites ``names``: one tensor ``(*site_shape, r)`` per
+        site (zeros where a coordinate is not correlated), i.e. the coefficients of the shared
+        standard normal ``epsilon``. ``None`` when none of their coordinates is correlated."""
         if self._idx is None:
             return None
         sl = self.layout.slices()
@@ -196,9 +195,6 @@ class SitePosterior:
         if allrows.numel() == 0:
             return None
         F = self._factor[allrows]
-        if F.shape[1] > F.shape[0]:
-            # F F^T = R^T Q^T Q R = R^T R: a k_l x k_l factor with the same product.
-            F = torch.linalg.qr(F.T, mode="r")[1].T
         out, start = [], 0
         for n, local in zip(names, where):
             shape = self.layout.shapes[n]

@@ -80,24 +80,26 @@ class AnalyticPredictive:
             raise TypeError("AnalyticPredictive: x must be a floating-point tensor.")
         post = SitePosterior(self.posterior(), self.model.layout, x.dtype, x.device)
         net = self.model.network.module
-        out_m, out_v = [], []
+        outs = []
         step = x.shape[0] if self.batch_size is None else self.batch_size
         for start in range(0, x.shape[0], max(step, 1)):
             xb = x[start:start + step]
             var = xb.new_zeros(*xb.shape, xb.shape[-1]) if self.full else torch.zeros_like(xb)
-            m, v = layers.propagate(net, xb, var, post)
-            out_m.append(m)
-            out_v.append(v)
-        mean, var = torch.cat(out_m), torch.cat(out_v)
-        if mean.dim() != 2:
-            raise ValueError(f"AnalyticPredictive: the network output has shape {tuple(mean.shape)}, expected (N, O).")
-        return mean, var
+            outs.append(layers.propagate(net, moments.Gaussian(xb, var), post))
+        if outs[0].mean.dim() != 2:
+            raise ValueError(f"AnalyticPredictive: the network output has shape {tuple(outs[0].mean.shape)}, "
+                             "expected (N, O).")
+        mean = torch.cat([o.mean for o in outs])
+        if self.full:
+            return mean, torch.cat([o.total_cov() for o in outs])
+        return mean, torch.cat([o.total_var() for o in outs])
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> Dict[str, torch.Tensor]:
         """Predict at ``x`` (further model arguments such as ``y`` are ignored)."""
         mean, var = self.latent(x)
-        out = {"f_mean": mean, "f_var": moments.diagonal(mean, var)}
-        if moments.is_full(mean, var):
+        full = var.dim() == 3
+        out = {"f_mean": mean, "f_var": var.diagonal(dim1=-2, dim2=-1) if full else var}
+        if full:
             out["f_cov"] = var
         lik = self.model.likelihood
         if lik.name == "classification":
