@@ -1,8 +1,9 @@
 """Inference: Laplace guides, stochastic-gradient MCMC kernels, SMC, analytic predictive."""
 
 from . import autoguide, mcmc
+from .analytic import AnalyticPredictive
 from .map import fit_map
 from .mcmc import SGHMC, SpikeSlabSGHMC
 from .smc import AnnealedSMC
 
-__all__ = ["autoguide", "mcmc", "fit_map", "SGHMC", "SpikeSlabSGHMC", "AnnealedSMC"]
+__all__ = ["autoguide", "mcmc", "fit_map", "SGHMC", "SpikeSlabSGHMC", "AnnealedSMC", "AnalyticPredictive"]

@@ -1,0 +1,149 @@
+"""AnalyticPredictive is exact for a linear model: f = W x + b with Gaussian [W, b] has
+mean J m and covariance J Sigma J^T (J the Jacobian in the flat weights), for every guide."""
+
+import math
+
+import pyro
+import pytest
+import torch
+from pyro.infer.autoguide import (AutoDiagonalNormal, AutoLowRankMultivariateNormal, AutoMultivariateNormal,
+                                  AutoNormal)
+from torch import nn
+
+import pyro_subnet as ps
+from pyro_subnet.infer.analytic import FlatGaussian, FlatPosterior
+
+
+def _linear_model(likelihood="regression", num_out=3):
+    torch.manual_seed(1)
+    net = nn.Linear(4, num_out).double()
+    return ps.nn.BayesianNet(net, likelihood=likelihood, noise_scale=0.3)
+
+
+def _data(num_out=3):
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(6, num_out, generator=g, dtype=torch.float64)
+
+
+def _jacobian(model, theta, x):
+    return torch.func.jacrev(lambda t: model.network.flat(t, x))(theta)   # (N, O, D)
+
+
+def _guide_covariance_in_layout_order(guide, model):
+    """(mean, cov) of the guide in layout order, mapped by site name from the guide's own
+    packing order (the insertion order of its unconstrained shapes)."""
+    post = guide.get_posterior()
+    if isinstance(guide, AutoDiagonalNormal):
+        loc, cov = post.base_dist.loc, torch.diag(post.base_dist.scale ** 2)
+    else:
+        loc, cov = post.loc, post.covariance_matrix
+    offsets, start = {}, 0
+    for name, shape in guide._unconstrained_shapes.items():
+        offsets[name] = torch.arange(start, start + math.prod(shape))
+        start += math.prod(shape)
+    perm = torch.cat([offsets[n] for n in model.layout.names])
+    return loc[perm].detach(), cov[perm][:, perm].detach()
+
+
+def _perturb(guide):
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, p in guide.named_parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+@pytest.mark.parametrize("guide_cls", [AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal,
+                                       AutoLowRankMultivariateNormal])
+def test_linear_model_is_exact(guide_cls):
+    model = _linear_model()
+    x, y = _data()
+    guide = guide_cls(model)
+    guide(x, y)
+    _perturb(guide)
+    if guide_cls is AutoNormal:
+        names = model.layout.names
+        m = model.layout.flatten({n: guide._get_loc_and_scale(n)[0] for n in names}).detach()
+        cov = torch.diag(model.layout.flatten({n: guide._get_loc_and_scale(n)[1] for n in names}).detach() ** 2)
+    else:
+        m, cov = _guide_covariance_in_layout_order(guide, model)
+    J = _jacobian(model, m, x)
+    out = ps.infer.AnalyticPredictive(model, guide, covariance="full")(x)
+    want_mean = model.network.flat(m, x)
+    want_cov = J @ cov @ J.transpose(-1, -2)
+    assert torch.allclose(out["f_mean"], want_mean, atol=1e-5, rtol=0)
+    assert torch.allclose(out["f_cov"], want_cov, atol=1e-5, rtol=0)
+    assert torch.allclose(out["var"], want_cov.diagonal(dim1=-2, dim2=-1) + 0.3 ** 2, atol=1e-5, rtol=0)
+    # The diagonal mode is exact for the variances of a linear model too.
+    diag = ps.infer.AnalyticPredictive(model, guide, covariance="diag")(x)
+    assert torch.allclose(diag["f_var"], want_cov.diagonal(dim1=-2, dim2=-1), atol=1e-5, rtol=0)
+    assert torch.allclose(diag["f_mean"], want_mean, atol=1e-5, rtol=0)
+
+
+class _FakeSubnetGuide:
+    """Stands in for AutoSubnetLaplace: the flat_gaussian() contract."""
+
+    def __init__(self, mean, indices, scale_tril):
+        self._g = FlatGaussian(mean, indices, scale_tril)
+
+    def flat_gaussian(self):
+        return self._g
+
+
+def test_subnetwork_gaussian_is_exact():
+    model = _linear_model(num_out=2)
+    x, _ = _data(2)
+    D = model.layout.dim
+    g = torch.Generator().manual_seed(4)
+    mean = torch.randn(D, generator=g, dtype=torch.float64)
+    idx = torch.tensor([9, 0, 3, 8, 5])            # unsorted, across the weight and the bias site
+    A = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    L = torch.linalg.cholesky(A @ A.T + 0.1 * torch.eye(5, dtype=torch.float64))
+    cov = torch.zeros(D, D, dtype=torch.float64)
+    cov[idx[:, None], idx[None, :]] = L @ L.T
+    J = _jacobian(model, mean, x)
+    out = ps.infer.AnalyticPredictive(model, _FakeSubnetGuide(mean, idx, L), covariance="full")(x)
+    assert torch.allclose(out["f_mean"], model.network.flat(mean, x), atol=1e-5, rtol=0)
+    assert torch.allclose(out["f_cov"], J @ cov @ J.transpose(-1, -2), atol=1e-5, rtol=0)
+
+
+def test_flat_posterior_low_rank_plus_diagonal_is_exact():
+    model = _linear_model(num_out=2)
+    x, _ = _data(2)
+    D = model.layout.dim
+    g = torch.Generator().manual_seed(5)
+    mean = torch.randn(D, generator=g, dtype=torch.float64)
+    var = torch.rand(D, generator=g, dtype=torch.float64)
+    F = torch.randn(D, 3, generator=g, dtype=torch.float64)
+    post = FlatPosterior(mean, var, torch.arange(D), F)
+    cov = torch.diag(var) + F @ F.T
+    J = _jacobian(model, mean, x)
+    out = ps.infer.AnalyticPredictive(model, post, covariance="full")(x)
+    assert torch.allclose(out["f_cov"], J @ cov @ J.transpose(-1, -2), atol=1e-5, rtol=0)
+
+
+def test_classification_probit_link():
+    model = _linear_model("classification", num_out=3)
+    x, _ = _data()
+    D = model.layout.dim
+    mean = torch.randn(D, dtype=torch.float64)
+    var = torch.full((D,), 0.2, dtype=torch.float64)
+    out = ps.infer.AnalyticPredictive(model, FlatPosterior(mean, var))(x)
+    f = model.network.flat(mean, x)
+    v = ((x ** 2).sum(-1, keepdim=True) + 1) * 0.2          # sum_i x_i^2 Var(W_ki) + Var(b_k)
+    want = torch.softmax(f / torch.sqrt(1 + math.pi / 8 * v), -1)
+    assert torch.allclose(out["probs"], want, atol=1e-10)
+    assert torch.allclose(out["probs"].sum(-1), torch.ones(6, dtype=torch.float64))
+
+
+def test_errors_name_the_problem():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Softmax(dim=-1))
+    model = ps.nn.BayesianNet(net, likelihood="regression")
+    post = FlatPosterior(torch.zeros(model.layout.dim), torch.ones(model.layout.dim))
+    with pytest.raises(NotImplementedError, match="Softmax"):
+        ps.infer.AnalyticPredictive(model, post)(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="not set up"):
+        ps.infer.AnalyticPredictive(model, AutoNormal(model))(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="shape"):
+        ps.infer.AnalyticPredictive(model, FlatPosterior(torch.zeros(3), torch.ones(3)))(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="covariance"):
+        ps.infer.AnalyticPredictive(model, post, covariance="dense")
