@@ -91,7 +91,7 @@ def test_conv_net(kind):
     # Diagonal activations drop the covariance between output pixels that share the same random
     # kernel; for an independent (diag) conv posterior this costs up to 17% in variance (measured)
     # and does not shrink with the posterior scale. Correlated weights are carried exactly (A).
-    _check(net, x, kind, "diag", scale=0.02, num_samples=2000, var_tol=0.2 if kind == "diag" else 0.15)
+    _check(net, x, kind, "diag", scale=0.02, num_samples=1000, var_tol=0.22 if kind == "diag" else 0.15)
 
 
 @pytest.mark.parametrize("norm_first", [False, True])
