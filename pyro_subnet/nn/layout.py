@@ -108,7 +108,7 @@ class SiteLayout:
             b = v.shape[: v.dim() - event_dims]
             batch_shape = b if batch_shape is None else torch.broadcast_shapes(batch_shape, b)
             parts.append(v)
-        parts = [p.expand(*batch_shape, *s).reshape(*batch_shape, -1)
+        parts = [p.expand(tuple(batch_shape) + tuple(s)).reshape(tuple(batch_shape) + (-1,))
                  for p, s in zip(parts, self._shapes.values())]
         return torch.cat(parts, dim=-1)
 
@@ -121,7 +121,7 @@ class SiteLayout:
         batch = theta.shape[:-1]
         out = {}
         for i, (name, shape) in enumerate(self._shapes.items()):
-            out[name] = theta[..., self._offsets[i]: self._offsets[i + 1]].reshape(*batch, *shape)
+            out[name] = theta[..., self._offsets[i]: self._offsets[i + 1]].reshape(tuple(batch) + tuple(shape))
         return out
 
     # ----------------------------------------------------------------------------------------

@@ -45,3 +45,13 @@ def test_errors_name_the_problem(layout):
         layout.flatten({"a.weight": torch.zeros(3, 2)})
     with pytest.raises(ValueError, match=r"\[0, 17\)"):
         layout.locate(torch.tensor([17]))
+
+
+def test_scalar_sites_round_trip():
+    layout = SiteLayout([("s", ()), ("v", (2,))])
+    theta = torch.arange(3.0)
+    assert layout.unflatten(theta)["s"].shape == ()
+    assert torch.equal(layout.flatten(layout.unflatten(theta)), theta)
+    batched = torch.randn(4, 3)
+    assert layout.unflatten(batched)["s"].shape == (4,)
+    assert torch.equal(layout.flatten(layout.unflatten(batched)), batched)
