@@ -24,7 +24,6 @@ from pyro_subnet.data import load
 from pyro_subnet.experiment import mlp
 from pyro_subnet.infer import AnnealedSMC
 from pyro_subnet.infer.smc import AnnealedTarget, DataPath, Move
-from pyro_subnet.infer.smc.api import _log_prior_fn
 from pyro_subnet.nn import BayesianNet
 
 
@@ -37,7 +36,7 @@ def predict(model, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def time_move(model, x, y, num_particles: int, repeats: int = 5) -> float:
     """Seconds per MALA move step (one gradient pass on all data) for ``num_particles``."""
     path = DataPath(x.shape[0], None)
-    target = AnnealedTarget(_log_prior_fn(model, x), lambda t, a, b: model.log_likelihood(t, x[a:b], y[a:b]), path)
+    target = AnnealedTarget(model.log_prior, lambda t, a, b: model.log_likelihood(t, x[a:b], y[a:b]), path)
     log_density, _ = target.log_density(1.0)
     move = Move("mala")
     g = torch.Generator().manual_seed(0)

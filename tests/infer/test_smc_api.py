@@ -96,11 +96,3 @@ def test_bad_arguments_raise_clear_errors():
         smc.get_samples()
     with pytest.raises(ValueError, match="targets y"):
         smc.run(torch.randn(5, 2), None)
-
-
-def test_closed_form_normal_prior_equals_model_log_prior():
-    from pyro_subnet.infer.smc.api import _log_prior_fn
-    model = BayesianNet(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), "classification",
-                        prior_scale={"*.bias": 3.0, "*": 0.7})
-    theta = torch.randn(5, model.layout.dim, dtype=torch.float64)
-    assert torch.allclose(_log_prior_fn(model, theta)(theta), model.log_prior(theta))

@@ -149,3 +149,22 @@ def test_learned_noise_starts_at_one_and_em_update_is_the_residual_rms():
     assert torch.all(tr.nodes["obs"]["fn"].scale == 0.25)
     with pytest.raises(ValueError, match="positive"):
         model.likelihood.set_noise_scale(-1.0)
+
+
+def test_closed_form_normal_prior_equals_the_site_distributions():
+    model = BayesianNet(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), "classification",
+                        prior_scale={"*bias": 3.0, "*": 0.7})
+    theta = torch.randn(5, model.layout.dim, dtype=torch.float64)
+    values = model.layout.unflatten(theta)
+    direct = sum(model.site_prior(n, theta).log_prob(v) for n, v in values.items())
+    assert torch.allclose(model.log_prior(theta), direct)
+
+
+def test_fused_log_prob_sums_equal_the_distributions():
+    f = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    lik = _classifier().likelihood
+    assert torch.allclose(lik.log_prob_sum(f, y), lik.log_prob(f, y).sum())
+    reg = BayesianNet(nn.Linear(2, 1), "regression", noise_scale=0.3).likelihood
+    f1, y1 = torch.randn(6, 1, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    assert torch.allclose(reg.log_prob_sum(f1, y1), reg.log_prob(f1, y1).sum())

@@ -24,7 +24,7 @@ eq. 6; Immer et al., 2021).
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch.func import jacrev, jvp as _jvp, vjp as _vjp, vmap

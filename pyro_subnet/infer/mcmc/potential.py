@@ -14,49 +14,16 @@ the model themselves. Two routes:
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, Optional, Tuple
 
-import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample
 from pyro.poutine.util import site_is_subsample
 
-from ...nn import BayesianNet, Categorical, Gaussian, SiteLayout
+from ...nn import BayesianNet, SiteLayout
 from ...nn.validation import check_data
-
-
-def flatten(layout: SiteLayout, values) -> torch.Tensor:
-    """``{name: value}`` -> ``(D,)`` (also for scalar sites, unlike batch-aware layout.flatten)."""
-    return torch.cat([values[n].reshape(-1) for n in layout.names])
-
-
-def unflatten(layout: SiteLayout, theta: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """``(D,)`` -> ``{name: value}`` (also for scalar sites)."""
-    return {n: theta[sl].reshape(tuple(layout.shapes[n])) for n, sl in layout.slices().items()}
-
-
-def _log_lik_sum(likelihood, f, y):
-    """``sum_n log p(y_n | f_n)``; fused torch kernels for the two built-in likelihoods."""
-    if isinstance(likelihood, Categorical):
-        return -torch.nn.functional.cross_entropy(f, y, reduction="sum")
-    if isinstance(likelihood, Gaussian):
-        r = (f[..., 0] if f.shape[-1] == 1 and y.dim() == f.dim() - 1 else f) - y
-        s = likelihood.noise_scale
-        return -0.5 * (r * r).sum() / s ** 2 - r.numel() * (math.log(s) + 0.5 * math.log(2 * math.pi))
-    return likelihood.log_prob(f, y).sum()
-
-
-class _GaussianLogPrior:
-    """``log N(theta; 0, diag(1 / prec))`` (picklable)."""
-
-    def __init__(self, prec, const):
-        self.prec, self.const = prec, const
-
-    def __call__(self, theta):
-        return self.const - 0.5 * (self.prec * theta * theta).sum()
 
 
 class NetPotential:
@@ -78,12 +45,6 @@ class NetPotential:
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"subsample_size must be a positive integer or None, got {batch_size!r}.")
         self.batch_size = self.num_data if batch_size is None else min(batch_size, self.num_data)
-        if log_prior is None and model.prior is None:
-            # The default Normal prior in closed form: one fused expression per step instead of
-            # a distribution object per site (the same density, constant included).
-            prec = model.prior_precision(dtype=self.x.dtype, device=self.x.device)
-            const = 0.5 * float(torch.log(prec / (2 * math.pi)).sum())
-            log_prior = _GaussianLogPrior(prec, const)
         self.log_prior = model.log_prior if log_prior is None else log_prior
         self.network, self.likelihood = model.network, model.likelihood
         self._perm, self._pos = None, self.num_data
@@ -102,7 +63,7 @@ class NetPotential:
         theta = theta.detach().requires_grad_(True)
         with torch.enable_grad():
             # One weight vector: the unbatched network call (no vmap) is the fast path.
-            log_lik = _log_lik_sum(self.likelihood, self.network.flat(theta, xb), yb)
+            log_lik = self.likelihood.log_prob_sum(self.network.flat(theta, xb), yb)
             u = -(self.num_data / xb.shape[0]) * log_lik - self.log_prior(theta)
             (grad,) = torch.autograd.grad(u, theta)
         return float(u.detach()), grad
@@ -135,7 +96,7 @@ class TracePotential:
     def __call__(self, theta: torch.Tensor) -> Tuple[float, torch.Tensor]:
         theta = theta.detach().requires_grad_(True)
         with torch.enable_grad():
-            unconstrained = unflatten(self.layout, theta)
+            unconstrained = self.layout.unflatten(theta)
             constrained = {k: self.transforms[k].inv(v) for k, v in unconstrained.items()}
             with poutine.block():
                 trace = poutine.trace(poutine.condition(self.model, constrained)).get_trace(*self.args, **self.kwargs)

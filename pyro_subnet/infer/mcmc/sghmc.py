@@ -12,7 +12,7 @@ from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 
 from ...nn import BayesianNet
 from . import integrator
-from .potential import NetPotential, TracePotential, flatten, setup_trace_model, unflatten
+from .potential import NetPotential, TracePotential, setup_trace_model
 from .preconditioners import make_preconditioner
 from .schedules import make_schedule
 
@@ -153,7 +153,7 @@ class SGHMC(MCMCKernel):
 
     def _flatten(self, params) -> torch.Tensor:
         ref = next(iter(self._initial.values()))
-        return flatten(self.layout, params).to(dtype=ref.dtype, device=ref.device)
+        return self.layout.flatten(params).to(dtype=ref.dtype, device=ref.device)
 
     def _adapting(self) -> bool:
         if self.adapt_preconditioner == "never" or not self.preconditioner.adaptive:
@@ -188,7 +188,7 @@ class SGHMC(MCMCKernel):
                 self._divergences.append(draw)
             self._record(eps, lp_sum / self.steps_per_sample)
         self._t += 1
-        out = unflatten(self.layout, self._state.theta)
+        out = self.layout.unflatten(self._state.theta)
         # Keep any extra keys the caller stored alongside the sites.
         return {**{k: v for k, v in params.items() if k not in out}, **out}
 

@@ -28,16 +28,6 @@ class SMCKernel:
         return f"SMCKernel({self.move!r})"
 
 
-def _log_prior_fn(model, like: torch.Tensor):
-    """``model.log_prior``, in closed form for the default Normal prior: the same density without
-    building a distribution object per site on every call (that overhead dominates small nets)."""
-    if getattr(model, "prior", None) is not None:
-        return model.log_prior
-    prec = model.prior_precision(dtype=like.dtype, device=like.device)
-    const = 0.5 * float(prec.log().sum()) - 0.5 * prec.numel() * math.log(2 * math.pi)
-    return lambda theta: const - 0.5 * (theta ** 2 * prec).sum(-1)
-
-
 class AnnealedSMC:
     """Sequential Monte Carlo over a :class:`~pyro_subnet.nn.BayesianNet`'s weights, with the data
     brought in mini-batch by mini-batch (data annealing).
@@ -157,7 +147,7 @@ class AnnealedSMC:
             xs, ys = x[perm], y[perm]
             bs = None if self.schedule == "full" else self.batch_size
             path = DataPath(x.shape[0], bs)
-            target = AnnealedTarget(_log_prior_fn(model, x),
+            target = AnnealedTarget(model.log_prior,
                                     lambda t, a, b, xs=xs, ys=ys: model.log_likelihood(t, xs[a:b], ys[a:b]),
                                     path)
             with torch.no_grad():
