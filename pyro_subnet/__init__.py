@@ -6,6 +6,8 @@
 
 from . import data, diagnostics, infer, nn
 from .diagnostics import metrics
+from . import subnet
 
 __version__ = "0.1.0"
 __all__ = ["nn", "infer", "data", "diagnostics", "metrics"]
+__all__ += ["subnet"]

@@ -2,5 +2,7 @@
 
 from . import autoguide
 from .map import fit_map
+from .autoguide.subnet_laplace import AutoSubnetLaplace
 
 __all__ = ["autoguide", "fit_map"]
+__all__ += ["AutoSubnetLaplace"]
