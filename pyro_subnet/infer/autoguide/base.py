@@ -146,11 +146,12 @@ class LinearisedLaplaceGuide(AutoGuide):
     # Pyro guide interface
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
-        latent = [n for n, _ in self.prototype_trace.iter_stochastic_nodes()]
-        if sorted(latent) != sorted(self.model.layout.names):
+        latent = {n for n, _ in self.prototype_trace.iter_stochastic_nodes()}
+        missing = [n for n in self.model.layout.names if n not in latent]
+        if missing:
             raise ValueError(
-                f"{type(self).__name__}: the model's latent sites {latent} are not its weight sites "
-                f"{self.model.layout.names}; the guide covers network weights only."
+                f"{type(self).__name__}: the model has no latent sample sites {missing}; the guide "
+                "draws the network's weight sites and expects the model to sample them."
             )
 
     def _full_theta(self, sub_values: torch.Tensor) -> torch.Tensor:
