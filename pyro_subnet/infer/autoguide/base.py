@@ -114,11 +114,13 @@ class LinearisedLaplaceGuide(AutoGuide):
     def num_weights(self) -> int:
         return self.model.layout.dim
 
-    def fit(self, x, y=None, progress: Optional[bool] = None):
-        """Fit the posterior: MAP (unless ``map_steps=0``), then the guide's own steps.
+    def fit(self, x, y=None, progress: Optional[bool] = None, map_theta: Optional[torch.Tensor] = None):
+        """Fit the posterior: MAP (unless ``map_steps=0`` or ``map_theta`` is given), then the
+        guide's own steps.
 
         :param x: training inputs (tensor) or a DataLoader of ``(x, y)`` batches.
         :param y: training targets (omit with a DataLoader).
+        :param map_theta: flat MAP weights ``(D,)`` found elsewhere (skips the MAP fit).
         :returns: ``self``.
         """
         progress = self.progress if progress is None else progress
@@ -133,7 +135,11 @@ class LinearisedLaplaceGuide(AutoGuide):
             data = x
             x, y = collect(data)
             x, y = check_data(x, y, self.model.likelihood.name)
-        if self.map_steps > 0:
+        if map_theta is not None:
+            if map_theta.shape != (self.num_weights,):
+                raise ValueError(f"fit: map_theta must have shape ({self.num_weights},), got {tuple(map_theta.shape)}.")
+            theta = map_theta.to(dtype=x.dtype, device=x.device)
+        elif self.map_steps > 0:
             theta = fit_map(self.model, x, y, num_steps=self.map_steps, lr=self.map_lr,
                             batch_size=self.batch_size, progress=progress).theta
         else:
