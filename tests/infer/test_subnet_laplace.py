@@ -162,14 +162,19 @@ def test_gap_regression_std_larger_in_gap_than_on_data():
 def test_digits_glm_nll_no_worse_than_map():
     ds = ps.data.load_digits()
     torch.manual_seed(0)
+    n_fit = 1000      # the rest of the training split is the validation set for the prior precision
     net = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
     model = ps.nn.BayesianNet(net, likelihood="classification")
-    guide = AutoSubnetLaplace(model, subnet=ps.subnet.LargestMagnitude(300), prior_precision="marglik",
-                              map_steps=800, map_lr=1e-2, batch_size=256, progress=False).fit(ds.x_train, ds.y_train)
+    guide = AutoSubnetLaplace(model, subnet=ps.subnet.LargestMagnitude(300), prior_precision=1.0,
+                              map_steps=150, map_lr=2e-2, batch_size=256, progress=False)
+    guide.fit(ds.x_train[:n_fit], ds.y_train[:n_fit])
+    chosen = guide.tune_prior_precision(ds.x_train[n_fit:], ds.y_train[n_fit:])
+    assert torch.all(guide.prior_prec == chosen)
     probs = guide.predict(ds.x_test)
     with torch.no_grad():
         p_map = torch.softmax(model.network.flat(guide.loc, ds.x_test), -1)
-    assert ps.metrics.nll(probs, ds.y_test) <= ps.metrics.nll(p_map, ds.y_test)
+    # Large grid values recover the MAP network, so "no worse" holds up to rounding.
+    assert ps.metrics.nll(probs, ds.y_test) <= ps.metrics.nll(p_map, ds.y_test) + 1e-4
     assert abs(ps.metrics.accuracy(probs, ds.y_test) - ps.metrics.accuracy(p_map, ds.y_test)) < 0.01
 
 
