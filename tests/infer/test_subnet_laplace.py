@@ -13,6 +13,21 @@ from pyro_subnet.infer.autoguide import FlatGaussian, curvature
 from pyro_subnet.infer.autoguide.gaussian import NotPositiveDefiniteError, cholesky
 
 
+def train(net, x, y, steps, lr=1e-2, classification=False, noise=0.1):
+    """A trained network, the way a user brings one: plain torch, loss = -log joint / N with the
+    unit Normal prior of BayesianNet (the guides then take it as the MAP with map_steps=0)."""
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    for _ in range(steps):
+        out = net(x)
+        nll = (nn.functional.cross_entropy(out, y) if classification
+               else 0.5 * ((out[:, 0] - y) ** 2).mean() / noise ** 2)
+        loss = nll + 0.5 * sum((p ** 2).sum() for p in net.parameters()) / len(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net
+
+
 def blr_problem(n=40, d=3, noise=0.3, alpha=2.0, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
@@ -76,24 +91,27 @@ def small_regression(seed=0):
     model = ps.nn.BayesianNet(net, likelihood="regression", noise_scale=0.1)
     x = torch.linspace(-2, 2, 30)[:, None]
     y = torch.sin(2 * x[:, 0])
-    return model, x, y
+    train(net, x, y, 300)
+    return ps.nn.BayesianNet(net, likelihood="regression", noise_scale=0.1), x, y
 
 
 def test_pyro_predictive_sequential_and_parallel_and_quantiles():
     model, x, y = small_regression()
-    guide = AutoSubnetLaplace(model, subnet=ps.subnet.LargestMagnitude(5), map_steps=300, progress=False).fit(x, y)
+    guide = AutoSubnetLaplace(model, subnet=ps.subnet.LargestMagnitude(5), map_steps=0, progress=False).fit(x, y)
     idx = guide.subnet_indices
-    for parallel in (False, True):
-        pred = pyro.infer.Predictive(model, guide=guide, num_samples=2000, parallel=parallel,
+    for parallel, S in ((False, 200), (True, 4000)):
+        pred = pyro.infer.Predictive(model, guide=guide, num_samples=S, parallel=parallel,
                                      return_sites=list(model.layout.names) + ["obs"])(x)
-        theta = model.layout.flatten({n: pred[n].reshape(2000, *model.layout.shapes[n]) for n in model.layout.names})
+        theta = model.layout.flatten({n: pred[n].reshape(S, *model.layout.shapes[n]) for n in model.layout.names})
         off = torch.ones(model.layout.dim, dtype=torch.bool)
         off[idx] = False
-        assert torch.equal(theta[:, off], guide.loc[off].expand(2000, -1))
-        emp_cov = torch.cov(theta[:, idx].T)
-        assert torch.allclose(theta[:, idx].mean(0), guide.loc[idx], atol=4 * guide._marginal_std().max() / math.sqrt(2000) + 1e-6)
-        assert torch.allclose(emp_cov, guide.posterior_covariance, atol=0.15 * guide.posterior_covariance.diagonal().max())
+        assert torch.equal(theta[:, off], guide.loc[off].expand(S, -1))
+        tol = 5 * guide._marginal_std() / math.sqrt(S)
+        assert ((theta[:, idx].mean(0) - guide.loc[idx]).abs() <= tol).all()
         assert pred["obs"].shape[-1] == 30
+        if parallel:
+            emp_cov = torch.cov(theta[:, idx].T)
+            assert torch.allclose(emp_cov, guide.posterior_covariance, atol=0.1 * guide.posterior_covariance.diagonal().max())
     med = guide.median()
     assert torch.equal(model.layout.flatten(med), guide.loc)
     q = model.layout.flatten(guide.quantiles([0.05, 0.5, 0.95]))
@@ -106,7 +124,7 @@ def test_pyro_predictive_sequential_and_parallel_and_quantiles():
 
 def test_state_dict_round_trip_and_dataloader_fit():
     model, x, y = small_regression()
-    guide = AutoSubnetLaplace(model, subnet=ps.subnet.LargestMagnitude(6), map_steps=200, progress=False).fit(x, y)
+    guide = AutoSubnetLaplace(model, subnet=ps.subnet.LargestMagnitude(6), map_steps=20, progress=False).fit(x, y)
     fresh = AutoSubnetLaplace(model, subnet=ps.subnet.LargestMagnitude(6), progress=False)
     fresh.load_state_dict(guide.state_dict())
     m0, v0 = guide.predict(x)
@@ -128,18 +146,19 @@ def test_classification_mc_link_is_exact_on_singular_logit_covariance():
     torch.manual_seed(0)
     x = torch.randn(60, 2)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
-    model = ps.nn.BayesianNet(nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 3)), likelihood="classification")
-    guide = AutoSubnetLaplace(model, subnet=ps.subnet.All(), map_steps=300, progress=False).fit(x, y)
+    net = train(nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 3)), x, y, 300, classification=True)
+    model = ps.nn.BayesianNet(net, likelihood="classification")
+    guide = AutoSubnetLaplace(model, subnet=ps.subnet.All(), map_steps=0, progress=False).fit(x, y)
     xt = torch.randn(8, 2)
     # The softmax logit covariance J S J^T is singular (only logit differences are identified
     # when the last bias is shared); the MC link must still work: compare with an independent
     # Monte Carlo through weight-space draws and the curvature core's jvp.
     gen = torch.Generator().manual_seed(0)
-    mc = guide.predict(xt, link="mc", num_samples=20000, generator=gen)
-    deltas = guide.get_posterior().sample((20000,)) - guide.loc[guide.subnet_indices]
+    mc = guide.predict(xt, link="mc", num_samples=6000, generator=gen)
+    deltas = guide.get_posterior().sample((6000,)) - guide.loc[guide.subnet_indices]
     f, Jd = curvature.jvp(model.network, guide.loc, xt, deltas, guide.subnet_indices)
     ref = torch.softmax(f + Jd, -1).mean(0)
-    assert torch.allclose(mc, ref, atol=0.01)
+    assert torch.allclose(mc, ref, atol=0.02)
     assert torch.allclose(mc.sum(-1), torch.ones(8))
     probit = guide.predict(xt)
     assert torch.allclose(probit, ref, atol=0.08)
@@ -150,10 +169,10 @@ def test_classification_mc_link_is_exact_on_singular_logit_covariance():
 def test_gap_regression_std_larger_in_gap_than_on_data():
     ds = ps.data.gap_regression(n=60, noise=0.1)
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(1, 20), nn.Tanh(), nn.Linear(20, 1))
+    net = train(nn.Sequential(nn.Linear(1, 20), nn.Tanh(), nn.Linear(20, 1)), ds.x_train, ds.y_train, 1500, lr=2e-2)
     model = ps.nn.BayesianNet(net, likelihood="regression", noise_scale=0.1)
-    guide = AutoSubnetLaplace(model, subnet=ps.subnet.PredictiveVariance(20), prior_precision=1.0, map_steps=1500,
-                              map_lr=2e-2, progress=False).fit(ds.x_train, ds.y_train)
+    guide = AutoSubnetLaplace(model, subnet=ps.subnet.PredictiveVariance(20), prior_precision=1.0, map_steps=0,
+                              progress=False).fit(ds.x_train, ds.y_train)
     _, v = guide.predict(torch.tensor([[-1.5], [0.0], [1.5]]), observation_noise=False)
     std = v[:, 0].sqrt()
     assert std[1] > 3 * std[0] and std[1] > 3 * std[2]
@@ -163,10 +182,11 @@ def test_digits_glm_nll_no_worse_than_map():
     ds = ps.data.load_digits()
     torch.manual_seed(0)
     n_fit = 1000      # the rest of the training split is the validation set for the prior precision
-    net = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+    net = train(nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)), ds.x_train[:n_fit],
+                ds.y_train[:n_fit], 300, classification=True)
     model = ps.nn.BayesianNet(net, likelihood="classification")
     guide = AutoSubnetLaplace(model, subnet=ps.subnet.LargestMagnitude(300), prior_precision=1.0,
-                              map_steps=150, map_lr=2e-2, batch_size=256, progress=False)
+                              map_steps=0, batch_size=256, progress=False)
     guide.fit(ds.x_train[:n_fit], ds.y_train[:n_fit])
     chosen = guide.tune_prior_precision(ds.x_train[n_fit:], ds.y_train[n_fit:])
     assert torch.all(guide.prior_prec == chosen)
