@@ -9,7 +9,7 @@ instead maximises the predictive variance the subnetwork posterior keeps at prob
     \\max_{|S| = k} \\; \\sum_{z \\in Z} \\mathrm{tr}\\, J_S(z) H_{SS}^{-1} J_S(z)^\\top,
     \\qquad H = G + P_0,
 
-greedily. Adding weight ``c`` to ``S`` raises the objective by
+greedily (forward selection past ``k``, then backward elimination back to ``k``). Adding weight ``c`` to ``S`` raises the objective by
 :math:`\\|r_c\\|^2 / d_c` with :math:`r_c = J_c - J_S H_{SS}^{-1} H_{Sc}` and
 :math:`d_c = H_{cc} - H_{cS} H_{SS}^{-1} H_{Sc}`: the Schur complements of a pivoted Cholesky
 factorisation of :math:`\\begin{pmatrix} H & J^\\top \\\\ J & \\cdot \\end{pmatrix}` that pivots on
@@ -55,15 +55,18 @@ class PredictiveVariance(SubnetSelection):
     :param num_data: training examples used for the selection GGN.
     :param block: pivots per greedy round (default ``ceil(k / 50)``).
     :param seed: seed of the probes and the data subsample.
+    :param overshoot: the greedy selects ``k + overshoot`` weights, then backward elimination
+        drops the ``overshoot`` whose removal costs the least (default ``min(k, 256)``).
 
     >>> PredictiveVariance(78)
     PredictiveVariance(k=78)
     """
 
-    def __init__(self, k: Optional[int] = None, num_probes: int = 256, pool_size: Optional[int] = None,
+    def __init__(self, k: Optional[int] = None, num_probes: int = 512, pool_size: Optional[int] = None,
                  num_data: int = 512, block: Optional[int] = None, seed: int = 0, max_memory=None,
-                 exclude_normalisation: bool = True, batch_size: int = 256):
+                 exclude_normalisation: bool = True, batch_size: int = 256, overshoot: Optional[int] = None):
         super().__init__(k, max_memory, exclude_normalisation)
+        self.overshoot = overshoot
         self.num_probes = num_probes
         self.pool_size = pool_size
         self.num_data = num_data
@@ -100,6 +103,9 @@ class PredictiveVariance(SubnetSelection):
         A = torch.einsum("boc,bok->bck", lik.output_hessian_sqrt(f), Jd).reshape(-1, num_pool) * math.sqrt(scale)
         p = prior_precision[pool]
         d = A.pow(2).sum(0) + p
+        k_final = k
+        extra = min(k, 256) if self.overshoot is None else self.overshoot
+        k = min(num_pool, k + extra)
         LH = theta.new_zeros(k, num_pool)
         chosen = torch.empty(k, dtype=torch.long, device=theta.device)
         avail = torch.ones(num_pool, dtype=torch.bool, device=theta.device)
@@ -126,7 +132,33 @@ class PredictiveVariance(SubnetSelection):
             d = d - LHb.pow(2).sum(0)
             R -= LJb.T @ LHb
             LH[t:t + b] = LHb
-            chosen[t:t + b] = pool[top]
+            chosen[t:t + b] = top
             avail[top] = False
             t += b
-        return chosen
+        if k > k_final:
+            chosen = self._backward(chosen, A, p, Jz.reshape(-1, num_pool), k_final)
+        return pool[chosen]
+
+    @staticmethod
+    def _backward(S, A, p, Jz, k):
+        """Backward elimination from the greedy's overshoot down to ``k``: with
+        :math:`B = H_{SS}^{-1}` and :math:`C = J_S^\top J_S`, dropping ``j`` loses
+        :math:`(B C B)_{jj} / B_{jj}` of the objective; drop the cheapest, update ``B`` by a
+        rank-one downdate, repeat."""
+        AS = A[:, S]
+        B = torch.linalg.inv(AS.T @ AS + torch.diag(p[S]))
+        JS = Jz[:, S]
+        C = JS.T @ JS
+        keep = torch.ones(len(S), dtype=torch.bool, device=S.device)
+        bcb = torch.diagonal(B @ C @ B).clone()
+        for _ in range(len(S) - k):
+            loss = torch.where(keep, bcb / torch.diagonal(B), torch.full_like(bcb, float("inf")))
+            j = int(torch.argmin(loss))
+            b = B[:, j].clone()
+            Cb = C @ b
+            BCb = B @ Cb
+            bjj = b[j]
+            bcb = bcb - 2 * b * BCb / bjj + b ** 2 * (b @ Cb) / bjj ** 2
+            B = B - torch.outer(b, b) / bjj
+            keep[j] = False
+        return S[keep]
