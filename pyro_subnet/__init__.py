@@ -4,8 +4,9 @@
 >>> model = ps.nn.BayesianNet(net, likelihood="classification")      # doctest: +SKIP
 """
 
-from . import data, diagnostics, distributions, infer, nn
+from . import data, diagnostics, distributions, infer, nn, subnet
 from .diagnostics import metrics, plots, to_inference_data
 
 __version__ = "0.1.0"
-__all__ = ["nn", "infer", "data", "diagnostics", "distributions", "metrics", "plots", "to_inference_data"]
+__all__ = ["nn", "infer", "subnet", "data", "diagnostics", "distributions", "metrics", "plots",
+           "to_inference_data"]

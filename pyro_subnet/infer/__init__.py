@@ -2,8 +2,10 @@
 
 from . import autoguide, mcmc
 from .analytic import AnalyticPredictive
+from .autoguide.subnet_laplace import AutoSubnetLaplace
 from .map import fit_map
 from .mcmc import SGHMC, SpikeSlabSGHMC
 from .smc import AnnealedSMC
 
-__all__ = ["autoguide", "mcmc", "fit_map", "SGHMC", "SpikeSlabSGHMC", "AnnealedSMC", "AnalyticPredictive"]
+__all__ = ["autoguide", "mcmc", "fit_map", "AutoSubnetLaplace", "SGHMC", "SpikeSlabSGHMC", "AnnealedSMC",
+           "AnalyticPredictive"]

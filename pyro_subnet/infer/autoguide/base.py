@@ -1,0 +1,258 @@
+"""What every linearised-Laplace guide shares: the fit driver, the Pyro guide shell, the
+predictives and the state.
+
+A :class:`LinearisedLaplaceGuide` keeps all weights at the MAP :math:`\\hat\\theta` except ``k``
+coordinates ``S`` (the subnetwork), over which it holds some Gaussian. A concrete guide only says
+
+* how to build that Gaussian from the data (:meth:`_fit_posterior`),
+* how to draw subnetwork values inside a Pyro trace (:meth:`_sample_subnet`),
+* how to factor the function-space covariance, :math:`F F^\\top = J_S \\Sigma_S J_S^\\top`
+  (:meth:`_function_factor`), and the marginal standard deviations (:meth:`_marginal_std`).
+
+Everything else is here: MAP fitting (or taking a trained network, ``map_steps=0``), data
+handling (tensors or a DataLoader), ``forward`` (one ``pyro.sample`` per weight site, so
+``pyro.infer.Predictive`` works sequentially and vectorised), ``median``/``quantiles``, the GLM
+predictive (:mod:`.glm`), the sampled-network predictive, and ``state_dict`` round trips
+(buffers are resized on load, so a fresh guide accepts a fitted guide's state).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer.autoguide import AutoGuide
+
+from ...nn.validation import check_data
+from ..batches import iter_batches
+from ..map import fit_map
+from . import glm
+
+
+def _is_tensor_data(x) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+def collect(data) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate an iterable of ``(x, y)`` batches into two tensors."""
+    xs, ys = [], []
+    for xb, yb in iter_batches(data):
+        if yb is None:
+            raise ValueError("fit: the DataLoader must yield (x, y) pairs.")
+        xs.append(xb)
+        ys.append(yb)
+    if not xs:
+        raise ValueError("fit: the DataLoader is empty.")
+    return torch.cat(xs), torch.cat(ys)
+
+
+class LinearisedLaplaceGuide(AutoGuide):
+    """Base class of the Laplace guides (see the module docstring).
+
+    :param model: a :class:`~pyro_subnet.nn.BayesianNet` (anything with ``network``,
+        ``layout``, ``likelihood``, ``log_likelihood`` and ``log_prior``).
+    :param map_steps: Adam steps to find the MAP in :meth:`fit`; ``0`` takes the network's own
+        weights as the MAP (an already trained network).
+    :param map_lr: Adam learning rate.
+    :param batch_size: mini-batch size for the MAP and for curvature accumulation.
+    :param progress: show progress bars.
+    """
+
+    _state_buffers: Sequence[str] = ("loc", "subnet_indices")
+
+    def __init__(self, model, map_steps: int = 2000, map_lr: float = 1e-2, batch_size: int = 256,
+                 progress: bool = True):
+        for attr in ("network", "layout", "likelihood", "log_likelihood", "log_prior"):
+            if not hasattr(model, attr):
+                raise TypeError(
+                    f"{type(self).__name__} needs a ps.nn.BayesianNet model (missing .{attr}); wrap a "
+                    "torch network with ps.nn.BayesianNet(net, likelihood=...)."
+                )
+        if not (isinstance(map_steps, int) and map_steps >= 0):
+            raise ValueError(f"map_steps must be a non-negative integer, got {map_steps!r}.")
+        super().__init__(model)
+        self.map_steps = map_steps
+        self.map_lr = map_lr
+        self.batch_size = batch_size
+        self.progress = progress
+        self.register_buffer("loc", torch.empty(0))
+        self.register_buffer("subnet_indices", torch.empty(0, dtype=torch.long))
+
+    # ------------------------------------------------------------------------------------------
+    # subclass hooks
+    def _fit_posterior(self, theta: torch.Tensor, data, x: torch.Tensor, y: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _sample_subnet(self) -> torch.Tensor:
+        """Inside a Pyro trace: subnetwork values of shape ``(*batch, k)``."""
+        raise NotImplementedError
+
+    def _function_factor(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``f(x; loc)`` of shape ``(N, O)`` and ``F`` of shape ``(N, O, r)``."""
+        raise NotImplementedError
+
+    def _marginal_std(self) -> torch.Tensor:
+        """Marginal posterior standard deviations of the subnetwork weights, ``(k,)``."""
+        raise NotImplementedError
+
+    def _sample_deltas(self, num_samples: int, generator=None) -> torch.Tensor:
+        """``(num_samples, k)`` draws of ``theta_S - loc_S`` outside any trace."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def fitted(self) -> bool:
+        return self.loc.numel() > 0
+
+    def _check_fitted(self):
+        if not self.fitted:
+            raise RuntimeError(f"{type(self).__name__}: call guide.fit(x, y) (or load_state_dict) first.")
+
+    @property
+    def num_weights(self) -> int:
+        return self.model.layout.dim
+
+    def fit(self, x, y=None, progress: Optional[bool] = None, map_theta: Optional[torch.Tensor] = None):
+        """Fit the posterior: MAP (unless ``map_steps=0`` or ``map_theta`` is given), then the
+        guide's own steps.
+
+        :param x: training inputs (tensor) or a DataLoader of ``(x, y)`` batches.
+        :param y: training targets (omit with a DataLoader).
+        :param map_theta: flat MAP weights ``(D,)`` found elsewhere (skips the MAP fit).
+        :returns: ``self``.
+        """
+        progress = self.progress if progress is None else progress
+        if _is_tensor_data(x):
+            if y is None:
+                raise ValueError("fit(x, y): the targets y are missing.")
+            x, y = check_data(x, y, self.model.likelihood.name)
+            data = (x, y)
+        else:
+            if y is not None:
+                raise ValueError("fit: pass either tensors (x, y) or one DataLoader, not both.")
+            data = x
+            x, y = collect(data)
+            x, y = check_data(x, y, self.model.likelihood.name)
+        if map_theta is not None:
+            if map_theta.shape != (self.num_weights,):
+                raise ValueError(f"fit: map_theta must have shape ({self.num_weights},), got {tuple(map_theta.shape)}.")
+            theta = map_theta.to(dtype=x.dtype, device=x.device)
+        elif self.map_steps > 0:
+            theta = fit_map(self.model, x, y, num_steps=self.map_steps, lr=self.map_lr,
+                            batch_size=self.batch_size, progress=progress).theta
+        else:
+            theta = self.model.initial_theta(dtype=x.dtype, device=x.device)
+        self._fit_progress = progress
+        self._fit_posterior(theta.detach(), data, x, y)
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    # Pyro guide interface
+    def _setup_prototype(self, *args, **kwargs):
+        super()._setup_prototype(*args, **kwargs)
+        latent = {n for n, _ in self.prototype_trace.iter_stochastic_nodes()}
+        missing = [n for n in self.model.layout.names if n not in latent]
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__}: the model has no latent sample sites {missing}; the guide "
+                "draws the network's weight sites and expects the model to sample them."
+            )
+
+    def _full_theta(self, sub_values: torch.Tensor) -> torch.Tensor:
+        """Place subnetwork values ``(*batch, k)`` into copies of the MAP, ``(*batch, D)``."""
+        batch = sub_values.shape[:-1]
+        theta = self.loc.to(sub_values.dtype).expand(*batch, self.loc.shape[-1]).clone()
+        return theta.index_copy(-1, self.subnet_indices, sub_values)
+
+    def forward(self, *args, **kwargs) -> Dict[str, torch.Tensor]:
+        """Draw every weight site: subnetwork coordinates from the posterior, the rest at the MAP."""
+        self._check_fitted()
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        theta = self._full_theta(self._sample_subnet())
+        out = {}
+        for name, value in self.model.layout.unflatten(theta).items():
+            event_dim = len(self.model.layout.shapes[name])
+            out[name] = pyro.sample(name, dist.Delta(value, event_dim=event_dim))
+        return out
+
+    def median(self, *args, **kwargs) -> Dict[str, torch.Tensor]:
+        """The posterior median (= mean = MAP) of every weight site."""
+        self._check_fitted()
+        return {n: v.clone() for n, v in self.model.layout.unflatten(self.loc).items()}
+
+    def quantiles(self, quantiles, *args, **kwargs) -> Dict[str, torch.Tensor]:
+        """Marginal quantiles of every weight site, shape ``(len(quantiles), *site_shape)``
+        (off the subnetwork all quantiles equal the MAP)."""
+        self._check_fitted()
+        q = torch.as_tensor(quantiles, dtype=self.loc.dtype, device=self.loc.device).reshape(-1)
+        if ((q <= 0) | (q >= 1)).any():
+            raise ValueError(f"quantiles must lie strictly between 0 and 1, got {quantiles!r}.")
+        std = torch.zeros_like(self.loc).index_copy(0, self.subnet_indices, self._marginal_std())
+        z = torch.special.ndtri(q)
+        flat = self.loc + z[:, None] * std
+        return self.model.layout.unflatten(flat)
+
+    # ------------------------------------------------------------------------------------------
+    # predictives
+    def _glm_factor(self, x: torch.Tensor, batch_size: Optional[int] = None):
+        batch_size = batch_size or self.batch_size
+        fs, Fs = [], []
+        for xb, _ in iter_batches(x, batch_size, device=self.loc.device):
+            f, F = self._function_factor(xb)
+            fs.append(f)
+            Fs.append(F)
+        return torch.cat(fs), torch.cat(Fs)
+
+    def predict(self, x: torch.Tensor, method: str = "glm", link: str = "probit", num_samples: int = 100,
+                observation_noise: bool = True, generator: Optional[torch.Generator] = None):
+        """Posterior predictive at ``x``.
+
+        :param method: ``"glm"`` (the linearised network, :math:`f \\sim \\mathcal{N}(f_{MAP},
+            J_S \\Sigma_S J_S^\\top)`) or ``"nn"`` (sample weights, run the network).
+        :param link: classification with ``"glm"``: ``"probit"`` or ``"mc"`` (``num_samples``
+            logit draws; safe with the singular softmax logit covariance).
+        :param num_samples: draws for ``link="mc"`` and ``method="nn"``.
+        :param observation_noise: regression: add the noise variance to the predictive variance.
+        :returns: classification: probabilities ``(N, C)``; regression: ``(mean, var)``, each
+            ``(N, O)``.
+        """
+        self._check_fitted()
+        if not isinstance(x, torch.Tensor):
+            raise TypeError("predict: x must be a tensor.")
+        x = x.to(device=self.loc.device)
+        lik = self.model.likelihood
+        classification = lik.name == "classification"
+        noise_var = float(getattr(lik, "noise_scale", 0.0)) ** 2 if observation_noise else 0.0
+        if method == "glm":
+            with torch.no_grad():
+                f, F = self._glm_factor(x)
+            if not classification:
+                return glm.regression(f, F, noise_var)
+            if link == "probit":
+                return glm.probit(f, F)
+            if link == "mc":
+                return glm.mc_logits(f, F, num_samples, generator)
+            raise ValueError(f"predict: link must be 'probit' or 'mc', got {link!r}.")
+        if method == "nn":
+            deltas = self._sample_deltas(num_samples, generator)
+            thetas = self._full_theta(self.loc[self.subnet_indices] + deltas)
+            with torch.no_grad():
+                f = self.model.network.flat_batched(thetas, x)          # (S, N, O)
+            if classification:
+                return torch.softmax(f, -1).mean(0)
+            return f.mean(0), f.var(0, unbiased=False) + noise_var
+        raise ValueError(f"predict: method must be 'glm' or 'nn', got {method!r}.")
+
+    # ------------------------------------------------------------------------------------------
+    # state: buffers change shape after fit; a fresh guide takes them as they come.
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        for name in list(self._buffers):
+            key = prefix + name
+            if key in state_dict and self._buffers[name] is not None:
+                self._buffers[name] = torch.empty_like(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
