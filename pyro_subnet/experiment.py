@@ -229,7 +229,6 @@ def run_subnet_laplace(ctx: Context) -> MethodResult:
         return MethodResult("AutoSubnetLaplace", seconds, probs=pred, diagnostics=diag)
     mean, var = pred
     return MethodResult("AutoSubnetLaplace", seconds, mean=mean[:, 0], var=var[:, 0], diagnostics=diag)
->>>>>>> laplace
 
 
 METHODS: Dict[str, Callable[[Context], MethodResult]] = {
