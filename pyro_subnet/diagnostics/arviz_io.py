@@ -5,12 +5,16 @@ kernels), an MCMC-like object (:class:`~pyro_subnet.infer.AnnealedSMC`) or any g
 data with the groups
 
 * ``posterior``: every latent site, ``(chain, draw, *site_shape)``;
-* ``sample_stats``: ``lp`` (log joint), ``diverging``, and the method's own statistics (step
-  sizes, sparsity and inclusion rate, SMC ESS and log evidence) where the object reports them;
+* ``sample_stats``: ``lp`` (exact full-data log joint), ``diverging``, and the method's own
+  statistics read from its ``diagnostics()`` (:func:`method_stats`): SGHMC's ``step_size`` and
+  ``lp_minibatch``, SpikeSlabSGHMC's ``sparsity`` and ``inclusion_rate`` per draw; SMC's
+  per-chain ``log_evidence``, ``final_ess``, step and gradient counts;
 * ``log_likelihood``: pointwise ``log p(y_n | theta)`` of every observed site, always present, so
   ``arviz.loo`` runs without arguments, for batch-aware models and plain ``PyroModule[nn.Linear]``
   networks alike (:mod:`pyro_subnet.diagnostics.pointwise`);
-* ``posterior_predictive`` and ``observed_data``.
+* ``posterior_predictive`` and ``observed_data``;
+* ``step_stats`` (SMC): the per-step series (``ess``, ``acceptance_rate``, ``num_data``, ...) with
+  dims ``(chain, step)``.
 
 On ArviZ 0.x (Python 3.11) the result is an ``arviz.InferenceData``; on ArviZ 1.x (Python 3.12+)
 it is the ``xarray.DataTree`` that ArviZ 1 uses, built from the same nested dict.
