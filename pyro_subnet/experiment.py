@@ -113,6 +113,14 @@ def run_map(ctx: Context) -> MethodResult:
     return MethodResult("MAP", seconds, mean=f[:, 0], var=var)
 
 
+def arviz_diagnostics(obj) -> Dict[str, float]:
+    """ArviZ's view of a sampler's draws (min bulk ESS, max R-hat with several chains, elpd_loo,
+    share of Pareto k > 0.7), from :func:`~pyro_subnet.to_inference_data` on the training data."""
+    from .diagnostics.arviz_io import summary_numbers
+    from .diagnostics import to_inference_data
+    return summary_numbers(to_inference_data(obj))
+
+
 def run_annealed_smc(ctx: Context) -> MethodResult:
     """Data-annealed SMC (adaptive schedule, MALA moves) from the prior; no MAP needed."""
     from .infer.smc import AnnealedSMC
@@ -127,12 +135,14 @@ def run_annealed_smc(ctx: Context) -> MethodResult:
     seconds = time.perf_counter() - t0
     d = smc.diagnostics()
     diag = {"log_evidence": float(smc.log_evidence[0]), "smc_steps": d["num_steps"]["chain 0"],
-            "grad_passes": d["grad_evals"]["chain 0"]}
+            "grad_passes": d["grad_evals"]["chain 0"], **arviz_diagnostics(smc)}
+    plots = {"smc": {k: d[k]["chain 0"] for k in ("ess", "acceptance_rate", "num_data", "step_size", "resampled")}}
     if ctx.ds.likelihood == "classification":
-        return MethodResult("AnnealedSMC", seconds, probs=torch.softmax(f, -1).mean(0), diagnostics=diag)
+        return MethodResult("AnnealedSMC", seconds, probs=torch.softmax(f, -1).mean(0), diagnostics=diag,
+                            plots=plots)
     mean = f[..., 0]
     return MethodResult("AnnealedSMC", seconds, mean=mean.mean(0),
-                        var=mean.var(0) + ctx.model.noise_scale ** 2, diagnostics=diag)
+                        var=mean.var(0) + ctx.model.noise_scale ** 2, diagnostics=diag, plots=plots)
 
 
 def sgmcmc_posterior(ctx: Context, target_sparsity: Optional[float] = None, num_samples: Optional[int] = None,
@@ -182,14 +192,16 @@ def _sgmcmc_result(name: str, ctx: Context, mcmc, seconds: float, extra: Dict[st
 def run_sghmc(ctx: Context) -> MethodResult:
     """SGHMC (preconditioned, Ke & Fan 2022) from the MAP; Bayesian model average of the draws."""
     mcmc, kernel, seconds = sgmcmc_posterior(ctx)
-    return _sgmcmc_result("SGHMC", ctx, mcmc, seconds, {})
+    return _sgmcmc_result("SGHMC", ctx, mcmc, seconds, arviz_diagnostics(mcmc))
 
 
 def run_spike_slab_sghmc(ctx: Context) -> MethodResult:
     """SpikeSlabSGHMC pruned to 90% sparsity of the weight matrices (Deng et al. 2019; Ke & Fan 2022)."""
     mcmc, kernel, seconds = sgmcmc_posterior(ctx, target_sparsity=0.9)
     sparsity = mcmc.diagnostics()["sparsity"]["chain 0"][-1]
-    return _sgmcmc_result("SpikeSlabSGHMC", ctx, mcmc, seconds, {"sparsity": sparsity})
+    result = _sgmcmc_result("SpikeSlabSGHMC", ctx, mcmc, seconds, {"sparsity": sparsity, **arviz_diagnostics(mcmc)})
+    result.plots["inclusion"] = kernel.inclusion_probabilities()
+    return result
 
 
 def run_analytic(ctx: Context) -> MethodResult:

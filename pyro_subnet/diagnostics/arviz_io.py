@@ -5,12 +5,16 @@ kernels), an MCMC-like object (:class:`~pyro_subnet.infer.AnnealedSMC`) or any g
 data with the groups
 
 * ``posterior``: every latent site, ``(chain, draw, *site_shape)``;
-* ``sample_stats``: ``lp`` (log joint), ``diverging``, and the method's own statistics (step
-  sizes, sparsity and inclusion rate, SMC ESS and log evidence) where the object reports them;
+* ``sample_stats``: ``lp`` (exact full-data log joint), ``diverging``, and the method's own
+  statistics read from its ``diagnostics()`` (:func:`method_stats`): SGHMC's ``step_size`` and
+  ``lp_minibatch``, SpikeSlabSGHMC's ``sparsity`` and ``inclusion_rate`` per draw; SMC's
+  per-chain ``log_evidence``, ``final_ess``, step and gradient counts;
 * ``log_likelihood``: pointwise ``log p(y_n | theta)`` of every observed site, always present, so
   ``arviz.loo`` runs without arguments, for batch-aware models and plain ``PyroModule[nn.Linear]``
   networks alike (:mod:`pyro_subnet.diagnostics.pointwise`);
-* ``posterior_predictive`` and ``observed_data``.
+* ``posterior_predictive`` and ``observed_data``;
+* ``step_stats`` (SMC): the per-step series (``ess``, ``acceptance_rate``, ``num_data``, ...) with
+  dims ``(chain, step)``.
 
 On ArviZ 0.x (Python 3.11) the result is an ``arviz.InferenceData``; on ArviZ 1.x (Python 3.12+)
 it is the ``xarray.DataTree`` that ArviZ 1 uses, built from the same nested dict.
@@ -18,7 +22,7 @@ it is the ``xarray.DataTree`` that ArviZ 1 uses, built from the same nested dict
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -33,14 +37,28 @@ def arviz_major() -> int:
     return int(az.__version__.split(".")[0])
 
 
-def from_groups(groups: Dict[str, Dict[str, np.ndarray]], attrs: Optional[dict] = None):
+def from_groups(groups: Dict[str, Dict[str, np.ndarray]], attrs: Optional[dict] = None,
+                extra: Optional[Dict[str, Dict[str, Tuple[Tuple[str, ...], np.ndarray]]]] = None):
     """Build ArviZ data from ``{group: {var: array}}`` (leading ``(chain, draw)`` axes, except in
-    ``observed_data``) on either ArviZ line."""
+    ``observed_data``) on either ArviZ line; the one place that knows the difference.
+
+    :param extra: groups whose axes are not ``(chain, draw)``, ``{group: {var: (dims, array)}}``
+        (e.g. SMC's per-step series, dims ``("chain", "step")``), attached as they are.
+    """
     import arviz as az
+    import xarray as xr
     groups = {g: {k: np.asarray(v) for k, v in d.items()} for g, d in groups.items() if d}
-    if arviz_major() >= 1:
-        return az.from_dict(groups, attrs={"/": attrs} if attrs else None)
-    return az.from_dict(**groups, attrs=attrs)
+    extra = {g: xr.Dataset({k: (dims, np.asarray(a)) for k, (dims, a) in d.items()})
+             for g, d in (extra or {}).items() if d}
+    if arviz_major() >= 1:  # xarray.DataTree; from_dict takes the nested dict
+        tree = az.from_dict(groups, attrs={"/": attrs} if attrs else None)
+        for g, ds in extra.items():
+            tree[g] = xr.DataTree(ds)
+        return tree
+    idata = az.from_dict(**groups, attrs=attrs)
+    if extra:
+        idata.add_groups(extra)
+    return idata
 
 
 def group_names(data):
@@ -69,33 +87,79 @@ def _guide_draws(guide, num_samples: int, args, kwargs) -> Dict[str, torch.Tenso
     return {k: torch.stack([d[k] for d in draws]) for k in draws[0]}
 
 
-def _method_stats(obj, num_chains: int, num_draws: int) -> Dict[str, np.ndarray]:
-    """Per-draw statistics an object reports through ``sample_stats()`` (on itself or its
-    kernel), as ``(chain, draw)`` arrays; per-chain scalars are repeated over the draws."""
-    stats = {}
+STEP_GROUP = "step_stats"
+
+
+def _declared_per_draw(obj) -> Dict[str, str]:
+    """``{diagnostics key: sample_stats name}`` a sampler declares as one value per draw
+    (``per_draw_stats``, on the object or its kernel; a class attribute, so it is there when
+    the chains ran in worker processes)."""
     for source in (obj, getattr(obj, "kernel", None)):
-        fn = getattr(source, "sample_stats", None)
-        if callable(fn):
-            for k, v in fn().items():
-                a = _numpy(v)
-                if a.ndim == 0:
-                    a = np.full((num_chains, num_draws), a)
-                elif a.shape == (num_chains,):
-                    a = np.repeat(a[:, None], num_draws, axis=1)
-                elif a.shape == (num_chains * num_draws,):
-                    a = a.reshape(num_chains, num_draws)
-                stats.setdefault(k, a)
-    return stats
+        names = getattr(source, "per_draw_stats", None)
+        if names:
+            return dict(names)
+    return {}
 
 
-def to_inference_data(obj, *args, num_samples: int = 200, model=None, **kwargs):
+def method_stats(obj, num_chains: int, num_draws: int) -> Tuple[Dict[str, np.ndarray], Dict[str, tuple]]:
+    """The sampler's own statistics from ``obj.diagnostics()``, read by their shape.
+
+    ``pyro.infer.MCMC`` and :class:`~pyro_subnet.infer.AnnealedSMC` both report
+    ``{key: {"chain i": value}}`` (MCMC gathers it from the kernels, also from worker
+    processes). Each key becomes
+
+    * ``diverging`` (bool ``(chain, draw)``) for ``"divergences"`` (draw indices);
+    * a ``(chain, draw)`` array for the keys declared in ``per_draw_stats`` (renamed as declared);
+    * a per-chain scalar (``log_evidence``, ``final_ess``, ``acceptance_rate``) repeated over the
+      draws, since ``sample_stats`` variables are ``(chain, draw)``;
+    * any other per-chain series (SMC's per-step ESS, acceptance, data included) a
+      ``(chain, step)`` array, NaN-padded to the longest chain, for the ``step_stats`` group.
+
+    Keys without an entry per chain (Pyro's per-site ``n_eff``/``r_hat``) are skipped.
+
+    :returns: ``(sample_stats, step_stats)``, the latter as ``{name: (dims, array)}``.
+    """
+    diag = obj.diagnostics() if callable(getattr(obj, "diagnostics", None)) else {}
+    declared = _declared_per_draw(obj)
+    chains = [f"chain {i}" for i in range(num_chains)]
+    diverging = np.zeros((num_chains, num_draws), dtype=bool)
+    stats, steps = {"diverging": diverging}, {}
+    for key, by_chain in (diag or {}).items():
+        if not (isinstance(by_chain, dict) and all(c in by_chain for c in chains)):
+            continue
+        values = [_numpy(by_chain[c]) for c in chains]
+        if key == "divergences":
+            for i, idx in enumerate(values):
+                idx = idx.astype(int).reshape(-1)
+                diverging[i, idx[idx < num_draws]] = True
+        elif key in declared:
+            a = np.stack([v.astype(float).reshape(-1) for v in values])
+            if a.shape != (num_chains, num_draws):
+                raise ValueError(f"to_inference_data: per-draw statistic {key!r} has shape {a.shape}, "
+                                 f"expected (chains, draws) = {(num_chains, num_draws)}.")
+            stats[declared[key]] = a
+        elif all(v.ndim == 0 for v in values):
+            stats[key.replace(" ", "_")] = np.repeat(np.stack(values)[:, None], num_draws, axis=1)
+        else:
+            length = max(v.size for v in values)
+            a = np.full((num_chains, length), np.nan)
+            for i, v in enumerate(values):
+                a[i, :v.size] = v.astype(float).reshape(-1)
+            steps[key.replace(" ", "_")] = (("chain", "step"), a)
+    return stats, steps
+
+
+def to_inference_data(obj, *args, num_samples: int = 100, num_chains: int = 2, model=None, **kwargs):
     """Convert a posterior to ArviZ data (see the module docstring).
 
-    :param obj: ``pyro.infer.MCMC``, an MCMC-like object (``get_samples``, ``num_chains``), or a
-        guide (any callable that samples the latent sites, e.g. an ``AutoGuide``).
+    :param obj: ``pyro.infer.MCMC``, an MCMC-like object (``get_samples``, ``num_chains``,
+        e.g. :class:`~pyro_subnet.infer.AnnealedSMC`), or a guide (any callable that samples the
+        latent sites, e.g. an ``AutoGuide``).
     :param args, kwargs: the model's arguments, e.g. ``(x, y)``. For MCMC-like objects they
         default to those of the run.
-    :param num_samples: draws taken from a guide.
+    :param num_samples: draws per chain taken from a guide.
+    :param num_chains: chains of independent guide draws (2 by default, so that R-hat is defined;
+        for iid draws it should be 1 up to Monte Carlo error). MCMC-like objects keep their own.
     :param model: the model, for guides that do not carry it as ``guide.model``.
 
     >>> idata = ps.to_inference_data(mcmc)                                      # doctest: +SKIP
@@ -108,15 +172,15 @@ def to_inference_data(obj, *args, num_samples: int = 200, model=None, **kwargs):
             args, kwargs = getattr(obj, "_args", ()), getattr(obj, "_kwargs", {}) or {}
         num_chains = obj.num_chains
         draws = obj.get_samples(group_by_chain=False)
-        diag = obj.diagnostics() if hasattr(obj, "diagnostics") else {}
-        divergences = diag.get("divergences") if isinstance(diag, dict) else None
     else:
         model = model or getattr(obj, "model", None)
         if model is None:
             raise ValueError("to_inference_data: pass model= for a guide that does not carry its model.")
-        num_chains = 1
-        draws = _guide_draws(obj, num_samples, args, kwargs)
-        divergences = None
+        if not (isinstance(num_chains, int) and num_chains >= 1 and isinstance(num_samples, int)
+                and num_samples >= 1):
+            raise ValueError(f"to_inference_data: num_chains and num_samples must be positive integers, "
+                             f"got {num_chains!r} and {num_samples!r}.")
+        draws = _guide_draws(obj, num_chains * num_samples, args, kwargs)
     if model is None:
         raise ValueError(f"to_inference_data: cannot find the model of {type(obj).__name__}.")
     if not args and not kwargs:
@@ -128,16 +192,37 @@ def to_inference_data(obj, *args, num_samples: int = 200, model=None, **kwargs):
     log_lik = {k: _numpy(v).reshape(num_chains, num_draws, *v.shape[1:]) for k, v in pw.log_likelihood.items()}
     post_pred = {k: _numpy(v).reshape(num_chains, num_draws, *v.shape[1:])
                  for k, v in pw.posterior_predictive.items()}
-    diverging = np.zeros((num_chains, num_draws), dtype=bool)
-    if isinstance(divergences, dict):
-        for i, key in enumerate(sorted(divergences)):
-            idx = np.asarray(divergences[key], dtype=int)
-            if i < num_chains and idx.size:
-                diverging[i, idx[idx < num_draws]] = True
-    stats = {"lp": _numpy(pw.log_joint).reshape(num_chains, num_draws), "diverging": diverging}
-    stats.update(_method_stats(obj, num_chains, num_draws))
+    # lp is the exact full-data log joint; a sampler's own (mini-batch) lp is declared under another name.
+    sampler, steps = method_stats(obj, num_chains, num_draws)
+    stats = {"lp": _numpy(pw.log_joint).reshape(num_chains, num_draws), **sampler}
     groups = {"posterior": posterior, "sample_stats": stats, "log_likelihood": log_lik,
               "posterior_predictive": post_pred,
               "observed_data": {k: _numpy(v) for k, v in pw.observed.items()}}
     attrs = {"inference_library": "pyro_subnet", "method": type(obj).__name__}
-    return from_groups(groups, attrs)
+    return from_groups(groups, attrs, extra={STEP_GROUP: steps})
+
+
+def summary_numbers(data) -> Dict[str, float]:
+    """A few numbers to print beside a method: smallest bulk ESS over every posterior scalar,
+    largest rank R-hat (with two or more chains), ``elpd_loo`` and the fraction of Pareto
+    ``k > 0.7`` (points whose LOO estimate is unreliable).
+
+    >>> ps.diagnostics.arviz_io.summary_numbers(idata)            # doctest: +SKIP
+    {'ess_bulk_min': 41.2, 'r_hat_max': 1.03, 'elpd_loo': -112.5, 'pareto_k_bad': 0.0}
+    """
+    import arviz as az
+    import warnings
+    post = data["posterior"]
+    post = post.to_dataset() if hasattr(post, "children") else post
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # ArviZ warns about shapes and Pareto k; we report them
+        ess = az.ess(post, method="bulk")
+        out["ess_bulk_min"] = float(min(float(np.nanmin(v.values)) for v in ess.data_vars.values()))
+        if post.sizes["chain"] > 1:
+            rhat = az.rhat(post)
+            out["r_hat_max"] = float(max(float(np.nanmax(v.values)) for v in rhat.data_vars.values()))
+        loo = az.loo(data, reff=1.0 if post.sizes["chain"] == 1 else None)
+        out["elpd_loo"] = float(loo.elpd_loo)
+        out["pareto_k_bad"] = float((np.asarray(loo.pareto_k) > 0.7).mean())
+    return out

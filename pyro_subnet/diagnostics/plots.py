@@ -72,22 +72,50 @@ def predictive_band(x_train, y_train, x_test, mean, std, title: str = "", truth=
     return _finish(fig, path)
 
 
-def smc_traces(diagnostics: Dict[str, Sequence[float]], path: Optional[str] = None):
-    """SMC per step: ESS, acceptance rate and fraction of data included (whichever are given)."""
-    keys = [k for k in ("ess", "acceptance_rate", "data_fraction") if k in diagnostics]
-    fig, axes = plt.subplots(len(keys), 1, figsize=(6, 2.2 * len(keys)), sharex=True, squeeze=False)
-    for ax, k in zip(axes[:, 0], keys):
-        v = _np(diagnostics[k])
-        ax.plot(np.arange(len(v)), v, marker=".", ms=3)
-        ax.set_ylabel(k.replace("_", " "))
+SMC_SERIES = (("ess", "ESS (particles)"), ("acceptance_rate", "acceptance rate"),
+              ("num_data", "data included"), ("step_size", "step size"))
+
+
+def smc_traces(diagnostics: Dict[str, object], path: Optional[str] = None):
+    """SMC per step: ESS (resampling steps marked), move acceptance rate, data included and
+    step size (whichever are given).
+
+    :param diagnostics: ``AnnealedSMC.diagnostics()`` (``{key: {"chain i": series}}``, one line a
+        chain) or one chain's ``{key: series}``, with the keys ``ess``, ``acceptance_rate``,
+        ``num_data``, ``step_size`` and optionally ``resampled``.
+    """
+    def chains(v):
+        return {c: _np(s) for c, s in v.items()} if isinstance(v, dict) else {"": _np(v)}
+
+    keys = [(k, label) for k, label in SMC_SERIES if k in diagnostics]
+    if not keys:
+        raise ValueError(f"smc_traces: none of {[k for k, _ in SMC_SERIES]} in the diagnostics "
+                         f"(got {sorted(diagnostics)}); pass AnnealedSMC.diagnostics().")
+    fig, axes = plt.subplots(len(keys), 1, figsize=(6, 2.0 * len(keys)), sharex=True, squeeze=False)
+    resampled = chains(diagnostics["resampled"]) if "resampled" in diagnostics else {}
+    for ax, (k, label) in zip(axes[:, 0], keys):
+        for i, (c, v) in enumerate(chains(diagnostics[k]).items()):
+            steps = np.arange(len(v))
+            ax.plot(steps, v, marker=".", ms=3, color=f"C{i}", label=c or None)
+            if k == "ess" and c in resampled:
+                r = resampled[c].astype(bool)
+                ax.plot(steps[r], v[r], "x", color=f"C{i}", ms=5)
+        ax.set_ylabel(label)
+    if any(c for c in chains(diagnostics[keys[0][0]])):
+        axes[0, 0].legend(fontsize=7)
     axes[-1, 0].set_xlabel("SMC step")
-    axes[0, 0].set_title("Annealed SMC")
+    axes[0, 0].set_title("Annealed SMC" + (" (x: resampled)" if resampled else ""))
     return _finish(fig, path)
 
 
 def inclusion_histogram(inclusion: Dict[str, object], path: Optional[str] = None, bins: int = 40):
     """Histogram of posterior inclusion probabilities P(weight in slab), all sites together:
-    a spike-and-slab fit that has decided puts its mass near 0 and 1."""
+    a spike-and-slab fit that has decided puts its mass near 0 and 1.
+
+    :param inclusion: ``SpikeSlabSGHMC.inclusion_probabilities()``: site -> tensor.
+    """
+    if not inclusion:
+        raise ValueError("inclusion_histogram: no sites; pass SpikeSlabSGHMC.inclusion_probabilities().")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     values = np.concatenate([_np(v).reshape(-1) for v in inclusion.values()])
     ax.hist(values, bins=bins, range=(0, 1), color="C2")

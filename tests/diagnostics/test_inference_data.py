@@ -71,7 +71,7 @@ def test_guide_to_inference_data_on_a_minibatched_model_uses_all_data():
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
     for _ in range(100):
         svi.step(x, y)
-    idata = ps.to_inference_data(guide, x, y, num_samples=50)
+    idata = ps.to_inference_data(guide, x, y, num_samples=50, num_chains=1)
     assert idata.posterior["weight"].shape == (1, 50, 3, 2)
     assert idata.log_likelihood["obs"].shape == (1, 50, 40)     # all 40, not a mini-batch of 8
     assert idata.observed_data["obs"].shape == (40,)

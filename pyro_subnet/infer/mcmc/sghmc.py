@@ -78,6 +78,10 @@ class SGHMC(MCMCKernel):
     torch.Size([200, 1, 2])
     """
 
+    #: diagnostics keys with one value per draw -> their ArviZ ``sample_stats`` names (read by
+    #: :func:`pyro_subnet.to_inference_data`; ``lp`` there is the exact full-data log joint).
+    per_draw_stats = {"step_size": "step_size", "lp": "lp_minibatch"}
+
     def __init__(self, model, step_size: float, friction: float = 0.1, preconditioner=None,
                  subsample_size: Optional[int] = None, steps_per_sample: int = 1, step_size_schedule=None,
                  schedule_options: Optional[dict] = None, adapt_preconditioner: str = "warmup",

@@ -109,6 +109,8 @@ class SpikeSlabSGHMC(SGHMC):
     [True, False, False]
     """
 
+    per_draw_stats = {**SGHMC.per_draw_stats, "sparsity": "sparsity", "inclusion_rate": "inclusion_rate"}
+
     def __init__(self, model, step_size: float, friction: float = 0.1, *, spike_scale: Optional[float] = None,
                  slab_scale: Optional[float] = None, inclusion_prior: Optional[float] = None,
                  inclusion_beta=None, sites: Optional[Sequence[str]] = None, group: str = "weight",

@@ -210,7 +210,8 @@ class AnnealedSMC:
     def diagnostics(self) -> Dict[str, Dict[str, Union[list, float]]]:
         """Per chain (``"chain i"``): per-step ``ess``, ``acceptance_rate``, ``resampled``,
         ``num_data``, ``level``, ``step_size``; totals ``num_steps``, ``grad_evals``,
-        ``data_grad_evals``, ``data_loglik_evals``, ``log_evidence``; and ``divergences``
+        ``data_grad_evals``, ``data_loglik_evals``, ``log_evidence``, ``final_ess`` (ESS of the
+        last reweighting, in particles, before the final resampling); and ``divergences``
         (always empty: MH moves do not diverge, ArviZ reads the key)."""
         self._check_run()
         out: Dict[str, Dict] = {}
@@ -223,6 +224,7 @@ class AnnealedSMC:
                 out.setdefault(f, {})[key] = sum(getattr(i, f) for i in infos)
             out.setdefault("num_steps", {})[key] = len(infos)
             out.setdefault("log_evidence", {})[key] = float(self.log_evidence[c])
+            out.setdefault("final_ess", {})[key] = float(infos[-1].ess)
         return out
 
     def summary(self, prob: float = 0.9, sites: Optional[List[str]] = None) -> None:
