@@ -13,7 +13,8 @@ from pyro.infer import MCMC
 from torch import nn
 
 from pyro_subnet.infer import SGHMC
-from pyro_subnet.infer.mcmc import CyclicalCosine, PolynomialDecay, add_sample_stats, sample_stats
+import pyro_subnet as ps
+from pyro_subnet.infer.mcmc import CyclicalCosine, PolynomialDecay
 from pyro_subnet.nn import BayesianNet
 
 N, D, SIGMA = 100, 3, 1.0
@@ -62,12 +63,13 @@ def test_arviz_from_pyro_two_chains_full_data_log_likelihood():
     mcmc = MCMC(kernel, num_samples=200, warmup_steps=100, num_chains=2, initial_params=init,
                 disable_progbar=True)
     mcmc.run(x, y)
-    idata = add_sample_stats(az.from_pyro(mcmc), mcmc)
+    idata = az.from_pyro(mcmc)
+    stats = ps.to_inference_data(mcmc).sample_stats
     assert idata.posterior["weight"].shape[:2] == (2, 200)
     # kernel.model is the full-data view: a log-likelihood for every one of the N points.
     assert idata.log_likelihood["obs"].shape == (2, 200, N)
-    assert idata.sample_stats["diverging"].shape == (2, 200) and not idata.sample_stats["diverging"].any()
-    assert idata.sample_stats["step_size"].shape == (2, 200)
+    assert stats["diverging"].shape == (2, 200) and not stats["diverging"].any()
+    assert stats["step_size"].shape == (2, 200)
     summary = az.summary(idata, var_names=["weight"])
     assert np.isfinite(summary["ess_bulk"]).all() and np.isfinite(summary["r_hat"]).all()
     assert (summary["r_hat"] < 1.1).all()

@@ -11,7 +11,7 @@ from torch import nn
 
 from pyro_subnet.distributions import SpikeSlab
 from pyro_subnet.infer import SpikeSlabSGHMC
-from pyro_subnet.infer.mcmc import sample_stats
+import numpy as np
 from pyro_subnet.nn import BayesianNet
 
 
@@ -75,9 +75,10 @@ def test_pruning_reaches_target_sparsity_with_exact_zeros():
     zero = (w == 0).all(0)
     assert int(zero.sum()) == 40 and not (w[:, ~zero] == 0).any()
     assert not zero[:5].any()                    # the true features survive
-    stats = sample_stats(mcmc)
-    assert stats["sparsity"].shape == (1, 100) and (stats["sparsity"] == 0.8).all()
-    assert 0.1 <= stats["inclusion_rate"][0, -1] <= 0.2
+    stats = mcmc.diagnostics()
+    sparsity, rate = np.asarray(stats["sparsity"]["chain 0"]), np.asarray(stats["inclusion_rate"]["chain 0"])
+    assert sparsity.shape == (100,) and (sparsity == 0.8).all()
+    assert 0.1 <= rate[-1] <= 0.2
 
 
 def test_neuron_groups_prune_whole_rows():

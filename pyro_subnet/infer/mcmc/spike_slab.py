@@ -94,7 +94,7 @@ class SpikeSlabSGHMC(SGHMC):
     ``kernel.inclusion_probabilities()`` gives site -> per-weight ``P(gamma = 1 | data)`` (the SA
     average of the E-step along the chain); ``diagnostics()`` adds per-draw ``"sparsity"``
     (fraction of the sparse sites' weights that are exactly zero) and ``"inclusion_rate"`` (the
-    mean ``delta``), which :func:`~pyro_subnet.infer.mcmc.add_sample_stats` puts in ArviZ's
+    mean ``delta``), which :func:`~pyro_subnet.to_inference_data` puts in ArviZ's
     ``sample_stats``.
 
     >>> import pyro, torch
