@@ -2,10 +2,11 @@
 
 from . import autoguide, mcmc
 from .analytic import AnalyticPredictive
+from .autoguide.sampled_laplace import AutoSampledLaplace
 from .autoguide.subnet_laplace import AutoSubnetLaplace
 from .map import fit_map
 from .mcmc import SGHMC, SpikeSlabSGHMC
 from .smc import AnnealedSMC
 
-__all__ = ["autoguide", "mcmc", "fit_map", "AutoSubnetLaplace", "SGHMC", "SpikeSlabSGHMC", "AnnealedSMC",
+__all__ = ["autoguide", "mcmc", "fit_map", "AutoSubnetLaplace", "AutoSampledLaplace", "SGHMC", "SpikeSlabSGHMC", "AnnealedSMC",
            "AnalyticPredictive"]

@@ -29,6 +29,7 @@ from ...nn.validation import check_data
 from ..batches import iter_batches
 from ..map import fit_map
 from . import glm
+from . import prior as prior_lib
 
 
 def _is_tensor_data(x) -> bool:
@@ -100,6 +101,44 @@ class LinearisedLaplaceGuide(AutoGuide):
     def _sample_deltas(self, num_samples: int, generator=None) -> torch.Tensor:
         """``(num_samples, k)`` draws of ``theta_S - loc_S`` outside any trace."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------
+    # shared by the guides: the prior precision spec and the subnetwork
+    _default_subnet = "greedy"   # what subnet=None means: a PredictiveVariance subnetwork, or "all"
+
+    def _prior_full(self, dtype, device) -> torch.Tensor:
+        """Per-weight prior precision over all ``D`` weights (used by selection and as the
+        starting point of tuning)."""
+        spec = self.prior_precision_spec
+        if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+            return torch.full((self.num_weights,), float(spec), dtype=dtype, device=device)
+        if getattr(self.model, "prior", None) is None:
+            return self.model.prior_precision(dtype=dtype, device=device)
+        if isinstance(spec, dict):
+            everything = torch.arange(self.num_weights, device=device)
+            return prior_lib.expand_prior_precision(spec, self.model.layout, everything,
+                                                    torch.ones(self.num_weights, dtype=dtype, device=device))
+        raise ValueError(
+            f"{type(self).__name__}: the model has a non-Normal prior, so its precision is unknown; "
+            "pass prior_precision= as a number or a dict of site patterns to numbers."
+        )
+
+    def _select(self, theta, data, prior_full) -> torch.Tensor:
+        subnet = self.subnet
+        if subnet is None:
+            from ...subnet import All, PredictiveVariance
+            subnet = PredictiveVariance(min(1000, self.num_weights)) if self._default_subnet == "greedy" else All()
+        if isinstance(subnet, torch.Tensor):
+            idx = subnet.to(device=theta.device, dtype=torch.long).reshape(-1)
+            if idx.numel() == 0 or idx.min() < 0 or idx.max() >= self.num_weights:
+                raise ValueError(f"subnet: indices must be a non-empty LongTensor in [0, {self.num_weights}).")
+            if torch.unique(idx).numel() != idx.numel():
+                raise ValueError("subnet: the indices contain duplicates.")
+            return idx
+        if not hasattr(subnet, "select"):
+            raise TypeError(f"subnet must be a ps.subnet strategy or a LongTensor of indices, got {subnet!r}.")
+        return subnet.select(self.model, theta, data, prior_precision=prior_full,
+                             progress=self._fit_progress).to(theta.device)
 
     # ------------------------------------------------------------------------------------------
     @property

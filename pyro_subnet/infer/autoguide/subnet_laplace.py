@@ -80,40 +80,6 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         self.register_buffer("log_lik", torch.empty(0))
 
     # ------------------------------------------------------------------------------------------
-    def _prior_full(self, dtype, device) -> torch.Tensor:
-        """Per-weight prior precision over all ``D`` weights (used by selection and as the
-        starting point of tuning)."""
-        spec = self.prior_precision_spec
-        if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-            return torch.full((self.num_weights,), float(spec), dtype=dtype, device=device)
-        if getattr(self.model, "prior", None) is None:
-            return self.model.prior_precision(dtype=dtype, device=device)
-        if isinstance(spec, dict):
-            everything = torch.arange(self.num_weights, device=device)
-            return prior_lib.expand_prior_precision(spec, self.model.layout, everything,
-                                                    torch.ones(self.num_weights, dtype=dtype, device=device))
-        raise ValueError(
-            "AutoSubnetLaplace: the model has a non-Normal prior, so its precision is unknown; "
-            "pass prior_precision= as a number or a dict of site patterns to numbers."
-        )
-
-    def _select(self, theta, data, prior_full) -> torch.Tensor:
-        subnet = self.subnet
-        if subnet is None:
-            from ...subnet import PredictiveVariance
-            subnet = PredictiveVariance(min(1000, self.num_weights))
-        if isinstance(subnet, torch.Tensor):
-            idx = subnet.to(device=theta.device, dtype=torch.long).reshape(-1)
-            if idx.numel() == 0 or idx.min() < 0 or idx.max() >= self.num_weights:
-                raise ValueError(f"subnet: indices must be a non-empty LongTensor in [0, {self.num_weights}).")
-            if torch.unique(idx).numel() != idx.numel():
-                raise ValueError("subnet: the indices contain duplicates.")
-            return idx
-        if not hasattr(subnet, "select"):
-            raise TypeError(f"subnet must be a ps.subnet strategy or a LongTensor of indices, got {subnet!r}.")
-        return subnet.select(self.model, theta, data, prior_precision=prior_full,
-                             progress=self._fit_progress).to(theta.device)
-
     def _log_lik(self, theta, x, y) -> torch.Tensor:
         total = theta.new_zeros(())
         with torch.no_grad():

@@ -1,0 +1,179 @@
+"""AutoSampledLaplace: linearised Laplace over every weight, by sample-then-optimise."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from tqdm.auto import trange
+
+from . import prior as prior_lib
+from . import sample_then_optimise as sto
+from .base import LinearisedLaplaceGuide
+from .curvature import jvp
+
+
+class AutoSampledLaplace(LinearisedLaplaceGuide):
+    """Linearised Laplace posterior samples without a covariance matrix (Antorán et al., ICLR
+    2023; Antorán, PhD thesis, 2024).
+
+    A dense covariance over ``k`` weights costs ``k^2`` memory and ``k^3`` time; this guide holds
+    ``K = num_posterior_samples`` draws :math:`\\zeta_j \\sim N(0, (G + A)^{-1})` instead, each the
+    solution of a randomised least-squares problem in the linearised network
+    (:mod:`.sample_then_optimise`), all solved together with GGN-vector products. Memory is
+    ``O(K k)``: linear in the number of weights, so ``subnet=ps.subnet.All()`` (the default) works
+    for networks whose GGN could never be stored.
+
+    Fitting: the MAP :math:`\\theta_*` (unless given or ``map_steps=0``); then, for each EM step,
+    one batched solve for the ``K`` samples and the linearised model's mean
+    :math:`\\bar\\theta = \\theta_* + (G + A)^{-1}(\\sum_n J_n^\\top \\nabla_f\\log p(y_n|f_n) - A\\theta_*)`,
+    and, with ``prior_precision="em"``, MacKay's update :math:`a = \\gamma / \\|\\bar\\theta\\|^2` with
+    :math:`\\gamma = \\frac1K\\sum_j \\zeta_j^\\top G \\zeta_j` (the effective number of parameters,
+    estimated from the samples). EM steps warm-start from the previous solution and the random
+    draws are kept (rescaled), so the iterates move smoothly; EM stops when the precision changes
+    by less than ``em_tol`` (relative).
+
+    The guide then behaves like :class:`~pyro_subnet.infer.AutoSubnetLaplace`: ``guide(*args)``
+    draws one of the ``K`` samples (so ``pyro.infer.Predictive`` works, sequential or parallel),
+    ``predict(x, method="glm")`` uses the function-space factor :math:`F = [J\\zeta_1, \\dots,
+    J\\zeta_K] / \\sqrt K`, ``median``/``quantiles`` and ``state_dict`` work.
+
+    :param model: a :class:`~pyro_subnet.nn.BayesianNet`.
+    :param subnet: a ``ps.subnet`` strategy or indices (default: all weights).
+    :param num_posterior_samples: ``K``.
+    :param prior_precision: ``None`` (the model's prior), a number, or ``"em"`` (tuned, one
+        scalar).
+    :param num_em_steps: at most this many EM steps (with ``"em"``).
+    :param em_tol: relative change of the prior precision at which EM stops.
+    :param solver: ``"cg"`` (batched conjugate gradients with full-batch GGN products, Jacobi
+        preconditioned; the default) or ``"sgd"`` (the paper's mini-batch Nesterov SGD with Polyak
+        averaging).
+    :param tol: relative residual at which a solve stops.
+    :param max_iter: CG iterations (or SGD epochs) per solve.
+    :param sgd_lr: learning rate of the SGD solver.
+    :param newton_step: centre the guide on the linearised model's mean :math:`\bar\theta` instead
+        of the MAP (exact for linear-Gaussian models). Either way the network stays linearised at
+        the MAP, and EM uses :math:`\bar\theta`, as the paper's update asks.
+    :param seed: seed of the random draws (the same on every rank under ``torch.distributed``).
+
+    >>> import pyro_subnet as ps
+    >>> from torch import nn
+    >>> model = ps.nn.BayesianNet(nn.Sequential(nn.Linear(1, 20), nn.Tanh(), nn.Linear(20, 1)),
+    ...                           likelihood="regression", noise_scale=0.1)
+    >>> ds = ps.data.gap_regression(n=40)
+    >>> guide = AutoSampledLaplace(model, num_posterior_samples=16, map_steps=300, progress=False)
+    >>> mean, var = guide.fit(ds.x_train, ds.y_train).predict(ds.x_test)
+    >>> guide.samples.shape
+    torch.Size([16, 61])
+    """
+
+    _default_subnet = "all"
+
+    def __init__(self, model, subnet=None, num_posterior_samples: int = 64, prior_precision=None,
+                 num_em_steps: int = 10, em_tol: float = 1e-3, solver: str = "cg", tol: float = 1e-4,
+                 max_iter: int = 500, sgd_lr: float = 1e-3, newton_step: bool = False, seed: int = 0, map_steps: int = 2000,
+                 map_lr: float = 1e-2, batch_size: int = 256, progress: bool = True):
+        super().__init__(model, map_steps=map_steps, map_lr=map_lr, batch_size=batch_size, progress=progress)
+        if not (isinstance(num_posterior_samples, int) and num_posterior_samples >= 2):
+            raise ValueError(f"num_posterior_samples must be an integer >= 2, got {num_posterior_samples!r}.")
+        if solver not in ("cg", "sgd"):
+            raise ValueError(f"solver must be 'cg' or 'sgd', got {solver!r}.")
+        if isinstance(prior_precision, str) and prior_precision != "em":
+            raise ValueError(f"prior_precision: the only tuning rule here is 'em', got {prior_precision!r}.")
+        self.subnet = subnet
+        self.prior_precision_spec = prior_precision
+        self.num_posterior_samples = num_posterior_samples
+        self.num_em_steps, self.em_tol = num_em_steps, em_tol
+        self.solver, self.tol, self.max_iter, self.sgd_lr, self.seed = solver, tol, max_iter, sgd_lr, seed
+        self.newton_step = newton_step
+        self.register_buffer("samples", torch.empty(0))
+        self.register_buffer("prior_prec", torch.empty(0))
+        self.register_buffer("em_trace", torch.empty(0))
+
+    # ------------------------------------------------------------------------------------------
+    def _solve(self, theta, data, a, b, x0, diag_g, idx):
+        if self.solver == "cg":
+            return sto.solve_cg(self.model.network, self.model.likelihood, theta, data, a, b, x0, diag_g, idx,
+                                self.batch_size, self.tol, self.max_iter, self._fit_progress)
+        return sto.solve_sgd(self.model.network, self.model.likelihood, theta, data, a, b, x0, idx,
+                             self.batch_size, self.sgd_lr, num_epochs=self.max_iter, tol=self.tol,
+                             generator=torch.Generator().manual_seed(self.seed + 1), progress=self._fit_progress)
+
+    def _fit_posterior(self, theta, data, x, y) -> None:
+        net, lik = self.model.network, self.model.likelihood
+        prior_full = self._prior_full(theta.dtype, theta.device)
+        idx = self._select(theta, (x, y), prior_full)
+        a = prior_full[idx] if not isinstance(self.prior_precision_spec, (int, float)) else \
+            torch.full((len(idx),), float(self.prior_precision_spec), dtype=theta.dtype, device=theta.device)
+        if self.prior_precision_spec == "em":
+            a = a.mean().expand(len(idx)).clone()  # one scalar, as the MacKay update tunes
+        gen = torch.Generator().manual_seed(self.seed)
+        draws = sto.draw_targets(net, lik, theta, (x, y), self.num_posterior_samples, idx, self.batch_size, gen)
+        diag_g = draws.diag_ggn()
+        grad_term = sto.output_gradient_term(net, lik, theta, (x, y), idx, self.batch_size)
+        theta_s = theta[idx]
+        solution = torch.zeros(self.num_posterior_samples + 1, len(idx), dtype=theta.dtype, device=theta.device)
+        trace = []
+        steps = self.num_em_steps if self.prior_precision_spec == "em" else 1
+        bar = trange(steps, desc="EM (prior precision)", disable=not (self._fit_progress and steps > 1), leave=False)
+        for _ in bar:
+            # Row 0 is the Gauss-Newton step to the linearised model's mean; rows 1.. the samples.
+            b = torch.cat([(grad_term - a * theta_s)[None], a * draws.targets(a)])
+            sol = self._solve(theta, (x, y), a, b, solution, diag_g, idx)
+            solution = sol.samples
+            mean = theta_s + solution[0]
+            samples = sto.STOSolution(solution[1:], sol.g_samples[1:], sol.iterations, sol.residual)
+            gamma = sto.effective_dimension(samples).clamp(1e-6, float(len(idx)))  # gamma lies in (0, k)
+            trace.append([float(a[0]), float(gamma), sol.iterations, sol.residual])
+            if self.prior_precision_spec != "em":
+                break
+            new = prior_lib.mackay_update(mean.pow(2).sum()[None], gamma[None]).expand(len(idx))
+            bar.set_postfix(prior_precision=f"{float(new[0]):.4g}", gamma=f"{float(gamma):.1f}")
+            converged = float(((new - a).abs() / a).max()) < self.em_tol
+            a = new.clone()
+            if converged:
+                break
+        if self.prior_precision_spec == "em":
+            # The samples belong to the final precision: one more solve at it (warm-started).
+            b = torch.cat([(grad_term - a * theta_s)[None], a * draws.targets(a)])
+            sol = self._solve(theta, (x, y), a, b, solution, diag_g, idx)
+            solution = sol.samples
+            mean = theta_s + solution[0]
+        self.subnet_indices = idx
+        # Without the Newton step the guide is centred at the MAP, like AutoSubnetLaplace: moving
+        # the centre of a nonlinear network away from where it was linearised changes its Jacobian.
+        self.loc = theta.detach().clone()
+        if self.newton_step:
+            self.loc = self.loc.index_copy(0, idx, mean.detach())
+        self.samples = solution[1:].detach()
+        self.prior_prec = a.detach()
+        self.em_trace = torch.tensor(trace, dtype=torch.float64)
+
+    # ------------------------------------------------------------------------------------------
+    def _sample_subnet(self):
+        k = self.samples.shape[0]
+        j = pyro.sample(f"_{self._pyro_name}_draw", dist.Categorical(logits=self.samples.new_zeros(k)),
+                        infer={"is_auxiliary": True})
+        return self.loc[self.subnet_indices] + self.samples[j]
+
+    def _sample_deltas(self, num_samples, generator=None):
+        j = torch.randint(self.samples.shape[0], (num_samples,), generator=generator, device="cpu")
+        return self.samples[j.to(self.samples.device)]
+
+    def _function_factor(self, x):
+        f, JZ = jvp(self.model.network, self.loc, x, self.samples, self.subnet_indices)   # (K, N, O)
+        return f, JZ.permute(1, 2, 0) / self.samples.shape[0] ** 0.5
+
+    def _marginal_std(self):
+        return self.samples.pow(2).mean(0).sqrt()
+
+    def get_posterior(self, *args, **kwargs) -> dist.Empirical:
+        """The ``K`` posterior samples of the subnetwork weights as an empirical distribution."""
+        self._check_fitted()
+        values = self.loc[self.subnet_indices] + self.samples
+        return dist.Empirical(values, torch.zeros(values.shape[0], dtype=values.dtype, device=values.device))
+
+    def effective_dimension(self) -> float:
+        """The last EM step's estimate of :math:`\\gamma = \\mathrm{tr}((G+A)^{-1} G)`."""
+        self._check_fitted()
+        return float(self.em_trace[-1, 1])
