@@ -65,11 +65,11 @@ def settings(quick: bool, num_train: int) -> Dict[str, object]:
             "spike_slab_sghmc": {"num_samples": 20, "warmup_steps": 30, "steps_per_sample": 5},
             "annealed_smc": {"num_particles": 16, "batch_size": max(64, num_train // 4), "num_mcmc_steps": 2},
         })
-    return dict(map_steps=3000, options={
+    return dict(map_steps=2000, options={
         "subnet_laplace": {"k": 10 ** 9},          # all weights: the network is small
         "sampled_laplace": {"num_posterior_samples": 32, "num_em_steps": 5, "max_iter": 100},
-        "sghmc": {"num_samples": 100, "warmup_steps": 200, "steps_per_sample": 10},
-        "spike_slab_sghmc": {"num_samples": 100, "warmup_steps": 200, "steps_per_sample": 10},
+        "sghmc": {"num_samples": 100, "warmup_steps": 200, "steps_per_sample": 10, "epoch_lr": 1.0},
+        "spike_slab_sghmc": {"num_samples": 100, "warmup_steps": 200, "steps_per_sample": 10, "epoch_lr": 1.0},
         "annealed_smc": {"num_particles": 64, "batch_size": 64, "num_mcmc_steps": 5},
     })
 
@@ -172,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated, from {','.join(DEFAULT_METHODS)} (default: all)")
     p.add_argument("--quick", action="store_true", help="small settings (a smoke test)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="append per-split results here (JSON lines)")
-    p.add_argument("--resume", action="store_true", help="skip splits already in --json")
+    p.add_argument("--json", default=None, help="append per-split results here (JSON lines); with "
+                   "--resume, a comma-separated list of such files is read (new results go to the first)")
+    p.add_argument("--resume", action="store_true", help="skip splits already in the --json files")
     p.add_argument("--out", default=None, help="also write the table to this file")
     p.add_argument("--progress", action="store_true")
     return p
@@ -193,12 +194,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"uci.py: {e}", file=sys.stderr)
         return 1
     records = []
-    if args.json and args.resume and Path(args.json).exists():
-        records = [json.loads(line) for line in Path(args.json).read_text().splitlines() if line.strip()]
+    if args.json and args.resume:
+        for path in args.json.split(","):
+            if Path(path).exists():
+                records += [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     done = {(r["dataset"], r["split"]) for r in records}
-    for d in args.datasets:
-        for k in range(min(args.splits, num_splits(d))):
-            if (d, k) in done:
+    # Split-major order: a run stopped early has the same splits for every data set.
+    for k in range(args.splits):
+        for d in args.datasets:
+            if k >= num_splits(d) or (d, k) in done:
                 continue
             t0 = time.perf_counter()
             rec = {"dataset": d, "split": k, "quick": args.quick,
@@ -207,7 +211,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             summary = " ".join(f"{m}={v['ll']:.2f}" for m, v in rec["methods"].items())
             print(f"[{d} split {k}: {time.perf_counter() - t0:.0f}s] LL {summary}", flush=True)
             if args.json:
-                with open(args.json, "a") as fh:
+                with open(args.json.split(",")[0], "a") as fh:
                     fh.write(json.dumps(rec) + "\n")
     records = [r for r in records if r["dataset"] in args.datasets and r["split"] < args.splits]
     table = format_table(records, methods, args.datasets)

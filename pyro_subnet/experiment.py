@@ -98,7 +98,13 @@ class Context:
 
     @property
     def theta_map(self) -> torch.Tensor:
-        """MAP weights, fitted on first use and shared by the methods that start from them."""
+        """MAP weights, fitted on first use and shared by the methods that start from them (a
+        learned noise scale is put back to the MAP's value: the method starts from there)."""
+        self._fit_map()
+        self.reset_noise()
+        return self._map
+
+    def _fit_map(self) -> None:
         if self._map is None:
             t0 = time.perf_counter()
             torch.manual_seed(self.seed)
@@ -108,12 +114,10 @@ class Context:
             self._map_seconds = time.perf_counter() - t0
             if self.learns_noise:
                 self._map_noise = self.model.noise_scale
-        self.reset_noise()
-        return self._map
 
     @property
     def map_seconds(self) -> float:
-        self.theta_map
+        self._fit_map()
         return self._map_seconds
 
 
@@ -189,7 +193,8 @@ def sgmcmc_posterior(ctx: Context, target_sparsity: Optional[float] = None, num_
                      epoch_lr: float = 0.05):
     """Run SGHMC (``target_sparsity=None``) or SpikeSlabSGHMC from the shared MAP through
     ``pyro.infer.MCMC``; returns ``(mcmc, kernel, seconds)``. The step size is ``epoch_lr / N``
-    (a per-example learning rate on the full-data potential); the preconditioner is "vb"."""
+    (a per-example learning rate on the full-data potential; times the MAP's sigma^2 for a learned
+    noise scale, since the curvature grows as 1 / sigma^2); the preconditioner is "vb"."""
     import pyro
     from pyro.infer import MCMC
 
@@ -203,7 +208,9 @@ def sgmcmc_posterior(ctx: Context, target_sparsity: Optional[float] = None, num_
     epoch_lr = ctx.option(name, "epoch_lr", epoch_lr)
     batch_size = ctx.option(name, "batch_size", batch_size)
     theta0 = ctx.theta_map
-    options = dict(step_size=epoch_lr / n, friction=0.1, preconditioner="vb", subsample_size=batch_size,
+    # The potential's curvature scales as 1 / sigma^2: a learned noise scales the step with sigma^2.
+    step = epoch_lr / n * (model.noise_scale ** 2 if ctx.learns_noise else 1.0)
+    options = dict(step_size=step, friction=0.1, preconditioner="vb", subsample_size=batch_size,
                    steps_per_sample=steps_per_sample)
     if target_sparsity is None:
         kernel = SGHMC(model, **options)
