@@ -130,6 +130,8 @@ def mean_se(values: Sequence[float]):
 
 def _pm(ms, digits=2) -> str:
     m, se = ms
+    if abs(m) >= 1000:          # a diverged run: keep the column readable
+        return f"{m:.3g} ± {se:.2g}" if math.isfinite(se) else f"{m:.3g}"
     return f"{m:.{digits}f} ± {se:.{digits}f}" if math.isfinite(se) else f"{m:.{digits}f}"
 
 
@@ -144,7 +146,7 @@ def format_table(records: List[dict], methods: Sequence[str], datasets: Sequence
             continue
         n = len({r["split"] for r in recs})
         lines.append(f"{d} ({n} split{'s' if n != 1 else ''})")
-        head = f"  {'method':<20}{'test LL':>16}{'test RMSE':>16}{'time/split s':>14}"
+        head = f"  {'method':<20}{'test LL':>18} {'test RMSE':>18}{'time/split s':>14}"
         lines += [head, "  " + "-" * (len(head) - 2)]
         best, best_ll = None, -float("inf")
         for m in methods:
@@ -153,11 +155,11 @@ def format_table(records: List[dict], methods: Sequence[str], datasets: Sequence
                 continue
             ll, rmse = mean_se([x["ll"] for x in rows]), mean_se([x["rmse"] for x in rows])
             t = float(np.mean([x["time_s"] for x in rows]))
-            lines.append(f"  {DISPLAY[m]:<20}{_pm(ll):>16}{_pm(rmse):>16}{t:>14.1f}")
+            lines.append(f"  {DISPLAY[m]:<20}{_pm(ll):>18} {_pm(rmse):>18}{t:>14.1f}")
             if ll[0] > best_ll:
                 best, best_ll = m, ll[0]
         if d in ref:
-            lines.append(f"  {'MC dropout (publ.)':<20}{_pm(ref[d]['ll']):>16}{_pm(ref[d]['rmse']):>16}{'':>14}")
+            lines.append(f"  {'MC dropout (publ.)':<20}{_pm(ref[d]['ll']):>18} {_pm(ref[d]['rmse']):>18}")
             verdict = "beats" if best_ll > ref[d]["ll"][0] else "does NOT beat"
             lines.append(f"  best: {DISPLAY[best]} {best_ll:.2f} {verdict} MC dropout {ref[d]['ll'][0]:.2f} (test LL)")
         lines.append("")
