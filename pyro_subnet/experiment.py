@@ -59,7 +59,15 @@ def mlp(num_in: int, num_out: int, hidden=(100, 100), activation=nn.Tanh) -> nn.
 
 @dataclass
 class Context:
-    """What every method gets: data, model, MAP weights and settings."""
+    """What every method gets: data, model, MAP weights and settings.
+
+    ``options`` overrides a method's settings by method name, e.g.
+    ``{"sghmc": {"num_samples": 100}, "subnet_laplace": {"k": 200}}`` (the benchmarks use it);
+    ``diagnostics=False`` skips the ArviZ diagnostics (they cost a pass over every draw).
+
+    With a learned noise scale (``BayesianNet(noise_scale=None)``) the MAP fits it jointly with
+    the weights and every method starts from that value (:meth:`reset_noise`), then refines it
+    its own way (evidence, EM or a latent)."""
 
     ds: Dataset
     model: BayesianNet
@@ -67,23 +75,49 @@ class Context:
     seed: int = 0
     progress: bool = True
     map_steps: int = 2000
+    map_lr: float = 3e-3
+    map_batch_size: int = 128
+    diagnostics: bool = True
+    options: Dict[str, Dict[str, object]] = field(default_factory=dict)
     _map: Optional[torch.Tensor] = None
     _map_seconds: float = 0.0
+    _map_noise: Optional[float] = None
+
+    def option(self, method: str, key: str, default):
+        """Setting ``key`` of ``method``: ``options[method][key]`` if given, else ``default``."""
+        return self.options.get(method, {}).get(key, default)
+
+    @property
+    def learns_noise(self) -> bool:
+        return bool(getattr(self.model.likelihood, "learn_noise", False))
+
+    def reset_noise(self) -> None:
+        """Put a learned noise scale back to the MAP's value (methods change it in place)."""
+        if self.learns_noise and self._map_noise is not None:
+            self.model.likelihood.set_noise_scale(self._map_noise)
 
     @property
     def theta_map(self) -> torch.Tensor:
-        """MAP weights, fitted on first use and shared by the methods that start from them."""
+        """MAP weights, fitted on first use and shared by the methods that start from them (a
+        learned noise scale is put back to the MAP's value: the method starts from there)."""
+        self._fit_map()
+        self.reset_noise()
+        return self._map
+
+    def _fit_map(self) -> None:
         if self._map is None:
             t0 = time.perf_counter()
             torch.manual_seed(self.seed)
             self._map = fit_map(self.model, self.ds.x_train, self.ds.y_train, num_steps=self.map_steps,
-                                lr=3e-3, batch_size=128, progress=self.progress, seed=self.seed).theta
+                                lr=self.map_lr, batch_size=self.map_batch_size, progress=self.progress,
+                                seed=self.seed).theta
             self._map_seconds = time.perf_counter() - t0
-        return self._map
+            if self.learns_noise:
+                self._map_noise = self.model.noise_scale
 
     @property
     def map_seconds(self) -> float:
-        self.theta_map
+        self._fit_map()
         return self._map_seconds
 
 
@@ -106,10 +140,12 @@ def run_map(ctx: Context) -> MethodResult:
     seconds = ctx.map_seconds + predict_s
     if ctx.ds.likelihood == "classification":
         return MethodResult("MAP", seconds, probs=torch.softmax(f, -1))
-    # The noise scale at the MAP: the training residual standard deviation.
+    # The noise scale at the MAP: the jointly fitted one if learned, else the training residual
+    # standard deviation.
     with torch.no_grad():
         resid = ctx.model.network.flat(theta, ctx.ds.x_train)[:, 0] - ctx.ds.y_train
-    var = resid.pow(2).mean().expand(len(f))
+    noise_var = ctx.model.noise_scale ** 2 if ctx.learns_noise else resid.pow(2).mean()
+    var = torch.as_tensor(noise_var, dtype=f.dtype).expand(len(f))
     return MethodResult("MAP", seconds, mean=f[:, 0], var=var)
 
 
@@ -124,9 +160,12 @@ def arviz_diagnostics(obj) -> Dict[str, float]:
 def run_annealed_smc(ctx: Context) -> MethodResult:
     """Data-annealed SMC (adaptive schedule, MALA moves) from the prior; no MAP needed."""
     from .infer.smc import AnnealedSMC
+    ctx.reset_noise()
     torch.manual_seed(ctx.seed)
-    smc = AnnealedSMC(ctx.model, num_particles=32 if ctx.quick else 64, batch_size=64, schedule="adaptive",
-                      move="mala", num_mcmc_steps=5, seed=ctx.seed, progress=ctx.progress)
+    opt = lambda k, d: ctx.option("annealed_smc", k, d)  # noqa: E731
+    smc = AnnealedSMC(ctx.model, num_particles=opt("num_particles", 32 if ctx.quick else 64),
+                      batch_size=opt("batch_size", 64), schedule="adaptive", move="mala",
+                      num_mcmc_steps=opt("num_mcmc_steps", 5), seed=ctx.seed, progress=ctx.progress)
     t0 = time.perf_counter()
     smc.run(ctx.ds.x_train, ctx.ds.y_train)
     theta = smc.particles()[0]
@@ -135,14 +174,18 @@ def run_annealed_smc(ctx: Context) -> MethodResult:
     seconds = time.perf_counter() - t0
     d = smc.diagnostics()
     diag = {"log_evidence": float(smc.log_evidence[0]), "smc_steps": d["num_steps"]["chain 0"],
-            "grad_passes": d["grad_evals"]["chain 0"], **arviz_diagnostics(smc)}
+            "grad_passes": d["grad_evals"]["chain 0"], **(arviz_diagnostics(smc) if ctx.diagnostics else {})}
     plots = {"smc": {k: d[k]["chain 0"] for k in ("ess", "acceptance_rate", "num_data", "step_size", "resampled")}}
     if ctx.ds.likelihood == "classification":
         return MethodResult("AnnealedSMC", seconds, probs=torch.softmax(f, -1).mean(0), diagnostics=diag,
                             plots=plots)
     mean = f[..., 0]
+    # A learned noise is a latent per particle: the mixture's variance has its mean square.
+    noise_var = smc.noise_samples[0].pow(2).mean() if smc.noise_samples is not None else ctx.model.noise_scale ** 2
+    if smc.noise_samples is not None:
+        diag["noise_scale"] = float(noise_var.sqrt())
     return MethodResult("AnnealedSMC", seconds, mean=mean.mean(0),
-                        var=mean.var(0) + ctx.model.noise_scale ** 2, diagnostics=diag, plots=plots)
+                        var=mean.var(0) + noise_var, diagnostics=diag, plots=plots)
 
 
 def sgmcmc_posterior(ctx: Context, target_sparsity: Optional[float] = None, num_samples: Optional[int] = None,
@@ -150,17 +193,24 @@ def sgmcmc_posterior(ctx: Context, target_sparsity: Optional[float] = None, num_
                      epoch_lr: float = 0.05):
     """Run SGHMC (``target_sparsity=None``) or SpikeSlabSGHMC from the shared MAP through
     ``pyro.infer.MCMC``; returns ``(mcmc, kernel, seconds)``. The step size is ``epoch_lr / N``
-    (a per-example learning rate on the full-data potential); the preconditioner is "vb"."""
+    (a per-example learning rate on the full-data potential; times the MAP's sigma^2 for a learned
+    noise scale, since the curvature grows as 1 / sigma^2); the preconditioner is "vb"."""
     import pyro
     from pyro.infer import MCMC
 
     from .infer.mcmc import SGHMC, SpikeSlabSGHMC
     ds, model = ctx.ds, ctx.model
     n = ds.x_train.shape[0]
-    num_samples = num_samples or (50 if ctx.quick else 200)
-    warmup_steps = warmup_steps or (50 if ctx.quick else 300)
+    name = "sghmc" if target_sparsity is None else "spike_slab_sghmc"
+    num_samples = num_samples or ctx.option(name, "num_samples", 50 if ctx.quick else 200)
+    warmup_steps = warmup_steps or ctx.option(name, "warmup_steps", 50 if ctx.quick else 300)
+    steps_per_sample = ctx.option(name, "steps_per_sample", steps_per_sample)
+    epoch_lr = ctx.option(name, "epoch_lr", epoch_lr)
+    batch_size = ctx.option(name, "batch_size", batch_size)
     theta0 = ctx.theta_map
-    options = dict(step_size=epoch_lr / n, friction=0.1, preconditioner="vb", subsample_size=batch_size,
+    # The potential's curvature scales as 1 / sigma^2: a learned noise scales the step with sigma^2.
+    step = epoch_lr / n * (model.noise_scale ** 2 if ctx.learns_noise else 1.0)
+    options = dict(step_size=step, friction=0.1, preconditioner="vb", subsample_size=batch_size,
                    steps_per_sample=steps_per_sample)
     if target_sparsity is None:
         kernel = SGHMC(model, **options)
@@ -185,21 +235,24 @@ def _sgmcmc_result(name: str, ctx: Context, mcmc, seconds: float, extra: Dict[st
     seconds += ctx.map_seconds + time.perf_counter() - t0
     if ds.likelihood == "classification":
         return MethodResult(name, seconds, probs=torch.softmax(f, -1).mean(0), diagnostics=extra)
-    noise = model.noise_scale ** 2
+    noise = model.noise_scale ** 2   # learned: the EM value at the end of warm-up
+    if ctx.learns_noise:
+        extra = {**extra, "noise_scale": model.noise_scale}
     return MethodResult(name, seconds, mean=f[..., 0].mean(0), var=f[..., 0].var(0) + noise, diagnostics=extra)
 
 
 def run_sghmc(ctx: Context) -> MethodResult:
     """SGHMC (preconditioned, Ke & Fan 2022) from the MAP; Bayesian model average of the draws."""
     mcmc, kernel, seconds = sgmcmc_posterior(ctx)
-    return _sgmcmc_result("SGHMC", ctx, mcmc, seconds, arviz_diagnostics(mcmc))
+    return _sgmcmc_result("SGHMC", ctx, mcmc, seconds, arviz_diagnostics(mcmc) if ctx.diagnostics else {})
 
 
 def run_spike_slab_sghmc(ctx: Context) -> MethodResult:
     """SpikeSlabSGHMC pruned to 90% sparsity of the weight matrices (Deng et al. 2019; Ke & Fan 2022)."""
-    mcmc, kernel, seconds = sgmcmc_posterior(ctx, target_sparsity=0.9)
+    mcmc, kernel, seconds = sgmcmc_posterior(ctx, target_sparsity=ctx.option("spike_slab_sghmc", "target_sparsity", 0.9))
     sparsity = mcmc.diagnostics()["sparsity"]["chain 0"][-1]
-    result = _sgmcmc_result("SpikeSlabSGHMC", ctx, mcmc, seconds, {"sparsity": sparsity, **arviz_diagnostics(mcmc)})
+    extra = {"sparsity": sparsity, **(arviz_diagnostics(mcmc) if ctx.diagnostics else {})}
+    result = _sgmcmc_result("SpikeSlabSGHMC", ctx, mcmc, seconds, extra)
     result.plots["inclusion"] = kernel.inclusion_probabilities()
     return result
 
@@ -211,14 +264,27 @@ def run_analytic(ctx: Context) -> MethodResult:
 
     theta = ctx.theta_map
     t0 = time.perf_counter()
-    ggn = curvature.ggn(ctx.model.network, ctx.model.likelihood, theta, (ctx.ds.x_train, ctx.ds.y_train),
-                        structure="diag")
-    var = 1.0 / (ggn + ctx.model.prior_precision(dtype=theta.dtype, device=theta.device))
+    lik = ctx.model.likelihood
+    ggn = curvature.ggn(ctx.model.network, lik, theta, (ctx.ds.x_train, ctx.ds.y_train), structure="diag")
+    prior = ctx.model.prior_precision(dtype=theta.dtype, device=theta.device)
+    diag = {}
+    if ctx.learns_noise:
+        # Noise scale and one prior precision by the diagonal Laplace evidence.
+        from .infer.autoguide import prior as prior_lib
+        with torch.no_grad():
+            sse = float((ctx.model.network.flat(theta, ctx.ds.x_train)[:, 0] - ctx.ds.y_train).pow(2).sum())
+        ggn1 = ggn * lik.noise_scale ** 2
+        prior, scale = prior_lib.tune_marglik_noise(ggn1, theta, torch.zeros(len(theta), dtype=torch.long),
+                                                    prior, sse, len(ctx.ds.y_train), lik.noise_scale)
+        lik.set_noise_scale(scale)
+        ggn = ggn1 / scale ** 2
+        diag = {"noise_scale": scale, "prior_precision": float(prior[0])}
+    var = 1.0 / (ggn + prior)
     out = AnalyticPredictive(ctx.model, FlatPosterior(theta, var), covariance="diag")(ctx.ds.x_test)
     seconds = ctx.map_seconds + time.perf_counter() - t0
     if ctx.ds.likelihood == "classification":
-        return MethodResult("AnalyticPredictive", seconds, probs=out["probs"])
-    return MethodResult("AnalyticPredictive", seconds, mean=out["mean"], var=out["var"])
+        return MethodResult("AnalyticPredictive", seconds, probs=out["probs"], diagnostics=diag)
+    return MethodResult("AnalyticPredictive", seconds, mean=out["mean"], var=out["var"], diagnostics=diag)
 
 
 def run_subnet_laplace(ctx: Context) -> MethodResult:
@@ -230,13 +296,15 @@ def run_subnet_laplace(ctx: Context) -> MethodResult:
     theta = ctx.theta_map
     ds = ctx.ds
     t0 = time.perf_counter()
-    k = min(1000, ctx.model.layout.dim // 2)
+    k = min(ctx.option("subnet_laplace", "k", min(1000, ctx.model.layout.dim // 2)), ctx.model.layout.dim)
     guide = AutoSubnetLaplace(ctx.model, subnet=PredictiveVariance(k), prior_precision="marglik",
                               progress=ctx.progress).fit(ds.x_train, ds.y_train, map_theta=theta)
     pred = guide.predict(ds.x_test)
     seconds = ctx.map_seconds + time.perf_counter() - t0
     diag = {"k": float(k), "log_evidence": float(guide.log_marginal_likelihood()),
             "prior_precision": float(guide.prior_prec.mean())}
+    if ctx.learns_noise:
+        diag["noise_scale"] = ctx.model.noise_scale
     if ds.likelihood == "classification":
         return MethodResult("AutoSubnetLaplace", seconds, probs=pred, diagnostics=diag)
     mean, var = pred
@@ -244,22 +312,25 @@ def run_subnet_laplace(ctx: Context) -> MethodResult:
 
 
 def run_sampled_laplace(ctx: Context) -> MethodResult:
-    """AutoSampledLaplace: linearised Laplace over every weight by sample-then-optimise, prior
-    precision by EM on the samples (Antorán et al., ICLR 2023); GLM predictive (probit)."""
+    """AutoSampledLaplace: linearised Laplace over all weights by sample-then-optimise (batched
+    CG), prior precision (and a learned noise) by EM; GLM predictive."""
     from .infer import AutoSampledLaplace
 
-    ds = ctx.ds
     theta = ctx.theta_map
+    ds = ctx.ds
+    opt = lambda k, d: ctx.option("sampled_laplace", k, d)  # noqa: E731
     t0 = time.perf_counter()
-    guide = AutoSampledLaplace(ctx.model, num_posterior_samples=32 if ctx.quick else 64, prior_precision="em",
-                               num_em_steps=3 if ctx.quick else 5, em_tol=1e-2, tol=1e-2,
-                               max_iter=100 if ctx.quick else 200, seed=ctx.seed, progress=ctx.progress)
-    guide.fit(ds.x_train, ds.y_train, map_theta=theta)
+    guide = AutoSampledLaplace(ctx.model, num_posterior_samples=opt("num_posterior_samples", 16 if ctx.quick else 32),
+                               prior_precision="em", num_em_steps=opt("num_em_steps", 3 if ctx.quick else 5), em_tol=1e-2,
+                               tol=opt("tol", 1e-3), max_iter=opt("max_iter", 100 if ctx.quick else 200),
+                               seed=ctx.seed, progress=ctx.progress).fit(ds.x_train, ds.y_train, map_theta=theta)
     pred = guide.predict(ds.x_test)
     seconds = ctx.map_seconds + time.perf_counter() - t0
     diag = {"k": float(len(guide.subnet_indices)), "prior_precision": float(guide.prior_prec.mean()),
             "effective_dim": guide.effective_dimension(), "em_steps": float(len(guide.em_trace)),
             "cg_residual": float(guide.em_trace[-1, 3])}
+    if ctx.learns_noise:
+        diag["noise_scale"] = ctx.model.noise_scale
     if ds.likelihood == "classification":
         return MethodResult("AutoSampledLaplace", seconds, probs=pred, diagnostics=diag)
     mean, var = pred

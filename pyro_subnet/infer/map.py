@@ -9,10 +9,17 @@ estimate of the full objective (divided by ``N`` so that learning rates do not d
 Under ``torch.distributed`` each rank draws its mini-batches from its own shard and the gradients
 are averaged over ranks before every step.
 This is the first step of every Laplace method, and a sensible start for the samplers.
+
+A regression model built with ``noise_scale=None`` (``model.likelihood.learn_noise``) gets its
+noise scale fitted jointly, :math:`(\\hat\\theta, \\hat\\sigma) = \\arg\\max \\log p(\\theta) +
+\\sum_n \\log \\mathcal{N}(y_n; f(x_n;\\theta), \\sigma^2)` (Adam on :math:`\\log\\sigma`), and the
+likelihood keeps :math:`\\hat\\sigma` (``model.likelihood.noise_scale``): the starting point
+that the Laplace guides refine by the evidence and the samplers by EM.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -27,9 +34,14 @@ class MAPResult(NamedTuple):
     losses: torch.Tensor  # (num_steps,) negative log joint per datum along the run
 
 
-def neg_log_joint(model, theta, x, y, num_data: int) -> torch.Tensor:
-    """``-(N/B) sum_b log p(y_b | theta) - log p(theta)`` for a batch ``(x, y)`` of ``B`` examples."""
-    return -(num_data / x.shape[0]) * model.log_likelihood(theta, x, y).sum() - model.log_prior(theta)
+def neg_log_joint(model, theta, x, y, num_data: int, noise_scale=None) -> torch.Tensor:
+    """``-(N/B) sum_b log p(y_b | theta) - log p(theta)`` for a batch ``(x, y)`` of ``B`` examples
+    (``noise_scale``: a differentiable Gaussian noise scale replacing the likelihood's own)."""
+    if noise_scale is None:
+        log_lik = model.log_likelihood(theta, x, y).sum()
+    else:
+        log_lik = model.likelihood.distribution(model.network.flat(theta, x), noise_scale=noise_scale).log_prob(y).sum()
+    return -(num_data / x.shape[0]) * log_lik - model.log_prior(theta)
 
 
 def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Optional[int] = 256,
@@ -62,7 +74,13 @@ def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Op
     n_local = x.shape[0]
     theta0 = model.initial_theta(dtype=x.dtype, device=x.device) if init is None else init.to(x)
     theta = theta0.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([theta], lr=lr)
+    params = [theta]
+    learn_noise = getattr(model.likelihood, "learn_noise", False)
+    if learn_noise:
+        log_noise = torch.tensor(math.log(model.likelihood.noise_scale), dtype=x.dtype,
+                                 device=x.device).requires_grad_(True)
+        params.append(log_noise)
+    opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator(device="cpu")
     gen.manual_seed(torch.initial_seed() if seed is None else seed)
     b = n_local if batch_size is None or batch_size >= n_local else batch_size
@@ -78,14 +96,17 @@ def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Op
             xb, yb = x[idx], y[idx]
         else:
             xb, yb = x, y
-        loss = neg_log_joint(model, theta, xb, yb, n) / n
+        loss = neg_log_joint(model, theta, xb, yb, n, log_noise.exp() if learn_noise else None) / n
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        distributed.all_reduce_mean(theta.grad)
+        for param in params:
+            distributed.all_reduce_mean(param.grad)
         opt.step()
         losses[step] = loss.detach()
         if progress and step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     if not torch.isfinite(theta).all():
         raise RuntimeError("fit_map: the weights became NaN or infinite; lower lr.")
+    if learn_noise:
+        model.likelihood.set_noise_scale(float(log_noise.detach().exp()))
     return MAPResult(theta.detach(), losses)

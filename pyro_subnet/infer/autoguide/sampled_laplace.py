@@ -9,6 +9,7 @@ from tqdm.auto import trange
 
 from . import prior as prior_lib
 from . import sample_then_optimise as sto
+from ..batches import iter_batches
 from .base import LinearisedLaplaceGuide
 from .curvature import jvp
 
@@ -41,8 +42,9 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
     :param model: a :class:`~pyro_subnet.nn.BayesianNet`.
     :param subnet: a ``ps.subnet`` strategy or indices (default: all weights).
     :param num_posterior_samples: ``K``.
-    :param prior_precision: ``None`` (the model's prior), a number, or ``"em"`` (tuned, one
-        scalar).
+    :param prior_precision: ``None`` (the model's prior), a number, a dict of site patterns to
+        numbers, a tensor ``(k,)``, or ``"em"`` (tuned, one scalar). A regression model with ``noise_scale=None`` also gets its noise scale by EM,
+        :math:`\\sigma^2 = \\mathrm{SSE}/(M - \\gamma)` (MacKay, 1992), stored in its likelihood.
     :param num_em_steps: at most this many EM steps (with ``"em"``).
     :param em_tol: relative change of the prior precision at which EM stops.
     :param solver: ``"cg"`` (batched conjugate gradients with full-batch GGN products, Jacobi
@@ -103,18 +105,29 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
         net, lik = self.model.network, self.model.likelihood
         prior_full = self._prior_full(theta.dtype, theta.device)
         idx = self._select(theta, (x, y), prior_full)
-        a = prior_full[idx] if not isinstance(self.prior_precision_spec, (int, float)) else \
-            torch.full((len(idx),), float(self.prior_precision_spec), dtype=theta.dtype, device=theta.device)
+        spec = None if self.prior_precision_spec == "em" else self.prior_precision_spec
+        a = prior_lib.expand_prior_precision(spec, self.model.layout, idx, prior_full[idx])
         if self.prior_precision_spec == "em":
             a = a.mean().expand(len(idx)).clone()  # one scalar, as the MacKay update tunes
-        gen = torch.Generator().manual_seed(self.seed)
-        draws = sto.draw_targets(net, lik, theta, (x, y), self.num_posterior_samples, idx, self.batch_size, gen)
-        diag_g = draws.diag_ggn()
-        grad_term = sto.output_gradient_term(net, lik, theta, (x, y), idx, self.batch_size)
+        tune_prior = self.prior_precision_spec == "em"
+        learn_noise = getattr(lik, "learn_noise", False)
+
+        def prepare():
+            # Everything that depends on the noise scale; the same seed keeps the same draws.
+            gen = torch.Generator().manual_seed(self.seed)
+            draws = sto.draw_targets(net, lik, theta, (x, y), self.num_posterior_samples, idx, self.batch_size, gen)
+            return draws, draws.diag_ggn(), sto.output_gradient_term(net, lik, theta, (x, y), idx, self.batch_size)
+
+        draws, diag_g, grad_term = prepare()
+        if learn_noise:
+            with torch.no_grad():
+                sse = float(sum((net.flat(theta, xb).reshape(len(yb), -1) - yb.reshape(len(yb), -1)).pow(2).sum()
+                                for xb, yb in iter_batches((x, y), self.batch_size, device=theta.device)))
+            num_obs = y.reshape(len(y), -1).numel()
         theta_s = theta[idx]
         solution = torch.zeros(self.num_posterior_samples + 1, len(idx), dtype=theta.dtype, device=theta.device)
         trace = []
-        steps = self.num_em_steps if self.prior_precision_spec == "em" else 1
+        steps = self.num_em_steps if (tune_prior or learn_noise) else 1
         bar = trange(steps, desc="EM (prior precision)", disable=not (self._fit_progress and steps > 1), leave=False)
         for _ in bar:
             # Row 0 is the Gauss-Newton step to the linearised model's mean; rows 1.. the samples.
@@ -125,15 +138,22 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
             samples = sto.STOSolution(solution[1:], sol.g_samples[1:], sol.iterations, sol.residual)
             gamma = sto.effective_dimension(samples).clamp(1e-6, float(len(idx)))  # gamma lies in (0, k)
             trace.append([float(a[0]), float(gamma), sol.iterations, sol.residual])
-            if self.prior_precision_spec != "em":
+            if not (tune_prior or learn_noise):
                 break
-            new = prior_lib.mackay_update(mean.pow(2).sum()[None], gamma[None]).expand(len(idx))
+            new = prior_lib.mackay_update(mean.pow(2).sum()[None], gamma[None]).expand(len(idx)) if tune_prior else a
             bar.set_postfix(prior_precision=f"{float(new[0]):.4g}", gamma=f"{float(gamma):.1f}")
             converged = float(((new - a).abs() / a).max()) < self.em_tol
             a = new.clone()
+            if learn_noise:
+                # MacKay's noise update sigma^2 = SSE / (M - gamma); the draws, the diagonal GGN
+                # and the gradient term scale with 1 / sigma^2, so they are recomputed.
+                scale = (sse / max(num_obs - float(gamma), 1.0)) ** 0.5
+                converged = converged and abs(scale / lik.noise_scale - 1) < self.em_tol
+                lik.set_noise_scale(max(scale, 1e-6))
+                draws, diag_g, grad_term = prepare()
             if converged:
                 break
-        if self.prior_precision_spec == "em":
+        if tune_prior or learn_noise:
             # The samples belong to the final precision: one more solve at it (warm-started).
             b = torch.cat([(grad_term - a * theta_s)[None], a * draws.targets(a)])
             sol = self._solve(theta, (x, y), a, b, solution, diag_g, idx)

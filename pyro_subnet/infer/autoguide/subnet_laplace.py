@@ -40,7 +40,9 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         ``PredictiveVariance(min(1000, D))``) or a LongTensor of flat weight indices.
     :param prior_precision: ``None`` (the model's prior), a number, a dict of site patterns to
         numbers (per layer), a tensor ``(k,)`` (per weight), or ``"marglik"`` / ``"em"`` to tune
-        it by the Laplace evidence / the EM (MacKay) update (see :mod:`.prior`).
+        it by the Laplace evidence / the EM (MacKay) update (see :mod:`.prior`). A regression
+        model with ``noise_scale=None`` also gets its noise scale tuned by the same rule (jointly
+        with the precision; :func:`.prior.tune_marglik_noise`), stored in its likelihood.
     :param prior_structure: what is tuned: ``"scalar"``, ``"layerwise"`` or ``"diag"``.
     :param hessian: the curvature, ``"ggn"`` (the generalised Gauss-Newton matrix).
     :param newton_step: after the MAP, take one Gauss-Newton step on the subnetwork, to the mode
@@ -87,6 +89,15 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
                 total = total + self.model.log_likelihood(theta, xb, yb).sum()
         return total
 
+    def _sse(self, theta, x, y) -> float:
+        """Residual sum of squares of a regression network at ``theta``."""
+        total = 0.0
+        with torch.no_grad():
+            for xb, yb in iter_batches((x, y), self.batch_size, device=theta.device):
+                f = self.model.network.flat(theta, xb)
+                total += float((f.reshape(len(yb), -1) - yb.reshape(len(yb), -1)).pow(2).sum())
+        return total
+
     def _gauss_newton_step(self, theta, idx, precision, x, y) -> torch.Tensor:
         t = theta.clone().requires_grad_(True)
         for xb, yb in iter_batches((x, y), self.batch_size, device=theta.device):
@@ -105,7 +116,22 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         spec = self.prior_precision_spec
         self.subnet_indices = idx
         self.ggn = G
-        if isinstance(spec, str):
+        lik = self.model.likelihood
+        if getattr(lik, "learn_noise", False):
+            # The noise is learned by the evidence, with the prior precision when that is tuned
+            # too (G = G_1 / sigma^2 for a Gaussian likelihood, so G_1 is computed once).
+            groups = prior_lib.structure_groups(self.prior_structure, layout, idx)
+            tune_prior = isinstance(spec, str)
+            init = prior_full[idx] if tune_prior else prior_lib.expand_prior_precision(spec, layout, idx, prior_full[idx])
+            tune = prior_lib.tune_em_noise if spec == "em" else prior_lib.tune_marglik_noise
+            G1 = G * lik.noise_scale ** 2
+            y2 = y.reshape(len(y), -1)
+            p, scale = tune(G1, theta[idx], groups, init, self._sse(theta, x, y), y2.numel(), lik.noise_scale,
+                            tune_prior=tune_prior)
+            lik.set_noise_scale(scale)
+            G = G1 / scale ** 2
+            self.ggn = G
+        elif isinstance(spec, str):
             groups = prior_lib.structure_groups(self.prior_structure, layout, idx)
             tune = prior_lib.tune_marglik if spec == "marglik" else prior_lib.tune_em
             p = tune(G, theta[idx], groups, prior_full[idx])

@@ -48,6 +48,7 @@ class NetPotential:
         self.log_prior = model.log_prior if log_prior is None else log_prior
         self.network, self.likelihood = model.network, model.likelihood
         self._perm, self._pos = None, self.num_data
+        self.last_mse = None      # mean squared residual of the last batch (regression)
 
     def _next_batch(self):
         if self.batch_size >= self.num_data:
@@ -63,7 +64,12 @@ class NetPotential:
         theta = theta.detach().requires_grad_(True)
         with torch.enable_grad():
             # One weight vector: the unbatched network call (no vmap) is the fast path.
-            log_lik = self.likelihood.log_prob_sum(self.network.flat(theta, xb), yb)
+            f = self.network.flat(theta, xb)
+            log_lik = self.likelihood.log_prob_sum(f, yb)
+            if self.likelihood.name == "regression":
+                # Kept for the samplers' EM update of a learned noise scale.
+                r = f.detach().reshape(len(yb), -1) - yb.reshape(len(yb), -1)
+                self.last_mse = float(r.pow(2).mean())
             u = -(self.num_data / xb.shape[0]) * log_lik - self.log_prior(theta)
             (grad,) = torch.autograd.grad(u, theta)
         return float(u.detach()), grad

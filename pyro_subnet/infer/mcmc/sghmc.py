@@ -51,6 +51,9 @@ class SGHMC(MCMCKernel):
     steps) per draw. :func:`~pyro_subnet.infer.mcmc.sample_stats` turns them into ArviZ
     ``sample_stats`` arrays of shape ``(chain, draw)``.
 
+    A regression BayesianNet with ``noise_scale=None`` gets its noise scale by Monte-Carlo EM
+    during warm-up (:meth:`_update_noise`), kept in ``model.likelihood.noise_scale``.
+
     :param model: a BayesianNet or a Pyro model with continuous latent sites.
     :param step_size: ``epsilon`` (the learning rate on the full-data potential ``U``; a stable
         value is below ``~alpha / lambda_max(G H)`` with ``H`` the posterior Hessian).
@@ -117,6 +120,7 @@ class SGHMC(MCMCKernel):
             self.layout = None
         self._user_initial = None
         self._initial = None
+        self.noise_window = 200
         self._reset()
 
     # --------------------------------------------------------------------------------------------
@@ -126,6 +130,7 @@ class SGHMC(MCMCKernel):
         self._divergences = []
         self._stats = {"step_size": [], "lp": []}
         self._state = None
+        self._noise_var = None
 
     @property
     def initial_params(self) -> Dict[str, torch.Tensor]:
@@ -183,6 +188,7 @@ class SGHMC(MCMCKernel):
             self._state, info = integrator.step(self._state, self.potential, eps, self.friction,
                                                 self.preconditioner, self._adapting(), self._mask())
             self._state = self._after_step(self._state)
+            self._update_noise()
             self._k += 1
             diverged |= info.diverging
             lp_sum += -info.potential
@@ -195,6 +201,25 @@ class SGHMC(MCMCKernel):
         out = self.layout.unflatten(self._state.theta)
         # Keep any extra keys the caller stored alongside the sites.
         return {**{k: v for k, v in params.items() if k not in out}, **out}
+
+    def _learns_noise(self) -> bool:
+        return self._is_net and getattr(self._model.likelihood, "learn_noise", False)
+
+    def _update_noise(self):
+        """Monte-Carlo EM for a learned noise scale (``noise_scale=None``), during warm-up only:
+        :math:`\\sigma^2` tracks the running mean of the mini-batch mean squared residual at the
+        chain's current draws, :math:`\\sigma^2 \\approx E_{p(\\theta|y)}[\\|y - f(x;\\theta)\\|^2] / N`,
+        the M-step of EM with the draws as the E-step. After warm-up it stays fixed, so the
+        chain targets one posterior."""
+        if not self._learns_noise() or self._t >= self._warmup_steps or self.potential.last_mse is None:
+            return
+        mse = self.potential.last_mse
+        # A running mean over roughly the last ``noise_window`` steps (an epoch or more).
+        rate = max(1.0 / (self._k + 1), 1.0 / self.noise_window)
+        self._noise_var = mse if self._noise_var is None else (1 - rate) * self._noise_var + rate * mse
+        scale = max(self._noise_var, 1e-12) ** 0.5
+        self._model.likelihood.set_noise_scale(scale)
+        self.model.likelihood.set_noise_scale(scale)   # the full-data view used by ArviZ
 
     def _record(self, eps, lp):
         self._stats["step_size"].append(eps)

@@ -68,6 +68,11 @@ class AnnealedSMC:
         prior draws use torch's global RNG.
     :param progress: show a progress bar (data included, ESS, acceptance).
 
+    A regression model with ``noise_scale=None`` gets its noise as one more latent per particle,
+    :math:`\\log\\sigma \\sim \\mathcal{N}(\\log\\sigma_0, 1)` around the likelihood's current value;
+    its draws are in ``noise_samples`` ``(num_chains, P)`` and the likelihood keeps their
+    root-mean-square after :meth:`run`.
+
     >>> from torch import nn
     >>> from pyro_subnet.nn import BayesianNet
     >>> model = BayesianNet(nn.Linear(2, 1), "regression", noise_scale=0.5)
@@ -119,6 +124,7 @@ class AnnealedSMC:
         self._samples = None
         self._infos: List[List[annealed.SMCInfo]] = []
         self.log_evidence: Optional[torch.Tensor] = None
+        self.noise_samples: Optional[torch.Tensor] = None
 
     @property
     def model(self):
@@ -140,6 +146,12 @@ class AnnealedSMC:
         self._args, self._kwargs = (x, y), {}
         seed = self.seed if self.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
         layout = model.layout
+        # A learned noise scale (noise_scale=None) is one more latent per particle, log sigma,
+        # with a Normal(log sigma_0, 1) prior around the likelihood's current value sigma_0.
+        learn_noise = getattr(model.likelihood, "learn_noise", False)
+        if learn_noise:
+            loc = torch.tensor(math.log(model.likelihood.noise_scale), dtype=x.dtype, device=x.device)
+            noise_prior = torch.distributions.Normal(loc, torch.ones_like(loc))
         states, self._infos = [], []
         for chain in range(self.num_chains):
             gen = torch.Generator(device=x.device).manual_seed(seed + chain)
@@ -147,12 +159,19 @@ class AnnealedSMC:
             xs, ys = x[perm], y[perm]
             bs = None if self.schedule == "full" else self.batch_size
             path = DataPath(x.shape[0], bs)
-            target = AnnealedTarget(model.log_prior,
-                                    lambda t, a, b, xs=xs, ys=ys: model.log_likelihood(t, xs[a:b], ys[a:b]),
-                                    path)
+            if learn_noise:
+                target = AnnealedTarget(self._noise_log_prior(model, noise_prior),
+                                        self._noise_log_lik(model, xs, ys), path)
+            else:
+                target = AnnealedTarget(model.log_prior,
+                                        lambda t, a, b, xs=xs, ys=ys: model.log_likelihood(t, xs[a:b], ys[a:b]),
+                                        path)
             with torch.no_grad():
                 prior = {n: model.site_prior(n, x).sample((self.num_particles,)) for n in layout.names}
-            state = annealed.init(layout.flatten(prior).to(dtype=x.dtype), self.step_size)
+                particles = layout.flatten(prior).to(dtype=x.dtype)
+                if learn_noise:
+                    particles = torch.cat([particles, noise_prior.sample((self.num_particles, 1)).to(particles)], -1)
+            state = annealed.init(particles, self.step_size)
             infos = []
             desc = f"SMC {self.schedule}" + (f" chain {chain}" if self.num_chains > 1 else "")
             with tqdm(total=100, desc=desc, disable=not self.progress, leave=False,
@@ -176,10 +195,34 @@ class AnnealedSMC:
                 state = state._replace(particles=theta, log_weights=log_w)
             states.append(state)
             self._infos.append(infos)
-        theta = torch.stack([s.particles for s in states])          # (C, P, D)
+        theta = torch.stack([s.particles for s in states])          # (C, P, D) (+1: log sigma)
+        self.noise_samples = None
+        if learn_noise:
+            self.noise_samples = theta[..., -1].exp().detach()        # (C, P)
+            theta = theta[..., :-1]
+            # The likelihood keeps the posterior root-mean-square noise (for log-likelihoods of
+            # the draws, e.g. in ArviZ); the draws themselves are in noise_samples.
+            model.likelihood.set_noise_scale(float(self.noise_samples.pow(2).mean().sqrt()))
+            states = [s._replace(particles=s.particles[:, :-1]) for s in states]
         self._samples = {k: v.detach() for k, v in layout.unflatten(theta).items()}
         self.log_evidence = torch.tensor([s.log_evidence for s in states], dtype=x.dtype)
         self._states = states
+
+    @staticmethod
+    def _noise_log_prior(model, noise_prior):
+        def log_prior(t):
+            return model.log_prior(t[:, :-1]) + noise_prior.log_prob(t[:, -1])
+        return log_prior
+
+    @staticmethod
+    def _noise_log_lik(model, xs, ys):
+        def log_lik(t, a, b):
+            f = model.network.flat_batched(t[:, :-1], xs[a:b])                  # (P, n, O)
+            scale = t[:, -1].exp().reshape(-1, *([1] * (f.dim() - 2)))           # (P, 1[, 1])
+            if f.shape[-1] > 1:
+                scale = scale[..., None]
+            return model.likelihood.distribution(f, noise_scale=scale).log_prob(ys[a:b])
+        return log_lik
 
     # ----------------------------------------------------------------------------------------
     def _check_run(self):
