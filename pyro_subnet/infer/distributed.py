@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -63,6 +63,25 @@ def shard(n: int) -> slice:
     return slice(start, start + base + (1 if r < extra else 0))
 
 
+def local_share(x: torch.Tensor, y: Optional[torch.Tensor] = None):
+    """``(x[shard], y[shard], offset)``: this rank's contiguous share of a data set that every
+    rank holds whole, and where it starts in the global order (``offset`` keys per-example random
+    draws, so they do not depend on the number of ranks)."""
+    part = shard(x.shape[0])
+    return x[part], None if y is None else y[part], part.start
+
+
+def tensor_data(data, what: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(x, y)`` tensors from a tensor or a pair; under a process group a DataLoader cannot be
+    split by example, so it is refused with the fix."""
+    if isinstance(data, torch.Tensor):
+        return data, None
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        return data[0], data[1]
+    raise ValueError(f"{what}: under torch.distributed pass the whole data set as tensors (x, y) on every "
+                     "rank; pyro_subnet splits it between the ranks itself.")
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (in place, also returned)."""
     if is_active():
@@ -96,6 +115,15 @@ def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_active():
         dist.broadcast(t, src)
     return t
+
+
+def broadcast_object(obj, src: int = 0):
+    """``src``'s Python object (e.g. a tensor whose shape only ``src`` knows), on every rank."""
+    if not is_active():
+        return obj
+    box = [obj if rank() == src else None]
+    dist.broadcast_object_list(box, src)
+    return box[0]
 
 
 def gather_objects(obj) -> List[object]:
