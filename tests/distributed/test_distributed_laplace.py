@@ -36,6 +36,21 @@ GUIDES = {"subnet": subnet_guide, "sampled": sampled_guide, "sampled_sgd": sampl
 X_TEST = torch.linspace(-2, 2, 12, dtype=torch.float64)[:, None].expand(12, 3).contiguous()
 
 def fit_all(model, x, y, theta):
+    # Count the examples the GGN-vector products see: the ranks must split them, not repeat them.
+    from pyro_subnet.infer.autoguide import curvature
+    seen, plain = [0], curvature.ggn_vp
+    def counting(fnet, lik, th, xb, *args, **kwargs):
+        seen[0] += xb.shape[0]
+        return plain(fnet, lik, th, xb, *args, **kwargs)
+    curvature.ggn_vp = counting
+    try:
+        out = _fit_all(model, x, y, theta)
+    finally:
+        curvature.ggn_vp = plain
+    out["ggn_vp_examples"] = torch.tensor(seen[0])
+    return out
+
+def _fit_all(model, x, y, theta):
     out = {}
     for name, make in GUIDES.items():
         g = make(model).fit(x, y, map_theta=theta)
@@ -72,6 +87,11 @@ def test_data_parallel_laplace_guides_equal_the_single_process_guides(torchrun, 
     assert res.returncode == 0, res.stderr[-3000:]
     r0, r1 = torch.load(tmp_path / "out_0.pt"), torch.load(tmp_path / "out_1.pt")
     ref = _reference()
+    # the GGN-vector products were shared out between the ranks, not repeated
+    # (rounding may move a CG stopping test by an iteration: allow two full passes of 41 examples)
+    n0, n1, n = int(r0["ggn_vp_examples"]), int(r1["ggn_vp_examples"]), int(ref["ggn_vp_examples"])
+    assert abs(n0 + n1 - n) <= 2 * 41 and n > 1000
+    assert 0.4 * n < n0 < 0.6 * n and 0.4 * n < n1 < 0.6 * n
     for name in ("subnet", "sampled", "sampled_sgd"):
         assert _equal(r0[name], r1[name]), name          # every rank holds the same guide
         for key, value in ref[name].items():

@@ -24,7 +24,7 @@ rank holds the same guide, equal to the single-process one.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple
 
 import pyro
 import pyro.distributions as dist

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-from typing import Optional
-
 import pyro
 import pyro.distributions as dist
 import torch
@@ -185,7 +182,6 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         """
         from ...diagnostics import metrics
         from ...nn.validation import check_data
-        from . import glm
 
         self._check_fitted()
         x_val, y_val = check_data(x_val, y_val, self.model.likelihood.name)
