@@ -51,7 +51,11 @@ def init(backend: Optional[str] = None, timeout_s: float = 300.0) -> int:
 
 
 def shutdown() -> None:
+    """Leave the process group: wait for every rank, then tear it down. Call it at the end of a
+    script, so that no rank exits (closing its connections) while another still reads from it."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -69,6 +69,7 @@ rank = distributed.init()
 model, x, y, theta = problem()
 out = fit_all(model, x, y, theta)
 torch.save(out, f"{sys.argv[1]}/out_{rank}.pt")
+distributed.shutdown()
 """
 
 

@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...nn.validation import check_data
+from .. import distributed
 from . import annealed
 from .annealed import AnnealedTarget, Move
 from .resampling import get_resampler
@@ -67,6 +68,12 @@ class AnnealedSMC:
     :param seed: seed of the sampler's generator (``None``: drawn from torch's global RNG); the
         prior draws use torch's global RNG.
     :param progress: show a progress bar (data included, ESS, acceptance).
+
+    Under ``torch.distributed`` (launched with ``torchrun``, :func:`pyro_subnet.infer.distributed.init`
+    called) every rank calls ``run`` with the whole data set and holds ``P / world_size`` of the
+    particles; weights, ESS, evidence and resampling are global (see :mod:`.annealed`), and at the
+    end every rank holds all ``P`` draws. With the same ``seed`` the draws do not depend on the
+    number of ranks (up to rounding).
 
     >>> from torch import nn
     >>> from pyro_subnet.nn import BayesianNet
@@ -139,6 +146,8 @@ class AnnealedSMC:
             raise ValueError("AnnealedSMC.run needs targets y: the likelihood brings the data in.")
         self._args, self._kwargs = (x, y), {}
         seed = self.seed if self.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
+        seed = distributed.broadcast_object(seed)  # one shared stream for all ranks
+        part = distributed.shard(self.num_particles)
         layout = model.layout
         states, self._infos = [], []
         for chain in range(self.num_chains):
@@ -152,7 +161,10 @@ class AnnealedSMC:
                                     path)
             with torch.no_grad():
                 prior = {n: model.site_prior(n, x).sample((self.num_particles,)) for n in layout.names}
-            state = annealed.init(layout.flatten(prior).to(dtype=x.dtype), self.step_size)
+            # Rank 0's prior draws for everyone; each rank keeps its share of the particles.
+            theta0 = distributed.broadcast(layout.flatten(prior).to(dtype=x.dtype).contiguous())
+            state = annealed.init(theta0, self.step_size)
+            state = state._replace(particles=state.particles[part])
             infos = []
             desc = f"SMC {self.schedule}" + (f" chain {chain}" if self.num_chains > 1 else "")
             with tqdm(total=100, desc=desc, disable=not self.progress, leave=False,
@@ -168,12 +180,13 @@ class AnnealedSMC:
                     infos.append(info)
                     bar.update(100 * (state.level - old) / path.num_batches)
                     bar.set_postfix(data=info.num_data, ess=f"{info.ess:.0f}", acc=f"{info.acceptance_rate:.2f}")
-            if not torch.isfinite(state.particles).all():
-                raise FloatingPointError("AnnealedSMC produced non-finite particles; lower step_size.")
             # Equal weights for the draws: resample if the last step did not.
             if float(annealed.log_ess(state.log_weights).exp()) < self.num_particles * (1 - 1e-6):
                 theta, log_w, _ = annealed.resample(gen, state.particles, state.log_weights, self.resampling)
                 state = state._replace(particles=theta, log_weights=log_w)
+            state = state._replace(particles=distributed.all_gather_cat(state.particles))   # all P draws
+            if not torch.isfinite(state.particles).all():
+                raise FloatingPointError("AnnealedSMC produced non-finite particles; lower step_size.")
             states.append(state)
             self._infos.append(infos)
         theta = torch.stack([s.particles for s in states])          # (C, P, D)
