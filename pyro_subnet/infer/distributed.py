@@ -137,3 +137,87 @@ def gather_objects(obj) -> List[object]:
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# One chain (or a few) per rank: the SG-MCMC kernels run unchanged in every process, and their
+# draws meet on one rank for ArviZ.
+
+class GatheredChains:
+    """Every rank's chains as one ``pyro.infer.MCMC``-like object (``get_samples``,
+    ``num_chains``, ``diagnostics``, ``kernel``, ``_args``), which
+    :func:`pyro_subnet.to_inference_data` (and ``arviz.from_pyro``) read like a multi-chain run.
+    Chains are numbered rank by rank."""
+
+    def __init__(self, samples, diagnostics, kernel, args, kwargs):
+        self._samples = samples                 # {site: (num_chains, num_draws, *shape)}
+        self._diagnostics = diagnostics         # {key: {"chain i": value}}
+        self.kernel = kernel
+        self._args, self._kwargs = args, kwargs
+        first = next(iter(samples.values()))
+        self.num_chains, self.num_samples = int(first.shape[0]), int(first.shape[1])
+
+    def get_samples(self, num_samples: Optional[int] = None, group_by_chain: bool = False):
+        samples = self._samples
+        if not group_by_chain:
+            samples = {k: v.reshape(-1, *v.shape[2:]) for k, v in samples.items()}
+        if num_samples is not None:
+            if group_by_chain:
+                raise ValueError("get_samples: num_samples with group_by_chain=True is not supported.")
+            first = next(iter(samples.values()))
+            idx = torch.randint(0, first.shape[0], (num_samples,))
+            samples = {k: v.index_select(0, idx.to(v.device)) for k, v in samples.items()}
+        return samples
+
+    def diagnostics(self):
+        return self._diagnostics
+
+    def __repr__(self):
+        return f"GatheredChains(num_chains={self.num_chains}, num_samples={self.num_samples})"
+
+
+def gather_chains(mcmc, dst: int = 0) -> Optional[GatheredChains]:
+    """Gather the chains that every rank ran (e.g. one ``pyro.infer.MCMC`` chain of
+    :class:`~pyro_subnet.infer.SGHMC` per rank) on rank ``dst``.
+
+    Give each rank its own seed before running, e.g. ``pyro.set_rng_seed(seed + distributed.rank())``
+    (identical chains would make R-hat meaningless; a warning says so).
+
+    :param mcmc: this rank's finished ``pyro.infer.MCMC`` (or any object with ``get_samples``,
+        ``num_chains`` and optionally ``diagnostics``, ``kernel``, ``_args``).
+    :returns: on ``dst`` a :class:`GatheredChains` with ``world_size * mcmc.num_chains`` chains,
+        ready for :func:`pyro_subnet.to_inference_data`; ``None`` on the other ranks. In a single
+        process, the chains of ``mcmc`` itself.
+
+    >>> chains = distributed.gather_chains(mcmc)                      # doctest: +SKIP
+    >>> if distributed.rank() == 0: idata = ps.to_inference_data(chains)   # doctest: +SKIP
+    """
+    import warnings
+
+    samples = {k: v.detach().cpu() for k, v in mcmc.get_samples(group_by_chain=True).items()}
+    diag = mcmc.diagnostics() if callable(getattr(mcmc, "diagnostics", None)) else {}
+    local_chains = next(iter(samples.values())).shape[0]
+    # Only the per-chain entries travel (Pyro's per-site n_eff / r_hat do not survive a merge).
+    per_chain = {key: [by_chain[f"chain {c}"] for c in range(local_chains)]
+                 for key, by_chain in (diag or {}).items()
+                 if isinstance(by_chain, dict) and all(f"chain {c}" in by_chain for c in range(local_chains))}
+    if is_active():
+        box = [None] * world_size() if rank() == dst else None
+        dist.gather_object((samples, per_chain), box, dst=dst)
+        if rank() != dst:
+            return None
+    else:
+        box = [(samples, per_chain)]
+    draws = {int(next(iter(s.values())).shape[1]) for s, _ in box}
+    if len(draws) != 1:
+        raise ValueError(f"gather_chains: the ranks ran different numbers of draws {sorted(draws)}; give every "
+                         "rank the same num_samples.")
+    merged = {k: torch.cat([s[k] for s, _ in box]) for k in box[0][0]}
+    keys = set.intersection(*(set(d) for _, d in box)) if box else set()
+    merged_diag = {key: {f"chain {i}": v for i, v in enumerate(x for _, d in box for x in d[key])} for key in keys}
+    first = next(iter(merged.values()))
+    if first.shape[0] > 1 and all(torch.equal(first[0], first[c]) for c in range(1, first.shape[0])):
+        warnings.warn("gather_chains: every chain is identical; seed each rank differently, e.g. "
+                      "pyro.set_rng_seed(seed + distributed.rank()).", RuntimeWarning, stacklevel=2)
+    return GatheredChains(merged, merged_diag, getattr(mcmc, "kernel", None), getattr(mcmc, "_args", ()),
+                          getattr(mcmc, "_kwargs", {}) or {})
