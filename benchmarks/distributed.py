@@ -26,7 +26,6 @@ On a machine with fewer free cores than N the speed-up is bounded by the cores, 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
