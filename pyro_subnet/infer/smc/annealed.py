@@ -25,7 +25,8 @@ batch (``P`` numbers), so the schedule, the ESS, the normalised weights, the evi
 computed identically on every rank; the population scale and the acceptance rate are
 all-reduced; resampling all-gathers the particles and each rank takes the ancestors of its own
 slots, so particles move between ranks. Random draws come from one generator shared by the ranks
-(:class:`~.kernels.ParticleNoise`), so the result does not depend on the number of ranks.
+(:class:`~.kernels.ParticleNoise`), so the run does not depend on the number of ranks beyond
+rounding (which can still flip an accept/reject decision in a long run).
 
 >>> target = AnnealedTarget(lambda t: -0.5 * (t ** 2).sum(-1),
 ...                         lambda t, a, b: -0.5 * (t[:, :1] - torch.ones(1, b - a)) ** 2,

@@ -72,8 +72,9 @@ class AnnealedSMC:
     Under ``torch.distributed`` (launched with ``torchrun``, :func:`pyro_subnet.infer.distributed.init`
     called) every rank calls ``run`` with the whole data set and holds ``P / world_size`` of the
     particles; weights, ESS, evidence and resampling are global (see :mod:`.annealed`), and at the
-    end every rank holds all ``P`` draws. With the same ``seed`` the draws do not depend on the
-    number of ranks (up to rounding).
+    end every rank holds all ``P`` draws. With the same ``seed`` the random stream does not depend
+    on the number of ranks: short runs give the same draws up to rounding; long ones may drift
+    apart where a rounding difference flips an accept/reject decision, sampling the same posterior.
 
     >>> from torch import nn
     >>> from pyro_subnet.nn import BayesianNet
