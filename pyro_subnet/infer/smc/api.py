@@ -168,7 +168,7 @@ class AnnealedSMC:
             state = state._replace(particles=state.particles[part])
             infos = []
             desc = f"SMC {self.schedule}" + (f" chain {chain}" if self.num_chains > 1 else "")
-            with tqdm(total=100, desc=desc, disable=not self.progress, leave=False,
+            with tqdm(total=100, desc=desc, disable=not self.progress or distributed.rank() != 0, leave=False,
                       bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}{postfix}]") as bar:
                 while state.level < path.num_batches:
                     if len(infos) >= self.max_steps:
