@@ -86,16 +86,36 @@ def tensor_data(data, what: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
                      "rank; pyro_subnet splits it between the ranks itself.")
 
 
+def _comm_device(t: torch.Tensor) -> torch.device:
+    """Where a collective on ``t`` must run: NCCL only moves CUDA tensors, gloo any."""
+    if t.device.type != "cuda" and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return t.device
+
+
+def _in_place(op, t: torch.Tensor) -> torch.Tensor:
+    """Apply an in-place collective ``op`` to ``t``, through a copy on the backend's device if
+    ``t`` lives elsewhere (a CPU statistic under NCCL)."""
+    dev = _comm_device(t)
+    if dev == t.device:
+        op(t)
+    else:
+        buf = t.to(dev)
+        op(buf)
+        t.copy_(buf)
+    return t
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (in place, also returned)."""
     if is_active():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        _in_place(lambda b: dist.all_reduce(b, op=dist.ReduceOp.SUM), t)
     return t
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     if is_active():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        all_reduce_sum(t)
         t /= dist.get_world_size()
     return t
 
@@ -104,20 +124,22 @@ def all_gather_cat(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Concatenate every rank's tensor along ``dim`` (sizes may differ between ranks)."""
     if not is_active():
         return t
-    sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(world_size())]
-    dist.all_gather(sizes, torch.tensor([t.shape[dim]], device=t.device))
+    dev = _comm_device(t)
+    sizes = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([t.shape[dim]], device=dev))
     sizes = [int(s) for s in sizes]
     moved = t.movedim(dim, 0).contiguous()
-    padded = torch.zeros(max(sizes), *moved.shape[1:], dtype=t.dtype, device=t.device)
+    padded = torch.zeros(max(sizes), *moved.shape[1:], dtype=t.dtype, device=dev)
     padded[: moved.shape[0]] = moved
     bufs = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(bufs, padded)
-    return torch.cat([b[:s] for b, s in zip(bufs, sizes)]).movedim(0, dim)
+    return torch.cat([b[:s] for b, s in zip(bufs, sizes)]).movedim(0, dim).to(t.device)
 
 
 def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """``src``'s values of ``t`` on every rank (in place, also returned)."""
     if is_active():
-        dist.broadcast(t, src)
+        _in_place(lambda b: dist.broadcast(b, src), t)
     return t
 
 
