@@ -7,7 +7,11 @@ script calls :func:`init` once (gloo on CPU, NCCL on CUDA) and the methods see t
   products are summed with ``all_reduce``, so every rank ends with the same guide, equal to the
   single-process one;
 * :class:`~pyro_subnet.infer.AnnealedSMC` shards the particles and resamples across ranks;
-* the SG-MCMC kernels run one chain per rank and gather the samples.
+* the SG-MCMC kernels run one chain per rank; :func:`gather_chains` brings the chains to rank 0
+  for :func:`pyro_subnet.to_inference_data`.
+
+End a script with :func:`shutdown` (a barrier, then teardown), so that no rank exits while
+another still reads from it. Usage: ``docs/distributed.md``; timings: ``benchmarks/distributed.py``.
 
 Everything here is a no-op in a single process, so library code calls these helpers
 unconditionally. A rank that raises makes ``torchrun`` stop the whole group (and every
