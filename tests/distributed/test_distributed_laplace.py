@@ -102,3 +102,22 @@ def test_data_parallel_laplace_guides_equal_the_single_process_guides(torchrun, 
     # the guides did something: a non-trivial covariance, samples that differ
     assert r0["subnet"]["scale_tril"].shape == (10, 10)
     assert r0["sampled"]["samples"].std() > 1e-3
+
+
+def test_a_rank_that_raises_inside_the_ggn_stops_the_run(torchrun):
+    import time
+    start = time.time()
+    res = torchrun(PROBLEM + """
+from pyro_subnet.infer import distributed
+from pyro_subnet.infer.autoguide import subnet_laplace
+rank = distributed.init()
+model, x, y, theta = problem()
+if rank == 1:
+    def broken(*args, **kwargs):
+        raise RuntimeError("rank 1 failed inside the GGN on purpose")
+    subnet_laplace.ggn = broken
+subnet_guide(model).fit(x, y, map_theta=theta)   # rank 0 waits in the all-reduce: it must not hang
+""", timeout=170)
+    assert res.returncode != 0
+    assert "rank 1 failed inside the GGN on purpose" in res.stderr + res.stdout
+    assert time.time() - start < 150
