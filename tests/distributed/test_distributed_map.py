@@ -1,4 +1,3 @@
-import sys
 import time
 
 import torch
@@ -36,6 +35,7 @@ def test_data_parallel_map_equals_the_single_process_map(torchrun, tmp_path):
     res = torchrun(SETUP + """
 theta = ps.infer.fit_map(model, x, y, num_steps=50, lr=0.05, batch_size=None, progress=False).theta
 torch.save(theta, f"{sys.argv[1]}/theta_{rank}.pt")
+distributed.shutdown()
 """)
     assert res.returncode == 0, res.stderr[-3000:]
     t0, t1 = torch.load(tmp_path / "theta_0.pt"), torch.load(tmp_path / "theta_1.pt")

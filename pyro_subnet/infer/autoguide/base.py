@@ -14,11 +14,17 @@ handling (tensors or a DataLoader), ``forward`` (one ``pyro.sample`` per weight 
 ``pyro.infer.Predictive`` works sequentially and vectorised), ``median``/``quantiles``, the GLM
 predictive (:mod:`.glm`), the sampled-network predictive, and ``state_dict`` round trips
 (buffers are resized on load, so a fresh guide accepts a fitted guide's state).
+
+Under ``torch.distributed`` (:mod:`pyro_subnet.infer.distributed`) every rank calls ``fit`` with
+the whole data set: the MAP is data-parallel (:func:`~pyro_subnet.infer.fit_map`), rank 0 selects
+the subnetwork and broadcasts it, the guides sum their curvature over each rank's share of the
+data with ``all_reduce``, and the fitted buffers are broadcast from rank 0 at the end, so every
+rank holds the same guide, equal to the single-process one.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple
 
 import pyro
 import pyro.distributions as dist
@@ -26,6 +32,7 @@ import torch
 from pyro.infer.autoguide import AutoGuide
 
 from ...nn.validation import check_data
+from .. import distributed
 from ..batches import iter_batches
 from ..map import fit_map
 from . import glm
@@ -124,6 +131,13 @@ class LinearisedLaplaceGuide(AutoGuide):
         )
 
     def _select(self, theta, data, prior_full) -> torch.Tensor:
+        if distributed.is_active() and not isinstance(self.subnet, torch.Tensor):
+            # Selection may be random or sensitive to rounding: rank 0 decides for everyone.
+            idx = self._select_here(theta, data, prior_full) if distributed.rank() == 0 else None
+            return distributed.broadcast_object(idx).to(theta.device)
+        return self._select_here(theta, data, prior_full)
+
+    def _select_here(self, theta, data, prior_full) -> torch.Tensor:
         subnet = self.subnet
         if subnet is None:
             from ...subnet import All, PredictiveVariance
@@ -171,6 +185,9 @@ class LinearisedLaplaceGuide(AutoGuide):
         else:
             if y is not None:
                 raise ValueError("fit: pass either tensors (x, y) or one DataLoader, not both.")
+            if distributed.is_active() and type(getattr(x, "sampler", None)).__name__ == "DistributedSampler":
+                raise ValueError("fit: under torch.distributed give every rank the whole data set (no "
+                                 "DistributedSampler); the guide shards it between the ranks itself.")
             data = x
             x, y = collect(data)
             x, y = check_data(x, y, self.model.likelihood.name)
@@ -185,7 +202,14 @@ class LinearisedLaplaceGuide(AutoGuide):
             theta = self.model.initial_theta(dtype=x.dtype, device=x.device)
         self._fit_progress = progress
         self._fit_posterior(theta.detach(), data, x, y)
+        if distributed.is_active():
+            # The ranks computed the same numbers from all-reduced sums; make them bitwise equal.
+            for name in self._state_buffers_all():
+                distributed.broadcast(getattr(self, name))
         return self
+
+    def _state_buffers_all(self):
+        return [n for n, b in self._buffers.items() if isinstance(b, torch.Tensor) and b.numel() > 0]
 
     # ------------------------------------------------------------------------------------------
     # Pyro guide interface

@@ -34,6 +34,12 @@ kept and the targets rescaled, so every solve warm-starts from the last.
 
 The functions here are small and pure over :class:`STOTargets` / :class:`STOSolution`; the guide
 :class:`~pyro_subnet.infer.AutoSampledLaplace` is the shell around them.
+
+Under ``torch.distributed`` (as :func:`~pyro_subnet.infer.fit_map`) every rank passes the whole
+data set as tensors; each data sum runs over the rank's share and is all-reduced, so all ranks
+take the same CG / SGD steps. The per-example noise :math:`e_n` is drawn in fixed chunks of
+``batch_size`` examples, each from its own generator keyed by the chunk's position in the data,
+so the draws, and hence the samples, do not depend on how the data are split between ranks.
 """
 
 from __future__ import annotations
@@ -41,10 +47,23 @@ from __future__ import annotations
 from typing import Callable, NamedTuple, Optional
 
 import torch
-from tqdm.auto import trange
+from tqdm.auto import tqdm, trange
 
+from .. import distributed
 from ..batches import iter_batches, num_examples
 from . import curvature
+
+# Odd 63-bit constant (golden ratio) that spreads chunk indices over the seed space.
+_CHUNK_STRIDE = 0x9E3779B97F4A7C15 % 2 ** 63
+
+
+def _share(data, what: str):
+    """This rank's share of ``data`` (all of it in one process)."""
+    if not distributed.is_active():
+        return data
+    x, y = distributed.tensor_data(data, what)
+    x, y, _ = distributed.local_share(x, y)
+    return x if y is None else (x, y)
 
 
 class STOTargets(NamedTuple):
@@ -71,44 +90,67 @@ class STOSolution(NamedTuple):
 
 def draw_targets(fnet, likelihood, theta, data, num_samples: int, indices=None, batch_size: int = 256,
                  generator: Optional[torch.Generator] = None, progress: bool = False) -> STOTargets:
-    """One pass over the data: ``s_k = sum_n J_n^T L_n e_{n,k}`` by vector-Jacobian products."""
+    """One pass over the data: ``s_k = sum_n J_n^T L_n e_{n,k}`` by vector-Jacobian products.
+
+    ``u`` and a base seed come from ``generator``; the noise of examples ``[cB, (c+1)B)`` (``B =
+    batch_size``) from a generator seeded by ``(base, c)``, so any split of the data between ranks
+    sees the same ``e_n``."""
     k = fnet.layout.dim if indices is None else len(indices)
     dev, dt = theta.device, theta.dtype
+    gen_device = None if generator is None else generator.device
 
-    def randn(*shape):  # draws on the generator's device (CPU by default), then moved
-        return torch.randn(*shape, generator=generator, dtype=dt,
-                           device=None if generator is None else generator.device).to(dev)
+    def randn(*shape, gen=generator):  # draws on the generator's device (CPU by default), then moved
+        return torch.randn(*shape, generator=gen, dtype=dt, device=gen_device).to(dev)
 
     u = randn(num_samples, k)
+    base = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=gen_device))
+    # Ranks whose global generators differ still agree: rank 0's draws count.
+    u, base = distributed.broadcast_object((u, base))
+    if distributed.is_active():
+        x, _ = distributed.tensor_data(data, "draw_targets")
+        x, _, offset = distributed.local_share(x)
+    elif isinstance(data, torch.Tensor) or (isinstance(data, (tuple, list)) and isinstance(data[0], torch.Tensor)):
+        x, offset = (data if isinstance(data, torch.Tensor) else data[0]), 0
+    else:
+        x, offset = torch.cat([xb for xb, _ in iter_batches(data)]), 0
     s = torch.zeros(num_samples, k, device=dev, dtype=dt)
-    for xb, _ in iter_batches(data, batch_size, device=dev, progress=progress, desc="STO draws"):
+    n = x.shape[0]
+    chunks = range(offset // batch_size, (offset + n - 1) // batch_size + 1) if n else range(0)
+    chunk_gen = torch.Generator(device=gen_device or "cpu")
+    for c in tqdm(chunks, desc="STO draws", disable=not progress, leave=False):
+        lo, hi = max(c * batch_size, offset), min((c + 1) * batch_size, offset + n)
+        xb = x[lo - offset:hi - offset].to(dev)
         f = fnet.flat(theta, xb)
-        e = randn(num_samples, *f.shape)
+        chunk_gen.manual_seed((base + c * _CHUNK_STRIDE) % 2 ** 63)
+        e = randn(num_samples, batch_size, *f.shape[1:], gen=chunk_gen)[:, lo - c * batch_size:hi - c * batch_size]
         cot = torch.einsum("nop,knp->kno", likelihood.output_hessian_sqrt(f), e)
         s = s + curvature.vjp(fnet, theta, xb, cot, indices)
-    return STOTargets(u, s)
+    return STOTargets(u, distributed.all_reduce_sum(s))
 
 
 def full_ggn_vp(fnet, likelihood, theta, data, V, indices=None, batch_size: int = 256) -> torch.Tensor:
-    """``G V`` over the whole data set, batch by batch."""
+    """``G V`` over the whole data set, batch by batch (all-reduced over ranks)."""
     out = torch.zeros_like(V)
-    for xb, _ in iter_batches(data, batch_size, device=theta.device):
+    for xb, _ in iter_batches(_share(data, "full_ggn_vp"), batch_size, device=theta.device):
         out = out + curvature.ggn_vp(fnet, likelihood, theta, xb, V, indices)
-    return out
+    return distributed.all_reduce_sum(out)
 
 
 def output_gradient_term(fnet, likelihood, theta, data, indices=None, batch_size: int = 256) -> torch.Tensor:
     """:math:`\\sum_n J_n^\\top \\nabla_f \\log p(y_n | f_n)` at ``theta`` (the data part of the
     Gauss-Newton step towards the linearised model's optimum)."""
     total = None
-    for xb, yb in iter_batches(data, batch_size, device=theta.device):
+    for xb, yb in iter_batches(_share(data, "output_gradient_term"), batch_size, device=theta.device):
         if yb is None:
             raise ValueError("the posterior mean needs targets: pass (x, y), not x alone.")
         f = fnet.flat(theta, xb).detach().requires_grad_(True)
         g = torch.autograd.grad(likelihood.log_prob(f, yb).sum(), f)[0]
         term = curvature.vjp(fnet, theta, xb, g, indices)
         total = term if total is None else total + term
-    return total
+    if total is None:  # this rank's share is empty
+        k = fnet.layout.dim if indices is None else len(indices)
+        total = theta.new_zeros(k)
+    return distributed.all_reduce_sum(total)
 
 
 def conjugate_gradients(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x0: torch.Tensor,
@@ -170,7 +212,9 @@ def solve_sgd(fnet, likelihood, theta, data, a: torch.Tensor, b: torch.Tensor, x
     """The paper's optimiser: Nesterov SGD on mini-batch estimates of
     :math:`\\nabla = G z + A z - b` (data term scaled by ``N / B``), with geometric (Polyak)
     averaging of the iterates. Converged when the averaged iterate's full-batch relative residual
-    falls below ``tol`` (checked once an epoch)."""
+    falls below ``tol`` (checked once an epoch). Under ``torch.distributed`` every rank draws the
+    same mini-batch and computes the GGN product of its part of it (then all-reduced), as
+    ``DistributedDataParallel`` splits a global batch."""
     x, y = data if isinstance(data, (tuple, list)) else (data, None)
     n = num_examples(data)
     z, v, avg = x0.clone(), torch.zeros_like(x0), x0.clone()
@@ -182,8 +226,10 @@ def solve_sgd(fnet, likelihood, theta, data, a: torch.Tensor, b: torch.Tensor, x
         for start in range(0, n, batch_size):
             idx = perm[start:start + batch_size]
             look = z + momentum * v  # Nesterov look-ahead
-            grad = (n / len(idx)) * curvature.ggn_vp(fnet, likelihood, theta, x[idx], look, indices) \
-                + a * look - b
+            mine = idx[distributed.shard(len(idx))]
+            gv = curvature.ggn_vp(fnet, likelihood, theta, x[mine], look, indices) if len(mine) \
+                else torch.zeros_like(look)
+            grad = (n / len(idx)) * distributed.all_reduce_sum(gv) + a * look - b
             v = momentum * v - lr * grad
             z = z + v
             avg = (1 - polyak) * avg + polyak * z

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
-from typing import Optional
-
 import pyro
 import pyro.distributions as dist
 import torch
 
+from .. import distributed
 from ..batches import iter_batches
 from . import prior as prior_lib
 from .base import LinearisedLaplaceGuide
@@ -82,12 +80,22 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         self.register_buffer("log_lik", torch.empty(0))
 
     # ------------------------------------------------------------------------------------------
+    # Data sums below run over this rank's share (all of it in one process) and are all-reduced.
     def _log_lik(self, theta, x, y) -> torch.Tensor:
         total = theta.new_zeros(())
+        x, y, _ = distributed.local_share(x, y)
         with torch.no_grad():
             for xb, yb in iter_batches((x, y), self.batch_size, device=theta.device):
                 total = total + self.model.log_likelihood(theta, xb, yb).sum()
-        return total
+        return distributed.all_reduce_sum(total)
+
+    def _ggn(self, theta, idx, x, y) -> torch.Tensor:
+        x, y, _ = distributed.local_share(x, y)
+        G = ggn(self.model.network, self.model.likelihood, theta, (x, y), indices=idx, structure="dense",
+                batch_size=self.batch_size, progress=self._fit_progress) if x.shape[0] else None
+        if G is None:
+            G = theta.new_zeros(len(idx), len(idx))
+        return distributed.all_reduce_sum(G)
 
     def _sse(self, theta, x, y) -> float:
         """Residual sum of squares of a regression network at ``theta``."""
@@ -100,9 +108,11 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
 
     def _gauss_newton_step(self, theta, idx, precision, x, y) -> torch.Tensor:
         t = theta.clone().requires_grad_(True)
+        x, y, _ = distributed.local_share(x, y)
         for xb, yb in iter_batches((x, y), self.batch_size, device=theta.device):
             (-self.model.log_likelihood(t, xb, yb).sum()).backward()
-        grad = t.grad[idx] + torch.diagonal(precision - self.ggn) * theta[idx]
+        grad_all = distributed.all_reduce_sum(torch.zeros_like(theta) if t.grad is None else t.grad)
+        grad = grad_all[idx] + torch.diagonal(precision - self.ggn) * theta[idx]
         step = torch.cholesky_solve(grad[:, None], cholesky(precision))[:, 0]
         return theta.index_copy(0, idx, theta[idx] - step)
 
@@ -110,8 +120,7 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         from ...subnet import warn_if_flat
         prior_full = self._prior_full(theta.dtype, theta.device)
         idx = self._select(theta, data, prior_full)
-        G = ggn(self.model.network, self.model.likelihood, theta, data, indices=idx, structure="dense",
-                batch_size=self.batch_size, progress=self._fit_progress)
+        G = self._ggn(theta, idx, x, y)
         layout = self.model.layout
         spec = self.prior_precision_spec
         self.subnet_indices = idx
@@ -199,7 +208,6 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         """
         from ...diagnostics import metrics
         from ...nn.validation import check_data
-        from . import glm
 
         self._check_fitted()
         x_val, y_val = check_data(x_val, y_val, self.model.likelihood.name)

@@ -17,6 +17,17 @@ data-annealing targets of Chopin (2002, IBIS) and Millard, Murphy, Green, Maskel
 single batch it is BlackJAX's ``adaptive_tempered_smc``. The target is injected as two functions
 (``log_prior`` and a pointwise ``log_lik``), so the core knows nothing about networks.
 
+Under ``torch.distributed`` the particles are sharded: ``state.particles`` holds this rank's
+share (:func:`~pyro_subnet.infer.distributed.shard` of ``P``) while ``state.log_weights`` holds
+all ``P`` weights on every rank. Each step all-gathers the ``P`` incremental log-likelihoods of a
+batch (``P`` numbers), so the schedule, the ESS, the normalised weights, the evidence
+(a ``logsumexp`` over all ``P``: as stable as in one process) and the resampling ancestors are
+computed identically on every rank; the population scale and the acceptance rate are
+all-reduced; resampling all-gathers the particles and each rank takes the ancestors of its own
+slots, so particles move between ranks. Random draws come from one generator shared by the ranks
+(:class:`~.kernels.ParticleNoise`), so the run does not depend on the number of ranks beyond
+rounding (which can still flip an accept/reject decision in a long run).
+
 >>> target = AnnealedTarget(lambda t: -0.5 * (t ** 2).sum(-1),
 ...                         lambda t, a, b: -0.5 * (t[:, :1] - torch.ones(1, b - a)) ** 2,
 ...                         DataPath(num_data=8, batch_size=2))
@@ -36,7 +47,8 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from .kernels import KERNELS, adapt_step_size, hmc
+from .. import distributed
+from .kernels import KERNELS, ParticleNoise, adapt_step_size, hmc
 from .resampling import get_resampler
 from .schedules import Adaptive, DataPath, Linear, log_ess  # noqa: F401 (re-exported for the example)
 
@@ -44,8 +56,8 @@ from .schedules import Adaptive, DataPath, Linear, log_ess  # noqa: F401 (re-exp
 class SMCState(NamedTuple):
     """What carries over from one SMC step to the next."""
 
-    particles: torch.Tensor     # (P, D)
-    log_weights: torch.Tensor   # (P,), normalised: logsumexp = 0
+    particles: torch.Tensor     # (P, D); under torch.distributed this rank's share of them
+    log_weights: torch.Tensor   # (P,) all particles' weights, normalised: logsumexp = 0
     level: float                # position on the data path, in [0, num_batches]
     log_evidence: float         # log Z of the current partial posterior
     step_size: float            # move kernel step size (adapted)
@@ -138,17 +150,25 @@ def init(particles: torch.Tensor, step_size: float = 0.5) -> SMCState:
 
 
 def resample(generator: torch.Generator, particles: torch.Tensor, log_weights: torch.Tensor, scheme="systematic"):
-    """``(particles[ancestors], equal log-weights, ancestors)``."""
-    p = particles.shape[0]
+    """``(particles[ancestors], equal log-weights, ancestors)``. Under ``torch.distributed``
+    ``particles`` is this rank's share and ``log_weights`` all ``P``: the ancestors are drawn
+    identically on every rank, the particles all-gathered, and each rank keeps its own slots."""
+    p = log_weights.shape[0]
     idx = get_resampler(scheme)(generator, torch.softmax(log_weights, 0), p)
-    return particles[idx], torch.full_like(log_weights, -math.log(p)), idx
+    if distributed.is_active():
+        mine = idx[distributed.shard(p)]
+        new = distributed.all_gather_cat(particles)[mine.to(particles.device)]
+    else:
+        new = particles[idx]
+    return new, torch.full_like(log_weights, -math.log(p)), idx
 
 
 def _population_scale(particles: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
-    """Weighted per-coordinate standard deviation, floored so no coordinate is frozen."""
-    w = torch.softmax(log_weights, 0)[:, None]
-    mean = (w * particles).sum(0)
-    std = (w * (particles - mean) ** 2).sum(0).sqrt()
+    """Weighted per-coordinate standard deviation over all ranks' particles, floored so no
+    coordinate is frozen."""
+    w = torch.softmax(log_weights, 0)[distributed.shard(log_weights.shape[0])][:, None]
+    mean = distributed.all_reduce_sum((w * particles).sum(0))
+    std = distributed.all_reduce_sum((w * (particles - mean) ** 2).sum(0)).sqrt()
     return std.clamp(min=1e-3 * float(std.median()) + 1e-12)
 
 
@@ -165,8 +185,18 @@ def step(generator: torch.Generator, state: SMCState, target: AnnealedTarget, sc
     :param resampling: scheme name or function (see :mod:`.resampling`).
     """
     theta, log_w = state.particles, state.log_weights
-    p = theta.shape[0]
-    level, inc, evaluated = schedule(log_w, state.level, target.batch_loglik(theta), target.path)
+    p = log_w.shape[0]
+    part = distributed.shard(p)
+    if theta.shape[0] != part.stop - part.start:
+        raise ValueError(f"step: this rank holds {theta.shape[0]} particles, but its share of the {p} weights is "
+                         f"{part.stop - part.start}; start from annealed.init(all particles) and keep "
+                         "particles[distributed.shard(P)].")
+    local_ll = target.batch_loglik(theta)
+
+    def batch_ll(b):  # every rank sees all P incremental log-likelihoods
+        return distributed.all_gather_cat(local_ll(b))
+
+    level, inc, evaluated = schedule(log_w, state.level, batch_ll, target.path)
     log_z_inc = float(torch.logsumexp(log_w + inc, 0))
     log_w = log_w + inc
     log_w = log_w - torch.logsumexp(log_w, 0)
@@ -180,10 +210,11 @@ def step(generator: torch.Generator, state: SMCState, target: AnnealedTarget, sc
     log_density, n = target.log_density(level)
     lp, grad = log_density(theta)
     step_size, accepts = state.step_size, []
+    noise = ParticleNoise(generator, p, part)
     for _ in range(move.num_mcmc_steps):
-        out = move.kernel(generator, theta, lp, grad, log_density, step_size, scale)
+        out = move.kernel(noise, theta, lp, grad, log_density, step_size, scale)
         theta, lp, grad = out.theta, out.log_prob, out.grad
-        rate = float(out.accept_prob.mean())
+        rate = float(distributed.all_reduce_sum(out.accept_prob.sum())) / p
         accepts.append(rate)
         used_step = step_size
         step_size = adapt_step_size(step_size, rate, move.target_accept)

@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...nn.validation import check_data
+from .. import distributed
 from . import annealed
 from .annealed import AnnealedTarget, Move
 from .resampling import get_resampler
@@ -72,6 +73,13 @@ class AnnealedSMC:
     :math:`\\log\\sigma \\sim \\mathcal{N}(\\log\\sigma_0, 1)` around the likelihood's current value;
     its draws are in ``noise_samples`` ``(num_chains, P)`` and the likelihood keeps their
     root-mean-square after :meth:`run`.
+
+    Under ``torch.distributed`` (launched with ``torchrun``, :func:`pyro_subnet.infer.distributed.init`
+    called) every rank calls ``run`` with the whole data set and holds ``P / world_size`` of the
+    particles; weights, ESS, evidence and resampling are global (see :mod:`.annealed`), and at the
+    end every rank holds all ``P`` draws. With the same ``seed`` the random stream does not depend
+    on the number of ranks: short runs give the same draws up to rounding; long ones may drift
+    apart where a rounding difference flips an accept/reject decision, sampling the same posterior.
 
     >>> from torch import nn
     >>> from pyro_subnet.nn import BayesianNet
@@ -145,6 +153,8 @@ class AnnealedSMC:
             raise ValueError("AnnealedSMC.run needs targets y: the likelihood brings the data in.")
         self._args, self._kwargs = (x, y), {}
         seed = self.seed if self.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
+        seed = distributed.broadcast_object(seed)  # one shared stream for all ranks
+        part = distributed.shard(self.num_particles)
         layout = model.layout
         # A learned noise scale (noise_scale=None) is one more latent per particle, log sigma,
         # with a Normal(log sigma_0, 1) prior around the likelihood's current value sigma_0.
@@ -171,10 +181,13 @@ class AnnealedSMC:
                 particles = layout.flatten(prior).to(dtype=x.dtype)
                 if learn_noise:
                     particles = torch.cat([particles, noise_prior.sample((self.num_particles, 1)).to(particles)], -1)
-            state = annealed.init(particles, self.step_size)
+            # Rank 0's prior draws for everyone; each rank keeps its share of the particles.
+            theta0 = distributed.broadcast(particles.contiguous())
+            state = annealed.init(theta0, self.step_size)
+            state = state._replace(particles=state.particles[part])
             infos = []
             desc = f"SMC {self.schedule}" + (f" chain {chain}" if self.num_chains > 1 else "")
-            with tqdm(total=100, desc=desc, disable=not self.progress, leave=False,
+            with tqdm(total=100, desc=desc, disable=not self.progress or distributed.rank() != 0, leave=False,
                       bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}{postfix}]") as bar:
                 while state.level < path.num_batches:
                     if len(infos) >= self.max_steps:
@@ -187,12 +200,13 @@ class AnnealedSMC:
                     infos.append(info)
                     bar.update(100 * (state.level - old) / path.num_batches)
                     bar.set_postfix(data=info.num_data, ess=f"{info.ess:.0f}", acc=f"{info.acceptance_rate:.2f}")
-            if not torch.isfinite(state.particles).all():
-                raise FloatingPointError("AnnealedSMC produced non-finite particles; lower step_size.")
             # Equal weights for the draws: resample if the last step did not.
             if float(annealed.log_ess(state.log_weights).exp()) < self.num_particles * (1 - 1e-6):
                 theta, log_w, _ = annealed.resample(gen, state.particles, state.log_weights, self.resampling)
                 state = state._replace(particles=theta, log_weights=log_w)
+            state = state._replace(particles=distributed.all_gather_cat(state.particles))   # all P draws
+            if not torch.isfinite(state.particles).all():
+                raise FloatingPointError("AnnealedSMC produced non-finite particles; lower step_size.")
             states.append(state)
             self._infos.append(infos)
         theta = torch.stack([s.particles for s in states])          # (C, P, D) (+1: log sigma)

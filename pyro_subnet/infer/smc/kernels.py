@@ -40,6 +40,26 @@ import torch
 LogDensity = Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 
 
+class ParticleNoise(NamedTuple):
+    """A generator shared by every rank, and which of the ``total`` particles this rank holds.
+
+    Kernels draw the noise of all ``total`` particles and keep their own rows, so every rank's
+    generator stays in step (the same schedule and resampling draws on every rank) and a run gives
+    the same particles whatever the number of ranks. In one process it is the plain generator's
+    stream. A kernel accepts a bare ``torch.Generator`` too."""
+
+    generator: torch.Generator
+    total: int
+    part: slice
+
+
+def _draw(fn, generator, shape, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(generator, ParticleNoise):
+        full = fn((generator.total, *shape[1:]), generator=generator.generator, dtype=like.dtype, device=like.device)
+        return full[generator.part]
+    return fn(shape, generator=generator, dtype=like.dtype, device=like.device)
+
+
 class MoveState(NamedTuple):
     """Particles after one move, with their log density and gradient cached for the next."""
 
@@ -53,7 +73,7 @@ def _accept(generator, log_ratio, theta, log_prob, grad, theta_new, log_prob_new
     # A non-finite proposal (overflow far in the tails) is simply rejected.
     log_ratio = torch.where(torch.isfinite(log_ratio), log_ratio, torch.full_like(log_ratio, -float("inf")))
     accept_prob = log_ratio.clamp(max=0).exp()
-    u = torch.rand(log_ratio.shape, generator=generator, dtype=log_ratio.dtype, device=log_ratio.device)
+    u = _draw(torch.rand, generator, log_ratio.shape, log_ratio)
     take = u < accept_prob
     return MoveState(torch.where(take[:, None], theta_new, theta), torch.where(take, log_prob_new, log_prob),
                      torch.where(take[:, None], grad_new, grad), accept_prob)
@@ -63,14 +83,14 @@ def mala(generator: torch.Generator, theta: torch.Tensor, log_prob: torch.Tensor
          log_density: LogDensity, step_size: float, scale: torch.Tensor) -> MoveState:
     """One preconditioned MALA step for every particle (one gradient evaluation).
 
-    :param generator: random generator on the particles' device.
+    :param generator: random generator on the particles' device (or a :class:`ParticleNoise`).
     :param theta: particles (P, D); ``log_prob`` (P,) and ``grad`` (P, D) at ``theta``.
     :param log_density: ``theta -> (log_prob, grad)`` of the current target.
     :param step_size: :math:`\\epsilon`, in units of ``scale``.
     :param scale: per-coordinate proposal scale (D,).
     """
     var = scale ** 2
-    noise = torch.randn(theta.shape, generator=generator, dtype=theta.dtype, device=theta.device)
+    noise = _draw(torch.randn, generator, theta.shape, theta)
     mean_fwd = theta + 0.5 * step_size ** 2 * var * grad
     theta_new = mean_fwd + step_size * scale * noise
     log_prob_new, grad_new = log_density(theta_new)
@@ -92,7 +112,7 @@ def hmc(generator: torch.Generator, theta: torch.Tensor, log_prob: torch.Tensor,
     """
     var = scale ** 2
     # r ~ N(0, M) with M = diag(scale^-2).
-    r = torch.randn(theta.shape, generator=generator, dtype=theta.dtype, device=theta.device) / scale
+    r = _draw(torch.randn, generator, theta.shape, theta) / scale
     kinetic0 = 0.5 * (var * r ** 2).sum(-1)
     q, lp, g = theta, log_prob, grad
     r = r + 0.5 * step_size * g
