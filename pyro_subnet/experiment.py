@@ -258,7 +258,8 @@ def run_spike_slab_sghmc(ctx: Context) -> MethodResult:
 
 
 def run_analytic(ctx: Context) -> MethodResult:
-    """MAP + diagonal (GGN) Laplace, predicted in one pass by :class:`~pyro_subnet.infer.AnalyticPredictive`."""
+    """MAP + diagonal (GGN) Laplace with the prior precision (and a learned noise) tuned by its
+    evidence, predicted in one pass by :class:`~pyro_subnet.infer.AnalyticPredictive`."""
     from .infer.analytic import AnalyticPredictive, FlatPosterior
     from .infer.autoguide import curvature
 
@@ -267,18 +268,22 @@ def run_analytic(ctx: Context) -> MethodResult:
     lik = ctx.model.likelihood
     ggn = curvature.ggn(ctx.model.network, lik, theta, (ctx.ds.x_train, ctx.ds.y_train), structure="diag")
     prior = ctx.model.prior_precision(dtype=theta.dtype, device=theta.device)
-    diag = {}
+    from .infer.autoguide import prior as prior_lib
+    one_group = torch.zeros(len(theta), dtype=torch.long, device=theta.device)
     if ctx.learns_noise:
         # Noise scale and one prior precision by the diagonal Laplace evidence.
-        from .infer.autoguide import prior as prior_lib
         with torch.no_grad():
             sse = float((ctx.model.network.flat(theta, ctx.ds.x_train)[:, 0] - ctx.ds.y_train).pow(2).sum())
         ggn1 = ggn * lik.noise_scale ** 2
-        prior, scale = prior_lib.tune_marglik_noise(ggn1, theta, torch.zeros(len(theta), dtype=torch.long),
-                                                    prior, sse, len(ctx.ds.y_train), lik.noise_scale)
+        prior, scale = prior_lib.tune_marglik_noise(ggn1, theta, one_group, prior, sse, len(ctx.ds.y_train),
+                                                    lik.noise_scale)
         lik.set_noise_scale(scale)
         ggn = ggn1 / scale ** 2
-        diag = {"noise_scale": scale, "prior_precision": float(prior[0])}
+    else:
+        # One prior precision by the diagonal Laplace evidence: an untuned diagonal Laplace over
+        # every weight is far too wide.
+        prior = prior_lib.tune_marglik(ggn, theta, one_group, prior)
+    diag = {"prior_precision": float(prior[0]), **({"noise_scale": lik.noise_scale} if ctx.learns_noise else {})}
     var = 1.0 / (ggn + prior)
     out = AnalyticPredictive(ctx.model, FlatPosterior(theta, var), covariance="diag")(ctx.ds.x_test)
     seconds = ctx.map_seconds + time.perf_counter() - t0

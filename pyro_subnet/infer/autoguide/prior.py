@@ -25,7 +25,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from numbers import Number
-from typing import Mapping, Optional
+from typing import Mapping
 
 import torch
 
