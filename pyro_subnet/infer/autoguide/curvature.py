@@ -174,6 +174,14 @@ def _linear_jacobian(fnet: FunctionalNet, theta: torch.Tensor, x: torch.Tensor,
     return f.detach(), J
 
 
+def _restricted(fnet: FunctionalNet, theta: torch.Tensor, x: torch.Tensor, indices: Optional[torch.Tensor]):
+    """The network as a function of the coordinates ``S`` alone (the rest fixed at ``theta``),
+    and the point ``theta_S`` to differentiate it at."""
+    if indices is None:
+        return (lambda z: fnet.flat(z, x)), theta
+    return (lambda z: fnet.flat(theta.index_put((indices,), z), x)), theta[indices]
+
+
 def jvp(fnet: FunctionalNet, theta: torch.Tensor, x: torch.Tensor, v: torch.Tensor,
         indices: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward-mode product :math:`J_S v` for one or a batch of tangents.
@@ -182,14 +190,7 @@ def jvp(fnet: FunctionalNet, theta: torch.Tensor, x: torch.Tensor, v: torch.Tens
     :returns: ``f`` of shape ``(N, O)`` and ``J v`` of shape ``(N, O)`` or ``(K, N, O)``.
     """
     theta = theta.detach()
-    if indices is None:
-        def f_sub(z):
-            return fnet.flat(z, x)
-        base = theta
-    else:
-        def f_sub(z):
-            return fnet.flat(theta.index_put((indices,), z), x)
-        base = theta[indices]
+    f_sub, base = _restricted(fnet, theta, x, indices)
     if v.dim() == 1:
         return _jvp(f_sub, (base,), (v,))
     f = fnet.flat(theta, x)
@@ -204,14 +205,7 @@ def vjp(fnet: FunctionalNet, theta: torch.Tensor, x: torch.Tensor, u: torch.Tens
     :returns: shape ``(k,)`` or ``(K, k)``.
     """
     theta = theta.detach()
-    if indices is None:
-        def f_sub(z):
-            return fnet.flat(z, x)
-        base = theta
-    else:
-        def f_sub(z):
-            return fnet.flat(theta.index_put((indices,), z), x)
-        base = theta[indices]
+    f_sub, base = _restricted(fnet, theta, x, indices)
     _, pullback = _vjp(f_sub, base)
     if u.dim() == 2:
         return pullback(u)[0]
