@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for results.json and the PNG figures (default: pyro_subnet_out)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default: 1; the main job's small networks run fastest on one "
+                        "thread, and more threads than free cores slow them down many times over)")
     return p
 
 
@@ -106,6 +109,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         methods = _parse_methods(args.methods)
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
         torch.manual_seed(args.seed)
         ds = load(args.dataset, seed=args.seed)
         ctx = make_context(ds, quick=args.quick, seed=args.seed, progress=not args.no_progress)
