@@ -60,8 +60,8 @@ def make_model(ds, width: int):
 
 def sampled_guide(model, quick: bool):
     return AutoSampledLaplace(model, num_posterior_samples=64, prior_precision="em",
-                              num_em_steps=3 if quick else 6, em_tol=1e-2, tol=1e-3 if quick else 1e-4,
-                              max_iter=60 if quick else 300, map_steps=0, progress=False)
+                              num_em_steps=3 if quick else 5, em_tol=1e-2, tol=1e-3,
+                              max_iter=60 if quick else 150, map_steps=0, progress=False)
 
 
 def memory_probe(width: int, quick: bool) -> dict:

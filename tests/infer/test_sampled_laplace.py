@@ -96,3 +96,25 @@ def test_pyro_predictive_and_state_dict():
     assert torch.allclose(q["bias"][0], guide.median()["bias"])
     with pytest.raises(ValueError, match="solver"):
         AutoSampledLaplace(model, solver="adam")
+
+
+def test_layerwise_em_matches_the_exact_fixed_point():
+    """Per-site EM from the samples converges where MacKay's update with the exact posterior does
+    (prior_lib.tune_em on the dense GGN, one group per site: the weight and the bias)."""
+    from pyro_subnet.infer.autoguide import prior as prior_lib
+    model, x, y, X = _blr()
+    guide = AutoSampledLaplace(model, num_posterior_samples=2000, prior_precision="em", prior_structure="layerwise",
+                               num_em_steps=40, em_tol=1e-4, map_steps=0, tol=1e-8, newton_step=True,
+                               progress=False).fit(x, y)
+    G = X.T @ X / NOISE ** 2
+    idx = torch.arange(5)
+    groups = prior_lib.structure_groups("layerwise", model.layout, idx)
+    mean, _ = _exact(X, y, 1.0)
+    # the EM fixed point of the linear model: theta_bar at each iterate's precision
+    p = torch.ones(5, dtype=torch.float64)
+    for _ in range(500):
+        H = G + torch.diag(p)
+        mean = torch.linalg.solve(H, X.T @ y / NOISE ** 2)
+        p = prior_lib.tune_em(G, mean, groups, p, max_iter=1)
+    assert torch.allclose(guide.prior_prec, p, rtol=0.08)
+    assert not torch.allclose(guide.prior_prec[:4], guide.prior_prec[4:].expand(4), rtol=0.1)  # two groups

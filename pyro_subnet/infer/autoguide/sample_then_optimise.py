@@ -242,7 +242,13 @@ def solve_sgd(fnet, likelihood, theta, data, a: torch.Tensor, b: torch.Tensor, x
     return STOSolution(avg, Gavg, epoch + 1, rel)
 
 
-def effective_dimension(sol: STOSolution) -> torch.Tensor:
+def effective_dimension(sol: STOSolution, groups: Optional[torch.Tensor] = None,
+                        num_groups: Optional[int] = None) -> torch.Tensor:
     """:math:`\\gamma = \\frac1K \\sum_k \\zeta_k^\\top G \\zeta_k` (an unbiased estimate of
-    :math:`\\mathrm{tr}(H^{-1} G)`)."""
-    return (sol.samples * sol.g_samples).sum(-1).mean()
+    :math:`\\mathrm{tr}(H^{-1} G)`); with ``groups`` (a group id per coordinate), one
+    :math:`\\gamma_g = \\frac1K \\sum_k \\zeta_{k,g}^\\top (G \\zeta_k)_g` per group, shape ``(num_groups,)``."""
+    per_coord = (sol.samples * sol.g_samples).mean(0)
+    if groups is None:
+        return per_coord.sum()
+    num_groups = int(groups.max()) + 1 if num_groups is None else num_groups
+    return torch.zeros(num_groups, dtype=per_coord.dtype, device=per_coord.device).index_add_(0, groups, per_coord)

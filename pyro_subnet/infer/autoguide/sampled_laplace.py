@@ -43,8 +43,11 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
     :param subnet: a ``ps.subnet`` strategy or indices (default: all weights).
     :param num_posterior_samples: ``K``.
     :param prior_precision: ``None`` (the model's prior), a number, a dict of site patterns to
-        numbers, a tensor ``(k,)``, or ``"em"`` (tuned, one scalar). A regression model with ``noise_scale=None`` also gets its noise scale by EM,
+        numbers, a tensor ``(k,)``, or ``"em"`` (tuned by EM, see ``prior_structure``). A regression
+        model with ``noise_scale=None`` also gets its noise scale by EM,
         :math:`\\sigma^2 = \\mathrm{SSE}/(M - \\gamma)` (MacKay, 1992), stored in its likelihood.
+    :param prior_structure: what EM tunes: ``"scalar"`` (one precision) or ``"layerwise"`` (one per
+        weight site, each with its own :math:`\\gamma_g = \\frac1K\\sum_j \\zeta_{j,g}^\\top (G\\zeta_j)_g`).
     :param num_em_steps: at most this many EM steps (with ``"em"``).
     :param em_tol: relative change of the prior precision at which EM stops.
     :param solver: ``"cg"`` (batched conjugate gradients with full-batch GGN products, Jacobi
@@ -73,7 +76,8 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
 
     def __init__(self, model, subnet=None, num_posterior_samples: int = 64, prior_precision=None,
                  num_em_steps: int = 10, em_tol: float = 1e-3, solver: str = "cg", tol: float = 1e-4,
-                 max_iter: int = 500, sgd_lr: float = 1e-3, newton_step: bool = False, seed: int = 0, map_steps: int = 2000,
+                 max_iter: int = 500, sgd_lr: float = 1e-3, newton_step: bool = False,
+                 prior_structure: str = "scalar", seed: int = 0, map_steps: int = 2000,
                  map_lr: float = 1e-2, batch_size: int = 256, progress: bool = True):
         super().__init__(model, map_steps=map_steps, map_lr=map_lr, batch_size=batch_size, progress=progress)
         if not (isinstance(num_posterior_samples, int) and num_posterior_samples >= 2):
@@ -83,7 +87,10 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
         if isinstance(prior_precision, str) and prior_precision != "em":
             raise ValueError(f"prior_precision: the only tuning rule here is 'em', got {prior_precision!r}.")
         self.subnet = subnet
+        if prior_structure not in ("scalar", "layerwise"):
+            raise ValueError(f"prior_structure must be 'scalar' or 'layerwise', got {prior_structure!r}.")
         self.prior_precision_spec = prior_precision
+        self.prior_structure = prior_structure
         self.num_posterior_samples = num_posterior_samples
         self.num_em_steps, self.em_tol = num_em_steps, em_tol
         self.solver, self.tol, self.max_iter, self.sgd_lr, self.seed = solver, tol, max_iter, sgd_lr, seed
@@ -107,9 +114,12 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
         idx = self._select(theta, (x, y), prior_full)
         spec = None if self.prior_precision_spec == "em" else self.prior_precision_spec
         a = prior_lib.expand_prior_precision(spec, self.model.layout, idx, prior_full[idx])
-        if self.prior_precision_spec == "em":
-            a = a.mean().expand(len(idx)).clone()  # one scalar, as the MacKay update tunes
         tune_prior = self.prior_precision_spec == "em"
+        groups = prior_lib.structure_groups(self.prior_structure, self.model.layout, idx)
+        num_groups = int(groups.max()) + 1
+        if tune_prior:   # one precision per group (its mean over the group), as the MacKay update tunes
+            count = torch.bincount(groups, minlength=num_groups).to(a.dtype)
+            a = (torch.zeros(num_groups, dtype=a.dtype, device=a.device).index_add_(0, groups, a) / count)[groups]
         learn_noise = getattr(lik, "learn_noise", False)
 
         def prepare():
@@ -136,12 +146,18 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
             solution = sol.samples
             mean = theta_s + solution[0]
             samples = sto.STOSolution(solution[1:], sol.g_samples[1:], sol.iterations, sol.residual)
-            gamma = sto.effective_dimension(samples).clamp(1e-6, float(len(idx)))  # gamma lies in (0, k)
-            trace.append([float(a[0]), float(gamma), sol.iterations, sol.residual])
+            gamma_g = sto.effective_dimension(samples, groups, num_groups)
+            gamma_g = torch.minimum(gamma_g.clamp_min(1e-6), torch.bincount(groups, minlength=num_groups).to(gamma_g))
+            gamma = gamma_g.sum()                                  # gamma lies in (0, k), per group too
+            trace.append([float(a.mean()), float(gamma), sol.iterations, sol.residual])
             if not (tune_prior or learn_noise):
                 break
-            new = prior_lib.mackay_update(mean.pow(2).sum()[None], gamma[None]).expand(len(idx)) if tune_prior else a
-            bar.set_postfix(prior_precision=f"{float(new[0]):.4g}", gamma=f"{float(gamma):.1f}")
+            if tune_prior:
+                theta_sq = torch.zeros(num_groups, dtype=mean.dtype, device=mean.device).index_add_(0, groups, mean.pow(2))
+                new = prior_lib.mackay_update(theta_sq, gamma_g)[groups]
+            else:
+                new = a
+            bar.set_postfix(prior_precision=f"{float(new.mean()):.4g}", gamma=f"{float(gamma):.1f}")
             converged = float(((new - a).abs() / a).max()) < self.em_tol
             a = new.clone()
             if learn_noise:
