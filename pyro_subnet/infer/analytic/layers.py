@@ -103,7 +103,13 @@ for _t in IDENTITY:
     RULES[_t] = lambda module, prefix, x, post: x
 
 for _t in ELEMENTWISE:
-    RULES[_t] = lambda module, prefix, x, post: moments.elementwise(module, x)
+    RULES[_t] = lambda module, prefix, x, post: _elementwise(module, x, post)
+
+
+def _elementwise(fn, x, post):
+    if post.activations == "moments":
+        return moments.elementwise_moments(fn, x)
+    return _elementwise(fn, x, post)
 
 
 def _linear_params(post: SitePosterior, w: str, b: str, has_bias: bool, rows: slice = slice(None)):
@@ -125,8 +131,9 @@ def _linear_params(post: SitePosterior, w: str, b: str, has_bias: bool, rows: sl
 
 @register(nn.Linear)
 def _linear(module, prefix, x, post):
-    weight, bias, wv, G = _linear_params(post, prefix + "weight", prefix + "bias", module.bias is not None)
-    return moments.linear(x, weight, bias, wv, G)
+    lw = post.cached(("linear", prefix), lambda: moments.prepare_linear(
+        *_linear_params(post, prefix + "weight", prefix + "bias", module.bias is not None), full=post.full))
+    return moments.linear(x, lw, full=post.full)
 
 
 @register(nn.Conv2d)
@@ -193,8 +200,9 @@ def _self_attention(module, prefix, x, post):
     N, T = mean.shape[:2]
     heads = lambda t: t.reshape(N, T, H, d).transpose(1, 2)  # noqa: E731  (N, H, T, d)
     attn = torch.softmax(heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(d), dim=-1)
-    weight, bias, wv, G = _linear_params(post, w, b, has_bias, rows=slice(2 * E, 3 * E))
-    v = moments.linear(x, weight, bias, wv, G)
+    lw = post.cached(("values", prefix), lambda: moments.prepare_linear(
+        *_linear_params(post, w, b, has_bias, rows=slice(2 * E, 3 * E))))
+    v = moments.linear(x, lw)
     r = None if v.A is None else v.A.shape[-1]
     v = moments.Gaussian(heads(v.mean), heads(v.var),
                          None if v.A is None else v.A.reshape(N, T, H, d, r).transpose(1, 2))
@@ -207,10 +215,11 @@ def _self_attention(module, prefix, x, post):
 def _activation(fn, prefix, x, post):
     if isinstance(fn, nn.Module):
         return propagate(fn, x, post, prefix)
-    return moments.elementwise(fn, x)
+    return _elementwise(fn, x, post)
 
 
 def _time_first(x: moments.Gaussian) -> moments.Gaussian:
+    x = x.materialised()
     return moments.Gaussian(x.mean.transpose(0, 1), x.var.transpose(0, 1),
                             None if x.A is None else x.A.transpose(0, 1))
 

@@ -56,61 +56,125 @@ class Gaussian(NamedTuple):
     @property
     def full(self) -> bool:
         """Whether ``var`` is a per-example covariance ``(..., F, F)``."""
-        return self.var.dim() == self.mean.dim() + 1
+        return self.var is not None and self.var.dim() == self.mean.dim() + 1
+
+    @property
+    def exact(self) -> bool:
+        """Whether the activation is known (``var`` is ``None``: zero, e.g. the data, and no ``A``)."""
+        return self.var is None and self.A is None
+
+    def materialised(self) -> "Gaussian":
+        """The same activation with ``var = 0`` written out when it is ``None``."""
+        return self if self.var is not None else self._replace(var=torch.zeros_like(self.mean))
 
     def total_var(self) -> torch.Tensor:
         """Variances ``(..., F)`` including the shared part."""
-        v = self.var.diagonal(dim1=-2, dim2=-1) if self.full else self.var
+        v = self.materialised().var
+        v = v.diagonal(dim1=-2, dim2=-1) if self.full else v
         return v if self.A is None else v + (self.A ** 2).sum(-1)
 
     def total_cov(self) -> torch.Tensor:
-        """Covariance ``(..., F, F)`` including the shared part (full activations only)."""
-        return self.var if self.A is None else self.var + self.A @ self.A.transpose(-1, -2)
+        """Covariance ``(..., F, F)`` including the shared part."""
+        var = self.var if self.full else torch.diag_embed(self.materialised().var)
+        return var if self.A is None else var + self.A @ self.A.transpose(-1, -2)
 
 
 def _diag(x: Gaussian) -> torch.Tensor:
     return x.var.diagonal(dim1=-2, dim2=-1) if x.full else x.var
 
 
-def linear(x: Gaussian, weight: torch.Tensor, bias: Optional[torch.Tensor],
-           weight_var: Optional[torch.Tensor] = None, factor: Optional[torch.Tensor] = None) -> Gaussian:
+class LinearWeights(NamedTuple):
+    """A linear layer's posterior and what :func:`linear` derives from it alone (computed once per
+    posterior by :func:`prepare_linear`, not once per batch).
+
+    ``weight`` ``(out, in)``, ``bias`` ``(out,)`` or ``None``; ``weight_var_t``: the independent
+    variances of ``[W, b]`` transposed, ``(in + 1, out)``; ``factor``: ``G`` ``(out, in + 1, r)``;
+    ``factor_flat``: ``G`` as ``(in + 1, out * r)``; ``weight_sq_t``: ``(W^2)^T``; ``factor_sq_t``:
+    :math:`(\sum_r G_{kir}^2)^T`, ``(in, out)``; ``outer``: :math:`W_{ki} W_{li}` as ``(in, out * out)`` and
+    ``cross``: :math:`\mathrm{Cov}_G(W_{ki}, W_{li})` as ``(in, out * out)`` (full covariances only).
+    """
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    weight_var_t: Optional[torch.Tensor]
+    factor: Optional[torch.Tensor]
+    factor_flat: Optional[torch.Tensor]
+    weight_sq_t: torch.Tensor
+    factor_sq_t: Optional[torch.Tensor]
+    outer: Optional[torch.Tensor]
+    cross: Optional[torch.Tensor]
+
+
+def prepare_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], weight_var: Optional[torch.Tensor] = None,
+                   factor: Optional[torch.Tensor] = None, full: bool = False) -> LinearWeights:
+    """:class:`LinearWeights` from the weight mean ``(out, in)``, bias mean, independent variances of
+    ``[W, b]`` ``(out, in + 1)`` and factor ``G`` ``(out, in + 1, r)`` (see :func:`linear`)."""
+    out, n_in = weight.shape
+    outer = cross = factor_flat = factor_sq_t = None
+    if full:
+        outer = (weight.T.unsqueeze(-1) * weight.T.unsqueeze(-2)).reshape(n_in, out * out)
+    if factor is not None:
+        factor_flat = factor.permute(1, 0, 2).reshape(n_in + 1, -1)
+        factor_sq_t = (factor[:, :-1] ** 2).sum(-1).T
+        if full:
+            cross = torch.einsum("kir,lir->ikl", factor[:, :-1], factor[:, :-1]).reshape(n_in, out * out)
+    return LinearWeights(weight, bias, None if weight_var is None else weight_var.T.contiguous(), factor,
+                         factor_flat, (weight ** 2).T.contiguous(), factor_sq_t, outer, cross)
+
+
+def linear(x: Gaussian, lw: LinearWeights, full: bool = False) -> Gaussian:
     """Moments of ``h = W a + b`` (see the module docstring).
 
     :param x: input ``Gaussian`` with features ``in`` last.
-    :param weight: weight mean ``(out, in)``; ``bias``: bias mean ``(out,)`` or ``None``.
-    :param weight_var: independent variances of ``[W, b]``, ``(out, in + 1)``, or ``None``.
-    :param factor: ``G``, ``(out, in + 1, r)``: the coefficients of the shared ``epsilon``, or ``None``.
+    :param lw: the layer's :class:`LinearWeights` (from :func:`prepare_linear`).
+    :param full: return a full covariance ``(..., out, out)`` even for diagonal input (the mixing
+        ``W diag(v) W^T`` correlates the outputs); a full input always gives a full output.
+
+    A known input (:attr:`Gaussian.exact`, e.g. the data) gives, whatever ``full``, an exactly
+    diagonal independent part (each output unit has its own independent weights), so it stays
+    diagonal and the products with the zero input variance are skipped.
     """
+    exact_input = x.exact
+    if x.var is None and not exact_input:
+        x = x.materialised()
     mean, var, A = x
+    weight, factor = lw.weight, lw.factor
+    out_f = weight.shape[0]
     out_mean = mean @ weight.T
-    if bias is not None:
-        out_mean = out_mean + bias
-    if x.full:
+    if lw.bias is not None:
+        out_mean = out_mean + lw.bias
+    full_out = x.full or (full and not exact_input)
+    if exact_input:
+        out_var = None
+    elif x.full:
         out_var = weight @ var @ weight.T
+    elif full_out:
+        out_var = (var @ lw.outer).unflatten(-1, (out_f, out_f))
     else:
-        out_var = var @ (weight ** 2).T
+        out_var = var @ lw.weight_sq_t
     out_A = None if A is None else torch.einsum("...ir,ki->...kr", A, weight)
-    if weight_var is None and factor is None:
-        return Gaussian(out_mean, out_var, out_A)
-    one = torch.ones_like(mean[..., :1])
-    mean1 = torch.cat([mean, one], -1)
-    var1 = torch.cat([_diag(x), torch.zeros_like(one)], -1)
-    if weight_var is not None:
-        second = mean1 ** 2 + var1
-        if A is not None:
-            second = second + torch.cat([(A ** 2).sum(-1), torch.zeros_like(one)], -1)
-        d = second @ weight_var.T
-        out_var = out_var + (torch.diag_embed(d) if x.full else d)
+    if lw.weight_var_t is None and factor is None:
+        return Gaussian(out_mean, out_var, out_A)   # out_var None: still known (a deterministic layer)
+    if lw.weight_var_t is not None:
+        wv, wvb = lw.weight_var_t[:-1], lw.weight_var_t[-1]
+        second = mean ** 2
+        if not exact_input:
+            second = second + _diag(x)
+            if A is not None:
+                second = second + (A ** 2).sum(-1)
+        d = second @ wv + wvb
+        out_var = d if out_var is None else out_var + (torch.diag_embed(d) if full_out else d)
     if factor is not None:
-        gm = torch.einsum("kir,...i->...kr", factor, mean1)
+        gm = (mean @ lw.factor_flat[:-1] + lw.factor_flat[-1]).unflatten(-1, (out_f, -1))
         out_A = gm if out_A is None else out_A + gm
         if A is not None:
             out_mean = out_mean + torch.einsum("kir,...ir->...k", factor[:, :-1], A)
-        if x.full:
-            cross = torch.einsum("kir,lir->ikl", factor, factor)      # Cov_G(W_ki, W_li), once per layer
-            out_var = out_var + torch.einsum("...i,ikl->...kl", var1, cross)
-        else:
-            out_var = out_var + var1 @ (factor ** 2).sum(-1).T
+        if not exact_input:
+            var_in = _diag(x)
+            if full_out:
+                out_var = out_var + (var_in @ lw.cross).unflatten(-1, (out_f, out_f))
+            else:
+                out_var = out_var + var_in @ lw.factor_sq_t
     return Gaussian(out_mean, out_var, out_A)
 
 
@@ -124,12 +188,16 @@ def _per_column(fn: Callable[[torch.Tensor], torch.Tensor], A: torch.Tensor) -> 
 
 def reshape(fn: Callable[[torch.Tensor], torch.Tensor], x: Gaussian) -> Gaussian:
     """A batch-first reshape (``Flatten``, ``Unflatten``) of diagonal activations."""
+    if x.exact:
+        return Gaussian(fn(x.mean), None)
+    x = x.materialised()
     return Gaussian(fn(x.mean), fn(x.var), None if x.A is None else _per_column(fn, x.A))
 
 
 def add(x: Gaussian, y: Gaussian) -> Gaussian:
     """A residual sum ``x + y``: the shared parts add exactly; the independent parts are taken as
     uncorrelated (the paper's assumption), so their variances add."""
+    x, y = x.materialised(), y.materialised()
     A = x.A if y.A is None else (y.A if x.A is None else x.A + y.A)
     return Gaussian(x.mean + y.mean, x.var + y.var, A)
 
@@ -138,9 +206,91 @@ def elementwise(fn: Callable[[torch.Tensor], torch.Tensor], x: Gaussian) -> Gaus
     """Local linearisation of an elementwise function at the mean: :math:`\\mu' = g(\\mu)`,
     :math:`\\Sigma' = J \\Sigma J`, :math:`A' = J A` with :math:`J = \\mathrm{diag}(g'(\\mu))` (``g'``
     by forward-mode autodiff, so any elementwise function works: ReLU, GELU, SiLU, tanh, ...)."""
+    if x.exact:
+        return Gaussian(fn(x.mean), None)
+    x = x.materialised()
     out, slope = torch.func.jvp(fn, (x.mean,), (torch.ones_like(x.mean),))
     var = slope.unsqueeze(-1) * x.var * slope.unsqueeze(-2) if x.full else slope ** 2 * x.var
     return Gaussian(out, var, None if x.A is None else slope.unsqueeze(-1) * x.A)
+
+
+def _is_relu(fn) -> bool:
+    return isinstance(fn, torch.nn.ReLU) or fn is torch.relu or fn is torch.nn.functional.relu
+
+
+_NODES = {}
+#: Gauss-Hermite nodes for activations without a closed form (tanh, sigmoid, GELU, ...).
+NUM_NODES = 12
+
+
+def _hermite(n: int, dtype, device):
+    """Gauss-Hermite nodes ``z`` and weights ``w`` (summing to one) for ``E[f(z)], z ~ N(0, 1)``."""
+    key = (n, dtype, device)
+    if key not in _NODES:
+        import numpy as np
+        z, w = np.polynomial.hermite_e.hermegauss(n)
+        _NODES[key] = (torch.as_tensor(z, dtype=dtype, device=device),
+                       torch.as_tensor(w / w.sum(), dtype=dtype, device=device))
+    return _NODES[key]
+
+
+def _quadrature_moments(fn, h: torch.Tensor, w: torch.Tensor):
+    """``E[g]``, ``E[g^2]``, ``E[g']`` over the last dimension of the nodes ``h`` with weights ``w``
+    (tanh and sigmoid through their derivative in terms of ``g``, autodiff otherwise)."""
+    if isinstance(fn, torch.nn.Tanh) or fn is torch.tanh:
+        g = torch.tanh(h)
+        m, m2 = torch.stack([g, g * g]) @ w
+        return m, m2, 1 - m2                              # tanh' = 1 - tanh^2
+    if isinstance(fn, torch.nn.Sigmoid) or fn is torch.sigmoid:
+        g = torch.sigmoid(h)
+        m, m2 = torch.stack([g, g * g]) @ w
+        return m, m2, m - m2                              # sigmoid' = sigmoid (1 - sigmoid)
+    g, dg = torch.func.jvp(fn, (h,), (torch.ones_like(h),))
+    m, m2, J = torch.stack([g, g * g, dg]) @ w
+    return m, m2, J
+
+
+def elementwise_moments(fn: Callable[[torch.Tensor], torch.Tensor], x: Gaussian, num_nodes: int = NUM_NODES) -> Gaussian:
+    """Moment matching of an elementwise function of a Gaussian unit :math:`h \sim \mathcal N(\mu, s^2)`
+    (``s^2`` the total variance, ``var`` plus the shared part):
+
+    .. math:: \mu' = \mathbb E[g(h)], \qquad \mathrm{Var}[g(h)], \qquad J = \mathbb E[g'(h)].
+
+    Mean and variance are the exact moments of each unit (ReLU in closed form, the rectified
+    Gaussian: :math:`\mu' = \mu\Phi(\alpha) + s\phi(\alpha)`, :math:`\mathbb E[g^2] = (\mu^2 + s^2)
+    \Phi(\alpha) + \mu s \phi(\alpha)`, :math:`J = \Phi(\alpha)`, :math:`\alpha = \mu / s`; other
+    functions by ``num_nodes``-point Gauss-Hermite quadrature). Covariances with other units and
+    with ``epsilon`` use the statistical linearisation ``J`` (Stein's lemma:
+    :math:`\mathrm{Cov}(g(h_i), h_j) = \mathbb E[g'(h_i)] \mathrm{Cov}(h_i, h_j)`, exact for jointly Gaussian
+    units): :math:`A' = J A`, :math:`\Sigma'_{ij} = J_i J_j \Sigma_{ij}` (``i != j``), and the independent
+    variance is what is left of :math:`\mathrm{Var}[g(h_i)]` after the shared part
+    :math:`J_i^2 \lVert A_i \rVert^2` (never negative: :math:`\mathrm{Var}[g(h)] \ge \mathbb E[g'(h)]^2 s^2`).
+    Unlike the linearisation at the mean (:func:`elementwise`), a saturating unit with a large
+    variance keeps a bounded variance.
+    """
+    if x.exact:
+        return Gaussian(fn(x.mean), None)
+    x = x.materialised()
+    mu, tv = x.mean, x.total_var()
+    if _is_relu(fn):
+        s = tv.clamp_min(torch.finfo(mu.dtype).tiny).sqrt()
+        a = mu / s
+        cdf = torch.special.ndtr(a)
+        pdf = torch.exp(-0.5 * a * a) * (0.5 / torch.pi) ** 0.5
+        m = mu * cdf + s * pdf
+        var_total = ((mu * mu + tv) * cdf + mu * s * pdf - m * m).clamp_min(0)
+        J = cdf
+    else:
+        z, w = _hermite(num_nodes, mu.dtype, mu.device)
+        m, m2, J = _quadrature_moments(fn, mu.unsqueeze(-1) + tv.sqrt().unsqueeze(-1) * z, w)
+        var_total = (m2 - m * m).clamp_min(0)
+    indep = var_total if x.A is None else (var_total - J * J * (x.A ** 2).sum(-1)).clamp_min(0)
+    if x.full:
+        var = J.unsqueeze(-1) * x.var * J.unsqueeze(-2)
+        var = var - torch.diag_embed(var.diagonal(dim1=-2, dim2=-1)) + torch.diag_embed(indep)
+    else:
+        var = indep
+    return Gaussian(m, var, None if x.A is None else J.unsqueeze(-1) * x.A)
 
 
 def layer_norm(x: Gaussian, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
@@ -154,6 +304,7 @@ def layer_norm(x: Gaussian, weight: Optional[torch.Tensor], bias: Optional[torch
     (marginal) variances ``weight_var``, ``bias_var``, taken independent, add
     :math:`\\mathrm{Var}(\\gamma)(\\hat x^2 + \\mathrm{Var}(\\hat x)) + \\mathrm{Var}(\\beta)` on the diagonal.
     """
+    x = x.materialised()
     mean, var, A = x
     F = mean.shape[-1]
     s = (mean.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
@@ -196,7 +347,7 @@ def conv2d(x: Gaussian, weight: torch.Tensor, bias: Optional[torch.Tensor], weig
     :param factor_w: ``G`` as ``(r, C_out, C_in, kh, kw)``; ``factor_b``: ``(r, C_out)``.
     """
     f = torch.nn.functional.conv2d
-    mean, var, A = x
+    mean, var, A = x.materialised()
     out_mean = f(mean, weight, bias, **conv)
     out_var = f(var, weight ** 2, None, **conv)
     out_A = None if A is None else _per_column(lambda c: f(c, weight, None, **conv), A)
@@ -229,6 +380,7 @@ def attention_values(v: Gaussian, attn: torch.Tensor) -> Gaussian:
 
     :param v: values with mean/var ``(N, H, T, d)`` and ``A`` ``(N, H, T, d, r)``; ``attn``: ``(N, H, T, T)``.
     """
+    v = v.materialised()
     A = None if v.A is None else torch.einsum("nhts,nhsdr->nhtdr", attn, v.A)
     return Gaussian(attn @ v.mean, (attn ** 2) @ v.var, A)
 

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
+import pyro
 import torch
 
 from . import layers, moments
 from .posterior import FlatPosterior, SitePosterior, read_posterior
+
+
+def _guide_tensors(guide) -> List[torch.Tensor]:
+    """Every tensor the posterior is read from: a module's parameters and buffers, the Pyro param
+    store (where ``AutoNormal`` & co keep theirs), or a :class:`FlatPosterior`'s fields."""
+    if isinstance(guide, FlatPosterior):
+        return [t for t in guide if t is not None]
+    out = []
+    if isinstance(guide, torch.nn.Module):
+        out += list(guide.parameters()) + list(guide.buffers())
+    store = pyro.get_param_store()
+    out += [p for _, p in store.named_parameters()]
+    return out
 
 
 class AnalyticPredictive:
@@ -50,7 +64,8 @@ class AnalyticPredictive:
     torch.Size([10, 3])
     """
 
-    def __init__(self, model, guide, covariance: str = "auto", batch_size: Optional[int] = None):
+    def __init__(self, model, guide, covariance: str = "auto", batch_size: Optional[int] = None,
+                 activations: str = "moments"):
         if not hasattr(model, "network") or not hasattr(model, "layout"):
             raise TypeError("AnalyticPredictive: model must be a pyro_subnet BayesianNet (with .network and .layout).")
         if model.network.is_pyro:
@@ -58,16 +73,35 @@ class AnalyticPredictive:
                             "ps.nn.BayesianNet so that it can be walked layer by layer.")
         if covariance not in ("auto", "full", "diag"):
             raise ValueError(f"AnalyticPredictive: covariance must be 'auto', 'full' or 'diag', got {covariance!r}.")
+        if activations not in ("moments", "linearise"):
+            raise ValueError(f"AnalyticPredictive: activations must be 'moments' or 'linearise', got {activations!r}.")
+        self.activations = activations
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"AnalyticPredictive: batch_size must be a positive integer or None, got {batch_size!r}.")
         self.model = model
         self.guide = guide
         self.batch_size = batch_size
+        self._cache = None
         net = model.network.module
         self.full = covariance == "full" or (covariance == "auto" and not layers.prefers_diagonal(net))
         if self.full and layers.prefers_diagonal(net, max_width=10 ** 9):
             raise ValueError("AnalyticPredictive: covariance='full' supports MLPs only (Linear layers and "
                              "elementwise activations); use covariance='diag'.")
+
+    def _site_posterior(self, dtype, device) -> SitePosterior:
+        """The per-site posterior, read from the guide again only when one of its tensors has changed
+        (a new tensor, or an in-place update such as an optimiser step: ``tensor._version``), so that
+        repeated predictions skip reading the guide and everything the layers derive from it."""
+        tensors = _guide_tensors(self.guide)
+        key = (dtype, device, self.full, self.activations, len(tensors))
+        cached = self._cache
+        if (cached is not None and cached[0] == key
+                and all(a is b and v == b._version for (a, v), b in zip(cached[1], tensors))):
+            return cached[2]
+        post = SitePosterior(self.posterior(), self.model.layout, dtype, device, full=self.full,
+                             activations=self.activations)
+        self._cache = (key, [(t, t._version) for t in tensors], post)
+        return post
 
     def posterior(self) -> FlatPosterior:
         """The guide's Gaussian over the flat weights, in ``model.layout`` order."""
@@ -78,14 +112,14 @@ class AnalyticPredictive:
         """Mean ``(N, O)`` and variances ``(N, O)`` or covariance ``(N, O, O)`` of ``f(x)``."""
         if not torch.is_tensor(x) or not x.is_floating_point():
             raise TypeError("AnalyticPredictive: x must be a floating-point tensor.")
-        post = SitePosterior(self.posterior(), self.model.layout, x.dtype, x.device)
+        post = self._site_posterior(x.dtype, x.device)
         net = self.model.network.module
         outs = []
         step = x.shape[0] if self.batch_size is None else self.batch_size
         for start in range(0, x.shape[0], max(step, 1)):
             xb = x[start:start + step]
-            var = xb.new_zeros(*xb.shape, xb.shape[-1]) if self.full else torch.zeros_like(xb)
-            outs.append(layers.propagate(net, moments.Gaussian(xb, var), post))
+            # The data is known (var None): the first layer's output is then exactly diagonal.
+            outs.append(layers.propagate(net, moments.Gaussian(xb, None), post))
         if outs[0].mean.dim() != 2:
             raise ValueError(f"AnalyticPredictive: the network output has shape {tuple(outs[0].mean.shape)}, "
                              "expected (N, O).")
