@@ -30,11 +30,15 @@ class AnalyticPredictive:
     Li, Klasson, Solin, Trapp, *Streamlining Prediction in Bayesian Deep Learning* (ICLR 2025).
     Instead of averaging ``S`` forward passes over weight draws, the mean and (co)variance of every
     activation are carried through the network once (Gaussian moment matching at linear layers,
-    linearisation of activations at the mean, a Gaussian value path in attention; see
+    moment matching or linearisation of activations, a Gaussian value path in attention; see
     :mod:`~pyro_subnet.infer.analytic.layers` for what is exact and what is approximated). At the
-    output, with latent function :math:`f \\sim \\mathcal N(\\mu, v)`:
+    output, with latent function :math:`f \\sim \\mathcal N(\\mu, \\Sigma)`:
 
-    * classification: :math:`p(y \\mid x) \\approx \\mathrm{softmax}(\\mu / \\sqrt{1 + \\tfrac{\\pi}{8} v})`;
+    * classification, ``link="gumbel_max"`` (default): :math:`\\mathbb E[\\mathrm{softmax}(f)]` as a
+      multinomial probit with Clark's maximum (:func:`~.moments.gumbel_max_softmax`; uses the
+      covariance between the logits); ``link="probit"``:
+      :math:`p(y \\mid x) \\approx \\mathrm{softmax}(\\mu / \\sqrt{1 + \\tfrac{\\pi}{8} v})` (the paper's
+      link; it uses the variances only and misses the tails when they are large);
     * regression: :math:`y \\mid x \\sim \\mathcal N(\\mu, v + \\sigma^2)`.
 
     :param model: a :class:`~pyro_subnet.nn.BayesianNet` (its plain network is walked layer by
@@ -43,12 +47,19 @@ class AnalyticPredictive:
     :param guide: ``AutoNormal``, ``AutoDiagonalNormal``, ``AutoMultivariateNormal``,
         ``AutoLowRankMultivariateNormal``, ``AutoDelta``, a guide with ``flat_gaussian()``
         (``AutoSubnetLaplace``: its covariance over the subnetwork, the MAP elsewhere), or a
-        :class:`~pyro_subnet.infer.analytic.posterior.FlatPosterior`. The guide is read on every
-        call, so a guide trained further is picked up.
+        :class:`~pyro_subnet.infer.analytic.posterior.FlatPosterior`. The guide is read again
+        whenever one of its tensors (module parameters and buffers, the Pyro param store) has been
+        replaced or changed in place, so a guide trained further is picked up; otherwise what the
+        layers derive from the posterior is reused.
     :param covariance: ``"full"``: a covariance between the features of each example (MLPs only),
         ``"diag"``: variances only (the paper's choice), ``"auto"``: full for MLPs whose layers are
         at most 256 wide, diagonal otherwise.
     :param batch_size: examples per pass (bounds memory); ``None``: all at once.
+    :param activations: ``"moments"`` (default): exact mean and variance of each unit
+        (:func:`~.moments.elementwise_moments`: rectified Gaussian for ReLU, Gauss-Hermite otherwise)
+        with the expected slope for covariances; ``"linearise"``: linearisation at the mean (the
+        paper's choice; it overestimates the variance of saturating units with a large variance).
+    :param link: ``"gumbel_max"`` or ``"probit"`` (classification; see above).
 
     Calling ``pred(x)`` returns a dict with ``"f_mean"`` and ``"f_var"`` (the latent function's
     mean and variances, ``(N, O)``; ``"f_cov"`` ``(N, O, O)`` too with full covariance) and
@@ -65,7 +76,7 @@ class AnalyticPredictive:
     """
 
     def __init__(self, model, guide, covariance: str = "auto", batch_size: Optional[int] = None,
-                 activations: str = "moments"):
+                 activations: str = "moments", link: str = "gumbel_max"):
         if not hasattr(model, "network") or not hasattr(model, "layout"):
             raise TypeError("AnalyticPredictive: model must be a pyro_subnet BayesianNet (with .network and .layout).")
         if model.network.is_pyro:
@@ -76,6 +87,9 @@ class AnalyticPredictive:
         if activations not in ("moments", "linearise"):
             raise ValueError(f"AnalyticPredictive: activations must be 'moments' or 'linearise', got {activations!r}.")
         self.activations = activations
+        if link not in ("gumbel_max", "probit"):
+            raise ValueError(f"AnalyticPredictive: link must be 'gumbel_max' or 'probit', got {link!r}.")
+        self.link = link
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"AnalyticPredictive: batch_size must be a positive integer or None, got {batch_size!r}.")
         self.model = model
@@ -137,7 +151,10 @@ class AnalyticPredictive:
             out["f_cov"] = var
         lik = self.model.likelihood
         if lik.name == "classification":
-            out["probs"] = moments.probit_softmax(mean, out["f_var"])
+            if self.link == "probit":
+                out["probs"] = moments.probit_softmax(mean, out["f_var"])
+            else:
+                out["probs"] = moments.gumbel_max_softmax(mean, var)
         elif lik.name == "regression":
             m, v = mean, out["f_var"] + lik.noise_scale ** 2
             if m.shape[-1] == 1:
