@@ -127,7 +127,7 @@ def test_classification_probit_link():
     D = model.layout.dim
     mean = torch.randn(D, dtype=torch.float64)
     var = torch.full((D,), 0.2, dtype=torch.float64)
-    out = ps.infer.AnalyticPredictive(model, FlatPosterior(mean, var))(x)
+    out = ps.infer.AnalyticPredictive(model, FlatPosterior(mean, var), link="probit")(x)
     f = model.network.flat(mean, x)
     v = ((x ** 2).sum(-1, keepdim=True) + 1) * 0.2          # sum_i x_i^2 Var(W_ki) + Var(b_k)
     want = torch.softmax(f / torch.sqrt(1 + math.pi / 8 * v), -1)
