@@ -3,7 +3,6 @@ mean J m and covariance J Sigma J^T (J the Jacobian in the flat weights), for ev
 
 import math
 
-import pyro
 import pytest
 import torch
 from pyro.infer.autoguide import (AutoDiagonalNormal, AutoLowRankMultivariateNormal, AutoMultivariateNormal,

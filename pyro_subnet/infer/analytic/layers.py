@@ -109,7 +109,7 @@ for _t in ELEMENTWISE:
 def _elementwise(fn, x, post):
     if post.activations == "moments":
         return moments.elementwise_moments(fn, x)
-    return _elementwise(fn, x, post)
+    return moments.elementwise(fn, x)
 
 
 def _linear_params(post: SitePosterior, w: str, b: str, has_bias: bool, rows: slice = slice(None)):
