@@ -19,7 +19,7 @@ def test_elementwise_moments_match_monte_carlo(fn):
     # are good to a few per cent, see _quadrature_moments)
     mean, cov = _gaussian(N=40, scale=1.0)
     x = moments.Gaussian(mean, cov)
-    out = moments.elementwise_moments(fn, x)
+    out = moments.elementwise_moments(fn, x, num_nodes=16)
     z = torch.randn(50000, *mean.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     h = mean + torch.einsum("nkl,snl->snk", torch.linalg.cholesky(cov), z)
     y = fn(h)
@@ -33,6 +33,18 @@ def test_elementwise_moments_match_monte_carlo(fn):
     assert ((v_a - v_mc).abs() / (se_v + 1e-6)).max() < 5
     corr = lambda cv: cv / (cv.diagonal(dim1=-2, dim2=-1).sqrt().unsqueeze(-1) * cv.diagonal(dim1=-2, dim2=-1).sqrt().unsqueeze(-2) + 1e-12)  # noqa: E731
     assert (corr(out.var) - corr(c)).abs().mean() < 0.05
+
+
+@pytest.mark.parametrize("fn", [torch.nn.Tanh(), torch.nn.Sigmoid()])
+def test_default_saturating_moments_are_close(fn):
+    """The default for tanh/sigmoid (probit fit, remainder only for narrow units) against 16 nodes."""
+    mean = torch.linspace(-4, 4, 41, dtype=torch.float64)[:, None].expand(41, 6)
+    var = torch.tensor([0.01, 0.1, 1.0, 4.0, 25.0, 400.0], dtype=torch.float64).expand(41, 6)
+    a = moments.elementwise_moments(fn, moments.Gaussian(mean, var))
+    b = moments.elementwise_moments(fn, moments.Gaussian(mean, var), num_nodes=16)
+    assert (a.mean - b.mean).abs().max() < 0.02
+    big = b.var > 1e-2 * b.var.max()
+    assert ((a.var - b.var).abs() / b.var)[big].max() < 0.1
 
 
 def test_relu_moments_closed_form():
