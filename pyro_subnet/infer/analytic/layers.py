@@ -28,7 +28,7 @@ What is exact and what is approximated:
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Type
+from typing import Callable, Dict, Optional, Type
 
 import torch
 from torch import nn
@@ -73,6 +73,18 @@ def rule_for(module: nn.Module, path: str) -> Rule:
 def propagate(module: nn.Module, x: moments.Gaussian, post: SitePosterior, prefix: str = "") -> moments.Gaussian:
     """Moments of ``module``'s output for the input moments ``x``."""
     return rule_for(module, prefix)(module, prefix, x, post)
+
+
+def output_linear(module: nn.Module, prefix: str = "") -> Optional[str]:
+    """The prefix of the ``nn.Linear`` that produces the network's output (the last layer of nested
+    ``nn.Sequential``), or ``None``: with diagonal activations it still returns the full covariance
+    of the outputs (cheap: ``O x O`` per example), which the classification link uses."""
+    if isinstance(module, nn.Linear):
+        return prefix
+    if isinstance(module, nn.Sequential) and len(module):
+        name, last = list(module.named_children())[-1]
+        return output_linear(last, f"{prefix}{name}.")
+    return None
 
 
 def prefers_diagonal(module: nn.Module, max_width: int = 256) -> bool:
@@ -133,7 +145,11 @@ def _linear_params(post: SitePosterior, w: str, b: str, has_bias: bool, rows: sl
 def _linear(module, prefix, x, post):
     lw = post.cached(("linear", prefix), lambda: moments.prepare_linear(
         *_linear_params(post, prefix + "weight", prefix + "bias", module.bias is not None), full=post.full))
-    return moments.linear(x, lw, full=post.full)
+    full = post.full or prefix == post.full_output_at
+    if full and not post.full:
+        lw = post.cached(("linear-full", prefix), lambda: moments.prepare_linear(
+            *_linear_params(post, prefix + "weight", prefix + "bias", module.bias is not None), full=True))
+    return moments.linear(x, lw, full=full)
 
 
 @register(nn.Conv2d)

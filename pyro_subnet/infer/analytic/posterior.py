@@ -154,14 +154,16 @@ class SitePosterior:
 
     :param post: the flat posterior; ``layout``: the model's layout; ``dtype``/``device``: of the data;
         ``full``: whether linear layers return a full covariance between their outputs;
-        ``activations``: ``"moments"`` (moment matching) or ``"linearise"`` (at the mean).
+        ``activations``: ``"moments"`` (moment matching) or ``"linearise"`` (at the mean);
+        ``full_output_at``: the prefix of a linear layer that returns a full covariance anyway.
     """
 
     def __init__(self, post: FlatPosterior, layout: SiteLayout, dtype, device, full: bool = False,
-                 activations: str = "moments"):
+                 activations: str = "moments", full_output_at: Optional[str] = None):
         self.layout = layout
         self.full = full
         self.activations = activations
+        self.full_output_at = full_output_at
         self._memo = {}
         cast = dict(dtype=dtype, device=device)
         self.mean = layout.unflatten(post.mean.to(**cast))

@@ -113,7 +113,8 @@ class AnalyticPredictive:
                 and all(a is b and v == b._version for (a, v), b in zip(cached[1], tensors))):
             return cached[2]
         post = SitePosterior(self.posterior(), self.model.layout, dtype, device, full=self.full,
-                             activations=self.activations)
+                             activations=self.activations,
+                             full_output_at=None if self.full else layers.output_linear(self.model.network.module))
         self._cache = (key, [(t, t._version) for t in tensors], post)
         return post
 
@@ -138,7 +139,7 @@ class AnalyticPredictive:
             raise ValueError(f"AnalyticPredictive: the network output has shape {tuple(outs[0].mean.shape)}, "
                              "expected (N, O).")
         mean = torch.cat([o.mean for o in outs])
-        if self.full:
+        if self.full or outs[0].full:
             return mean, torch.cat([o.total_cov() for o in outs])
         return mean, torch.cat([o.total_var() for o in outs])
 
