@@ -15,14 +15,25 @@ What is exact and what is approximated:
 * carried to first order: correlated weights (a factor ``F``) through the shared standard normal
   ``epsilon`` (the ``A`` of :class:`~.moments.Gaussian`), across layers, residual branches and
   attention;
-* approximated: (1) activations (and ``LayerNorm``) are linearised at the mean; (2) independent
+* approximated: (1) activations: each unit's mean and variance are matched (exact for ReLU,
+  a probit fit for tanh/sigmoid, quadrature otherwise) and covariances carried by the expected
+  slope (``activations="moments"``, default), or everything linearised at the mean
+  (``activations="linearise"``, the paper's choice); ``LayerNorm`` is linearised at the mean with
+  the expected per-sample scale; (2) independent
   weight noise is not correlated with later layers' inputs (its cross-layer correlation is
   dropped), and with diagonal activations covariances between features (and, in ``Conv2d``,
   between pixels sharing a kernel) are dropped; full activations keep them for MLPs;
   (3) attention: queries and keys (hence the attention matrix) are taken at the mean, only the
   value path is Gaussian, tokens' independent parts are independent (as in the paper); (4) the
   independent parts of a residual branch and its input are taken as uncorrelated; (5) terms that
-  are products of two posterior variances (see :func:`~.moments.linear`).
+  are products of two posterior variances (see :func:`~.moments.linear`): the variance of
+  :math:`(G\\varepsilon)(A\\varepsilon)` where a layer's correlated weights meet correlated inputs
+  (measured on the digits MLP with a 300-weight subnetwork Laplace over both layers: output
+  variances 0.85x Monte Carlo in total, 1.00x with either layer's subnetwork alone).
+
+With ``full`` activations (MLPs) a known input (the data) still gives a diagonal first layer
+(exact) and covariances appear from the second linear layer on; with diagonal activations the
+output layer (:func:`output_linear`) still returns the full covariance of the outputs.
 """
 
 from __future__ import annotations

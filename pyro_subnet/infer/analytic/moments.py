@@ -6,8 +6,11 @@ mean and the (co)variance of every activation:
 
 * **linear layers** (weights Gaussian under the posterior): Gaussian moment matching;
 * **elementwise activations**: local linearisation at the mean,
-  :math:`g(h) \\approx g(\\mu) + g'(\\mu)(h - \\mu)`;
-* **normalisation**: linearisation of ``LayerNorm`` at the mean;
+  :math:`g(h) \\approx g(\\mu) + g'(\\mu)(h - \\mu)` (:func:`elementwise`), or, here by default,
+  moment matching of each unit with the expected slope for its covariances
+  (:func:`elementwise_moments`);
+* **normalisation**: linearisation of ``LayerNorm`` at the mean (with the expected scale);
+* **output**: the probit link, or :func:`gumbel_max_softmax` (uses the covariance of the logits);
 * **attention**: queries and keys from the mean input, the value path Gaussian.
 
 Correlated weights. The weight posterior is
@@ -462,7 +465,7 @@ def probit_softmax(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
 GUMBEL_VAR = torch.pi ** 2 / 6
 
 
-def gumbel_max_softmax(mean: torch.Tensor, cov: torch.Tensor, order: str = "mean") -> torch.Tensor:
+def gumbel_max_softmax(mean: torch.Tensor, cov: torch.Tensor, order: str = "index") -> torch.Tensor:
     """Class probabilities :math:`\\mathbb E[\\mathrm{softmax}(f)]` for :math:`f \\sim \\mathcal N(\\mu, \\Sigma)`
     through the Gumbel-max identity and Clark's moments of a maximum.
 
@@ -472,7 +475,7 @@ def gumbel_max_softmax(mean: torch.Tensor, cov: torch.Tensor, order: str = "mean
     :math:`\\Sigma + \\tfrac{\\pi^2}{6} I`. Taking ``u`` Gaussian (a multinomial probit), with
     :math:`M_k = \\max_{j \\ne k} u_j` moment-matched to a Gaussian by Clark's recursion (Clark, 1961:
     exact mean and variance of the maximum of two jointly Gaussian variables, and its covariance with
-    the others; merged in decreasing order of the mean, as in Daganzo, Bouthelier and Sheffi, 1977),
+    the others, linear in theirs; the multinomial probit of Daganzo, Bouthelier and Sheffi, 1977),
 
     .. math:: p_k \\approx \\Phi\\Big(\\frac{\\mathbb E[u_k - M_k]}{\\sqrt{\\mathrm{Var}[u_k - M_k]}}\\Big),
 
@@ -480,8 +483,9 @@ def gumbel_max_softmax(mean: torch.Tensor, cov: torch.Tensor, order: str = "mean
     common part cancels in the differences) and keeps the tails: measured on the digits MLP it is
     within about 1% of the Gaussian integral where ``softmax(mu / sqrt(1 + pi/8 var))`` is 14% off.
 
-    :param mean: ``(N, C)``; ``cov``: ``(N, C, C)`` or variances ``(N, C)``; ``order``: ``"mean"``
-        (merge in decreasing order of the mean) or ``"index"`` (class order; cheaper, less accurate).
+    :param mean: ``(N, C)``; ``cov``: ``(N, C, C)`` or variances ``(N, C)``; ``order``: ``"index"``
+        (merge the competitors in class order; cheaper) or ``"mean"`` (in decreasing order of the
+        mean, per example). Measured on the digits MLPs the two agree to 0.1-0.6% in NLL.
     """
     N, C = mean.shape
     if cov.dim() == 2:
