@@ -70,3 +70,24 @@ def test_gumbel_max_softmax_matches_gaussian_integral(scale):
     assert abs(nll(p) / nll(mc) - 1) < 0.03
     if scale > 1:     # where the variances are large, the Gumbel-max link beats the probit link
         assert err < err_probit
+
+
+def test_sparse_factor_path_matches_dense():
+    """A subnetwork factor (few correlated entries of [W, b]) takes the gathered path; same moments."""
+    g = torch.Generator().manual_seed(4)
+    out, n_in, r, N = 6, 20, 7, 9
+    W = torch.randn(out, n_in, generator=g, dtype=torch.float64)
+    b = torch.randn(out, generator=g, dtype=torch.float64)
+    G = torch.zeros(out, n_in + 1, r, dtype=torch.float64)
+    rows, cols = torch.randint(out, (12,), generator=g), torch.randint(n_in + 1, (12,), generator=g)
+    G[rows, cols] = torch.randn(12, r, generator=g, dtype=torch.float64)
+    lw = moments.prepare_linear(W, b, None, G, full=True)
+    assert lw.sparse_idx is not None
+    dense = lw._replace(sparse_idx=None, sparse_factor=None)
+    x = moments.Gaussian(torch.randn(N, n_in, generator=g, dtype=torch.float64),
+                         torch.rand(N, n_in, generator=g, dtype=torch.float64),
+                         torch.randn(N, n_in, r, generator=g, dtype=torch.float64))
+    for full in (False, True):
+        a, d = moments.linear(x, lw, full), moments.linear(x, dense, full)
+        for u, v in zip(a, d):
+            assert torch.allclose(u, v, atol=1e-12)

@@ -94,7 +94,10 @@ class LinearWeights(NamedTuple):
     variances of ``[W, b]`` transposed, ``(in + 1, out)``; ``factor``: ``G`` ``(out, in + 1, r)``;
     ``factor_flat``: ``G`` as ``(in + 1, out * r)``; ``weight_sq_t``: ``(W^2)^T``; ``factor_sq_t``:
     :math:`(\\sum_r G_{kir}^2)^T`, ``(in, out)``; ``outer``: :math:`W_{ki} W_{li}` as ``(in, out * out)`` and
-    ``cross``: :math:`\\mathrm{Cov}_G(W_{ki}, W_{li})` as ``(in, out * out)`` (full covariances only).
+    ``cross``: :math:`\\mathrm{Cov}_G(W_{ki}, W_{li})` as ``(in, out * out)`` (full covariances only);
+    ``sparse_idx`` ``(out, m)`` and ``sparse_factor`` ``(out, m, r)``: when few entries of ``[W, b]``
+    are correlated (a subnetwork), the ``m`` correlated inputs of each output unit (padded with
+    zero rows), so that :math:`G\\tilde\\mu` costs ``N out m r`` instead of ``N out (in + 1) r``.
     """
 
     weight: torch.Tensor
@@ -106,6 +109,8 @@ class LinearWeights(NamedTuple):
     factor_sq_t: Optional[torch.Tensor]
     outer: Optional[torch.Tensor]
     cross: Optional[torch.Tensor]
+    sparse_idx: Optional[torch.Tensor] = None
+    sparse_factor: Optional[torch.Tensor] = None
 
 
 def prepare_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], weight_var: Optional[torch.Tensor] = None,
@@ -121,8 +126,19 @@ def prepare_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], weight_va
         factor_sq_t = (factor[:, :-1] ** 2).sum(-1).T
         if full:
             cross = torch.einsum("kir,lir->ikl", factor[:, :-1], factor[:, :-1]).reshape(n_in, out * out)
+    sparse_idx = sparse_factor = None
+    if factor is not None:
+        nz = (factor != 0).any(-1)                                  # (out, in + 1): correlated entries
+        counts = nz.sum(-1)
+        m = int(counts.max())
+        if 2 * m <= n_in + 1:                                       # worth it: at least half the work saved
+            # stable sort puts each unit's correlated inputs first, in input order
+            order = torch.sort(nz.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :max(m, 1)]
+            keep = torch.arange(max(m, 1), device=factor.device) < counts.unsqueeze(-1)
+            sparse_idx = order
+            sparse_factor = factor.gather(1, order.unsqueeze(-1).expand(-1, -1, factor.shape[-1])) * keep.unsqueeze(-1)
     return LinearWeights(weight, bias, None if weight_var is None else weight_var.T.contiguous(), factor,
-                         factor_flat, (weight ** 2).T.contiguous(), factor_sq_t, outer, cross)
+                         factor_flat, (weight ** 2).T.contiguous(), factor_sq_t, outer, cross, sparse_idx, sparse_factor)
 
 
 def linear(x: Gaussian, lw: LinearWeights, full: bool = False) -> Gaussian:
@@ -168,7 +184,13 @@ def linear(x: Gaussian, lw: LinearWeights, full: bool = False) -> Gaussian:
         d = second @ wv + wvb
         out_var = d if out_var is None else out_var + (torch.diag_embed(d) if full_out else d)
     if factor is not None:
-        gm = (mean @ lw.factor_flat[:-1] + lw.factor_flat[-1]).unflatten(-1, (out_f, -1))
+        if lw.sparse_idx is not None:
+            mean1 = torch.cat([mean, torch.ones_like(mean[..., :1])], -1)
+            sel = mean1.reshape(-1, mean1.shape[-1])[:, lw.sparse_idx]              # (N, out, m)
+            gm = torch.bmm(sel.transpose(0, 1), lw.sparse_factor).transpose(0, 1)   # (N, out, r)
+            gm = gm.reshape(*mean.shape[:-1], out_f, gm.shape[-1])
+        else:
+            gm = (mean @ lw.factor_flat[:-1] + lw.factor_flat[-1]).unflatten(-1, (out_f, -1))
         out_A = gm if out_A is None else out_A + gm
         if A is not None:
             out_mean = out_mean + torch.einsum("kir,...ir->...k", factor[:, :-1], A)
@@ -336,7 +358,9 @@ def elementwise_moments(fn: Callable[[torch.Tensor], torch.Tensor], x: Gaussian,
     if x.exact:
         return Gaussian(fn(x.mean), None)
     x = x.materialised()
-    mu, tv = x.mean, x.total_var()
+    mu = x.mean
+    shared = None if x.A is None else (x.A ** 2).sum(-1)            # the variance carried by epsilon
+    tv = _diag(x) if shared is None else _diag(x) + shared
     if _is_relu(fn):
         s = tv.clamp_min(torch.finfo(mu.dtype).tiny).sqrt()
         a = mu / s
@@ -348,7 +372,7 @@ def elementwise_moments(fn: Callable[[torch.Tensor], torch.Tensor], x: Gaussian,
     else:
         m, m2, J = _quadrature_moments(fn, mu, tv, num_nodes)
         var_total = (m2 - m * m).clamp_min(0)
-    indep = var_total if x.A is None else (var_total - J * J * (x.A ** 2).sum(-1)).clamp_min(0)
+    indep = var_total if shared is None else (var_total - J * J * shared).clamp_min(0)
     if x.full:
         var = J.unsqueeze(-1) * x.var * J.unsqueeze(-2)
         var = var - torch.diag_embed(var.diagonal(dim1=-2, dim2=-1)) + torch.diag_embed(indep)
