@@ -143,6 +143,7 @@ class AnalyticPredictive:
             return mean, torch.cat([o.total_cov() for o in outs])
         return mean, torch.cat([o.total_var() for o in outs])
 
+    @torch.no_grad()
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> Dict[str, torch.Tensor]:
         """Predict at ``x`` (further model arguments such as ``y`` are ignored)."""
         mean, var = self.latent(x)
