@@ -11,14 +11,17 @@ from . import layers, moments
 from .posterior import FlatPosterior, SitePosterior, read_posterior
 
 
-def _guide_tensors(guide) -> List[torch.Tensor]:
-    """Every tensor the posterior is read from: a module's parameters and buffers, the Pyro param
-    store (where ``AutoNormal`` & co keep theirs), or a :class:`FlatPosterior`'s fields."""
+def _guide_tensors(guide, modules=None) -> List[torch.Tensor]:
+    """Every tensor the posterior is read from: a module's parameters and buffers (of ``modules``,
+    its submodules, when given: walking them directly is cheaper than ``parameters()``), the Pyro
+    param store (where ``AutoNormal`` & co keep theirs), or a :class:`FlatPosterior`'s fields."""
     if isinstance(guide, FlatPosterior):
         return [t for t in guide if t is not None]
     out = []
     if isinstance(guide, torch.nn.Module):
-        out += list(guide.parameters()) + list(guide.buffers())
+        for m in (guide.modules() if modules is None else modules):
+            out += [t for t in m._parameters.values() if t is not None]
+            out += [t for t in m._buffers.values() if t is not None]
     store = pyro.get_param_store()
     out += [p for _, p in store.named_parameters()]
     return out
@@ -96,6 +99,7 @@ class AnalyticPredictive:
         self.guide = guide
         self.batch_size = batch_size
         self._cache = None
+        self._modules = None
         net = model.network.module
         self.full = covariance == "full" or (covariance == "auto" and not layers.prefers_diagonal(net))
         if self.full and layers.prefers_diagonal(net, max_width=10 ** 9):
@@ -106,7 +110,10 @@ class AnalyticPredictive:
         """The per-site posterior, read from the guide again only when one of its tensors has changed
         (a new tensor, or an in-place update such as an optimiser step: ``tensor._version``), so that
         repeated predictions skip reading the guide and everything the layers derive from it."""
-        tensors = _guide_tensors(self.guide)
+        if self._modules is None and isinstance(self.guide, torch.nn.Module) and getattr(
+                self.guide, "prototype_trace", True) is not None:
+            self._modules = list(self.guide.modules())    # fixed once the guide is set up
+        tensors = _guide_tensors(self.guide, self._modules)
         key = (dtype, device, self.full, self.activations, len(tensors))
         cached = self._cache
         if (cached is not None and cached[0] == key
