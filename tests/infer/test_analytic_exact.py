@@ -3,7 +3,6 @@ mean J m and covariance J Sigma J^T (J the Jacobian in the flat weights), for ev
 
 import math
 
-import pyro
 import pytest
 import torch
 from pyro.infer.autoguide import (AutoDiagonalNormal, AutoLowRankMultivariateNormal, AutoMultivariateNormal,
@@ -127,7 +126,7 @@ def test_classification_probit_link():
     D = model.layout.dim
     mean = torch.randn(D, dtype=torch.float64)
     var = torch.full((D,), 0.2, dtype=torch.float64)
-    out = ps.infer.AnalyticPredictive(model, FlatPosterior(mean, var))(x)
+    out = ps.infer.AnalyticPredictive(model, FlatPosterior(mean, var), link="probit")(x)
     f = model.network.flat(mean, x)
     v = ((x ** 2).sum(-1, keepdim=True) + 1) * 0.2          # sum_i x_i^2 Var(W_ki) + Var(b_k)
     want = torch.softmax(f / torch.sqrt(1 + math.pi / 8 * v), -1)
@@ -147,3 +146,20 @@ def test_errors_name_the_problem():
         ps.infer.AnalyticPredictive(model, FlatPosterior(torch.zeros(3), torch.ones(3)))(torch.randn(2, 3))
     with pytest.raises(ValueError, match="covariance"):
         ps.infer.AnalyticPredictive(model, post, covariance="dense")
+
+
+@pytest.mark.parametrize("guide_cls", [AutoNormal, AutoMultivariateNormal])
+def test_cached_posterior_follows_guide_updates(guide_cls):
+    """Repeated calls reuse what depends on the posterior only, until a guide tensor changes."""
+    model = _linear_model()
+    x, y = _data()
+    guide = guide_cls(model)
+    guide(x, y)
+    pred = ps.infer.AnalyticPredictive(model, guide, covariance="full")
+    first = pred(x)["f_cov"]
+    assert pred._site_posterior(x.dtype, x.device) is pred._site_posterior(x.dtype, x.device)
+    _perturb(guide)                                   # in place, as an optimiser step
+    after = pred(x)["f_cov"]
+    fresh = ps.infer.AnalyticPredictive(model, guide, covariance="full")(x)["f_cov"]
+    assert not torch.allclose(first, after)
+    assert torch.allclose(after, fresh, atol=1e-12)

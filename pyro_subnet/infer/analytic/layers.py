@@ -15,20 +15,31 @@ What is exact and what is approximated:
 * carried to first order: correlated weights (a factor ``F``) through the shared standard normal
   ``epsilon`` (the ``A`` of :class:`~.moments.Gaussian`), across layers, residual branches and
   attention;
-* approximated: (1) activations (and ``LayerNorm``) are linearised at the mean; (2) independent
+* approximated: (1) activations: each unit's mean and variance are matched (exact for ReLU,
+  a probit fit for tanh/sigmoid, quadrature otherwise) and covariances carried by the expected
+  slope (``activations="moments"``, default), or everything linearised at the mean
+  (``activations="linearise"``, the paper's choice); ``LayerNorm`` is linearised at the mean with
+  the expected per-sample scale; (2) independent
   weight noise is not correlated with later layers' inputs (its cross-layer correlation is
   dropped), and with diagonal activations covariances between features (and, in ``Conv2d``,
   between pixels sharing a kernel) are dropped; full activations keep them for MLPs;
   (3) attention: queries and keys (hence the attention matrix) are taken at the mean, only the
   value path is Gaussian, tokens' independent parts are independent (as in the paper); (4) the
   independent parts of a residual branch and its input are taken as uncorrelated; (5) terms that
-  are products of two posterior variances (see :func:`~.moments.linear`).
+  are products of two posterior variances (see :func:`~.moments.linear`): the variance of
+  :math:`(G\\varepsilon)(A\\varepsilon)` where a layer's correlated weights meet correlated inputs
+  (measured on the digits MLP with a 300-weight subnetwork Laplace over both layers: output
+  variances 0.85x Monte Carlo in total, 1.00x with either layer's subnetwork alone).
+
+With ``full`` activations (MLPs) a known input (the data) still gives a diagonal first layer
+(exact) and covariances appear from the second linear layer on; with diagonal activations the
+output layer (:func:`output_linear`) still returns the full covariance of the outputs.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Type
+from typing import Callable, Dict, Optional, Type
 
 import torch
 from torch import nn
@@ -75,6 +86,18 @@ def propagate(module: nn.Module, x: moments.Gaussian, post: SitePosterior, prefi
     return rule_for(module, prefix)(module, prefix, x, post)
 
 
+def output_linear(module: nn.Module, prefix: str = "") -> Optional[str]:
+    """The prefix of the ``nn.Linear`` that produces the network's output (the last layer of nested
+    ``nn.Sequential``), or ``None``: with diagonal activations it still returns the full covariance
+    of the outputs (cheap: ``O x O`` per example), which the classification link uses."""
+    if isinstance(module, nn.Linear):
+        return prefix
+    if isinstance(module, nn.Sequential) and len(module):
+        name, last = list(module.named_children())[-1]
+        return output_linear(last, f"{prefix}{name}.")
+    return None
+
+
 def prefers_diagonal(module: nn.Module, max_width: int = 256) -> bool:
     """Whether the network needs diagonal activations (conv, attention, normalisation, reshapes) or
     is too wide for a per-example covariance."""
@@ -103,7 +126,13 @@ for _t in IDENTITY:
     RULES[_t] = lambda module, prefix, x, post: x
 
 for _t in ELEMENTWISE:
-    RULES[_t] = lambda module, prefix, x, post: moments.elementwise(module, x)
+    RULES[_t] = lambda module, prefix, x, post: _elementwise(module, x, post)
+
+
+def _elementwise(fn, x, post):
+    if post.activations == "moments":
+        return moments.elementwise_moments(fn, x)
+    return moments.elementwise(fn, x)
 
 
 def _linear_params(post: SitePosterior, w: str, b: str, has_bias: bool, rows: slice = slice(None)):
@@ -125,8 +154,13 @@ def _linear_params(post: SitePosterior, w: str, b: str, has_bias: bool, rows: sl
 
 @register(nn.Linear)
 def _linear(module, prefix, x, post):
-    weight, bias, wv, G = _linear_params(post, prefix + "weight", prefix + "bias", module.bias is not None)
-    return moments.linear(x, weight, bias, wv, G)
+    lw = post.cached(("linear", prefix), lambda: moments.prepare_linear(
+        *_linear_params(post, prefix + "weight", prefix + "bias", module.bias is not None), full=post.full))
+    full = post.full or prefix == post.full_output_at
+    if full and not post.full:
+        lw = post.cached(("linear-full", prefix), lambda: moments.prepare_linear(
+            *_linear_params(post, prefix + "weight", prefix + "bias", module.bias is not None), full=True))
+    return moments.linear(x, lw, full=full)
 
 
 @register(nn.Conv2d)
@@ -193,8 +227,9 @@ def _self_attention(module, prefix, x, post):
     N, T = mean.shape[:2]
     heads = lambda t: t.reshape(N, T, H, d).transpose(1, 2)  # noqa: E731  (N, H, T, d)
     attn = torch.softmax(heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(d), dim=-1)
-    weight, bias, wv, G = _linear_params(post, w, b, has_bias, rows=slice(2 * E, 3 * E))
-    v = moments.linear(x, weight, bias, wv, G)
+    lw = post.cached(("values", prefix), lambda: moments.prepare_linear(
+        *_linear_params(post, w, b, has_bias, rows=slice(2 * E, 3 * E))))
+    v = moments.linear(x, lw)
     r = None if v.A is None else v.A.shape[-1]
     v = moments.Gaussian(heads(v.mean), heads(v.var),
                          None if v.A is None else v.A.reshape(N, T, H, d, r).transpose(1, 2))
@@ -207,10 +242,11 @@ def _self_attention(module, prefix, x, post):
 def _activation(fn, prefix, x, post):
     if isinstance(fn, nn.Module):
         return propagate(fn, x, post, prefix)
-    return moments.elementwise(fn, x)
+    return _elementwise(fn, x, post)
 
 
 def _time_first(x: moments.Gaussian) -> moments.Gaussian:
+    x = x.materialised()
     return moments.Gaussian(x.mean.transpose(0, 1), x.var.transpose(0, 1),
                             None if x.A is None else x.A.transpose(0, 1))
 

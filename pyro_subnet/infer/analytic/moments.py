@@ -6,8 +6,11 @@ mean and the (co)variance of every activation:
 
 * **linear layers** (weights Gaussian under the posterior): Gaussian moment matching;
 * **elementwise activations**: local linearisation at the mean,
-  :math:`g(h) \\approx g(\\mu) + g'(\\mu)(h - \\mu)`;
-* **normalisation**: linearisation of ``LayerNorm`` at the mean;
+  :math:`g(h) \\approx g(\\mu) + g'(\\mu)(h - \\mu)` (:func:`elementwise`), or, here by default,
+  moment matching of each unit with the expected slope for its covariances
+  (:func:`elementwise_moments`);
+* **normalisation**: linearisation of ``LayerNorm`` at the mean (with the expected scale);
+* **output**: the probit link, or :func:`gumbel_max_softmax` (uses the covariance of the logits);
 * **attention**: queries and keys from the mean input, the value path Gaussian.
 
 Correlated weights. The weight posterior is
@@ -56,61 +59,147 @@ class Gaussian(NamedTuple):
     @property
     def full(self) -> bool:
         """Whether ``var`` is a per-example covariance ``(..., F, F)``."""
-        return self.var.dim() == self.mean.dim() + 1
+        return self.var is not None and self.var.dim() == self.mean.dim() + 1
+
+    @property
+    def exact(self) -> bool:
+        """Whether the activation is known (``var`` is ``None``: zero, e.g. the data, and no ``A``)."""
+        return self.var is None and self.A is None
+
+    def materialised(self) -> "Gaussian":
+        """The same activation with ``var = 0`` written out when it is ``None``."""
+        return self if self.var is not None else self._replace(var=torch.zeros_like(self.mean))
 
     def total_var(self) -> torch.Tensor:
         """Variances ``(..., F)`` including the shared part."""
-        v = self.var.diagonal(dim1=-2, dim2=-1) if self.full else self.var
+        v = self.materialised().var
+        v = v.diagonal(dim1=-2, dim2=-1) if self.full else v
         return v if self.A is None else v + (self.A ** 2).sum(-1)
 
     def total_cov(self) -> torch.Tensor:
-        """Covariance ``(..., F, F)`` including the shared part (full activations only)."""
-        return self.var if self.A is None else self.var + self.A @ self.A.transpose(-1, -2)
+        """Covariance ``(..., F, F)`` including the shared part."""
+        var = self.var if self.full else torch.diag_embed(self.materialised().var)
+        return var if self.A is None else var + self.A @ self.A.transpose(-1, -2)
 
 
 def _diag(x: Gaussian) -> torch.Tensor:
     return x.var.diagonal(dim1=-2, dim2=-1) if x.full else x.var
 
 
-def linear(x: Gaussian, weight: torch.Tensor, bias: Optional[torch.Tensor],
-           weight_var: Optional[torch.Tensor] = None, factor: Optional[torch.Tensor] = None) -> Gaussian:
+class LinearWeights(NamedTuple):
+    """A linear layer's posterior and what :func:`linear` derives from it alone (computed once per
+    posterior by :func:`prepare_linear`, not once per batch).
+
+    ``weight`` ``(out, in)``, ``bias`` ``(out,)`` or ``None``; ``weight_var_t``: the independent
+    variances of ``[W, b]`` transposed, ``(in + 1, out)``; ``factor``: ``G`` ``(out, in + 1, r)``;
+    ``factor_flat``: ``G`` as ``(in + 1, out * r)``; ``weight_sq_t``: ``(W^2)^T``; ``factor_sq_t``:
+    :math:`(\\sum_r G_{kir}^2)^T`, ``(in, out)``; ``outer``: :math:`W_{ki} W_{li}` as ``(in, out * out)`` and
+    ``cross``: :math:`\\mathrm{Cov}_G(W_{ki}, W_{li})` as ``(in, out * out)`` (full covariances only);
+    ``sparse_idx`` ``(out, m)`` and ``sparse_factor`` ``(out, m, r)``: when few entries of ``[W, b]``
+    are correlated (a subnetwork), the ``m`` correlated inputs of each output unit (padded with
+    zero rows), so that :math:`G\\tilde\\mu` costs ``N out m r`` instead of ``N out (in + 1) r``.
+    """
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    weight_var_t: Optional[torch.Tensor]
+    factor: Optional[torch.Tensor]
+    factor_flat: Optional[torch.Tensor]
+    weight_sq_t: torch.Tensor
+    factor_sq_t: Optional[torch.Tensor]
+    outer: Optional[torch.Tensor]
+    cross: Optional[torch.Tensor]
+    sparse_idx: Optional[torch.Tensor] = None
+    sparse_factor: Optional[torch.Tensor] = None
+
+
+def prepare_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], weight_var: Optional[torch.Tensor] = None,
+                   factor: Optional[torch.Tensor] = None, full: bool = False) -> LinearWeights:
+    """:class:`LinearWeights` from the weight mean ``(out, in)``, bias mean, independent variances of
+    ``[W, b]`` ``(out, in + 1)`` and factor ``G`` ``(out, in + 1, r)`` (see :func:`linear`)."""
+    out, n_in = weight.shape
+    outer = cross = factor_flat = factor_sq_t = None
+    if full:
+        outer = (weight.T.unsqueeze(-1) * weight.T.unsqueeze(-2)).reshape(n_in, out * out)
+    if factor is not None:
+        factor_flat = factor.permute(1, 0, 2).reshape(n_in + 1, -1)
+        factor_sq_t = (factor[:, :-1] ** 2).sum(-1).T
+        if full:
+            cross = torch.einsum("kir,lir->ikl", factor[:, :-1], factor[:, :-1]).reshape(n_in, out * out)
+    sparse_idx = sparse_factor = None
+    if factor is not None:
+        nz = (factor != 0).any(-1)                                  # (out, in + 1): correlated entries
+        counts = nz.sum(-1)
+        m = int(counts.max())
+        if 2 * m <= n_in + 1:                                       # worth it: at least half the work saved
+            # stable sort puts each unit's correlated inputs first, in input order
+            order = torch.sort(nz.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :max(m, 1)]
+            keep = torch.arange(max(m, 1), device=factor.device) < counts.unsqueeze(-1)
+            sparse_idx = order
+            sparse_factor = factor.gather(1, order.unsqueeze(-1).expand(-1, -1, factor.shape[-1])) * keep.unsqueeze(-1)
+    return LinearWeights(weight, bias, None if weight_var is None else weight_var.T.contiguous(), factor,
+                         factor_flat, (weight ** 2).T.contiguous(), factor_sq_t, outer, cross, sparse_idx, sparse_factor)
+
+
+def linear(x: Gaussian, lw: LinearWeights, full: bool = False) -> Gaussian:
     """Moments of ``h = W a + b`` (see the module docstring).
 
     :param x: input ``Gaussian`` with features ``in`` last.
-    :param weight: weight mean ``(out, in)``; ``bias``: bias mean ``(out,)`` or ``None``.
-    :param weight_var: independent variances of ``[W, b]``, ``(out, in + 1)``, or ``None``.
-    :param factor: ``G``, ``(out, in + 1, r)``: the coefficients of the shared ``epsilon``, or ``None``.
+    :param lw: the layer's :class:`LinearWeights` (from :func:`prepare_linear`).
+    :param full: return a full covariance ``(..., out, out)`` even for diagonal input (the mixing
+        ``W diag(v) W^T`` correlates the outputs); a full input always gives a full output.
+
+    A known input (:attr:`Gaussian.exact`, e.g. the data) gives, whatever ``full``, an exactly
+    diagonal independent part (each output unit has its own independent weights), so it stays
+    diagonal and the products with the zero input variance are skipped.
     """
+    exact_input = x.exact
+    if x.var is None and not exact_input:
+        x = x.materialised()
     mean, var, A = x
+    weight, factor = lw.weight, lw.factor
+    out_f = weight.shape[0]
     out_mean = mean @ weight.T
-    if bias is not None:
-        out_mean = out_mean + bias
-    if x.full:
+    if lw.bias is not None:
+        out_mean = out_mean + lw.bias
+    full_out = x.full or (full and not exact_input)
+    if exact_input:
+        out_var = None
+    elif x.full:
         out_var = weight @ var @ weight.T
+    elif full_out:
+        out_var = (var @ lw.outer).unflatten(-1, (out_f, out_f))
     else:
-        out_var = var @ (weight ** 2).T
+        out_var = var @ lw.weight_sq_t
     out_A = None if A is None else torch.einsum("...ir,ki->...kr", A, weight)
-    if weight_var is None and factor is None:
-        return Gaussian(out_mean, out_var, out_A)
-    one = torch.ones_like(mean[..., :1])
-    mean1 = torch.cat([mean, one], -1)
-    var1 = torch.cat([_diag(x), torch.zeros_like(one)], -1)
-    if weight_var is not None:
-        second = mean1 ** 2 + var1
-        if A is not None:
-            second = second + torch.cat([(A ** 2).sum(-1), torch.zeros_like(one)], -1)
-        d = second @ weight_var.T
-        out_var = out_var + (torch.diag_embed(d) if x.full else d)
+    if lw.weight_var_t is None and factor is None:
+        return Gaussian(out_mean, out_var, out_A)   # out_var None: still known (a deterministic layer)
+    if lw.weight_var_t is not None:
+        wv, wvb = lw.weight_var_t[:-1], lw.weight_var_t[-1]
+        second = mean ** 2
+        if not exact_input:
+            second = second + _diag(x)
+            if A is not None:
+                second = second + (A ** 2).sum(-1)
+        d = second @ wv + wvb
+        out_var = d if out_var is None else out_var + (torch.diag_embed(d) if full_out else d)
     if factor is not None:
-        gm = torch.einsum("kir,...i->...kr", factor, mean1)
+        if lw.sparse_idx is not None:
+            mean1 = torch.cat([mean, torch.ones_like(mean[..., :1])], -1)
+            sel = mean1.reshape(-1, mean1.shape[-1])[:, lw.sparse_idx]              # (N, out, m)
+            gm = torch.bmm(sel.transpose(0, 1), lw.sparse_factor).transpose(0, 1)   # (N, out, r)
+            gm = gm.reshape(*mean.shape[:-1], out_f, gm.shape[-1])
+        else:
+            gm = (mean @ lw.factor_flat[:-1] + lw.factor_flat[-1]).unflatten(-1, (out_f, -1))
         out_A = gm if out_A is None else out_A + gm
         if A is not None:
             out_mean = out_mean + torch.einsum("kir,...ir->...k", factor[:, :-1], A)
-        if x.full:
-            cross = torch.einsum("kir,lir->ikl", factor, factor)      # Cov_G(W_ki, W_li), once per layer
-            out_var = out_var + torch.einsum("...i,ikl->...kl", var1, cross)
-        else:
-            out_var = out_var + var1 @ (factor ** 2).sum(-1).T
+        if not exact_input:
+            var_in = _diag(x)
+            if full_out:
+                out_var = out_var + (var_in @ lw.cross).unflatten(-1, (out_f, out_f))
+            else:
+                out_var = out_var + var_in @ lw.factor_sq_t
     return Gaussian(out_mean, out_var, out_A)
 
 
@@ -124,12 +213,16 @@ def _per_column(fn: Callable[[torch.Tensor], torch.Tensor], A: torch.Tensor) -> 
 
 def reshape(fn: Callable[[torch.Tensor], torch.Tensor], x: Gaussian) -> Gaussian:
     """A batch-first reshape (``Flatten``, ``Unflatten``) of diagonal activations."""
+    if x.exact:
+        return Gaussian(fn(x.mean), None)
+    x = x.materialised()
     return Gaussian(fn(x.mean), fn(x.var), None if x.A is None else _per_column(fn, x.A))
 
 
 def add(x: Gaussian, y: Gaussian) -> Gaussian:
     """A residual sum ``x + y``: the shared parts add exactly; the independent parts are taken as
     uncorrelated (the paper's assumption), so their variances add."""
+    x, y = x.materialised(), y.materialised()
     A = x.A if y.A is None else (y.A if x.A is None else x.A + y.A)
     return Gaussian(x.mean + y.mean, x.var + y.var, A)
 
@@ -138,25 +231,177 @@ def elementwise(fn: Callable[[torch.Tensor], torch.Tensor], x: Gaussian) -> Gaus
     """Local linearisation of an elementwise function at the mean: :math:`\\mu' = g(\\mu)`,
     :math:`\\Sigma' = J \\Sigma J`, :math:`A' = J A` with :math:`J = \\mathrm{diag}(g'(\\mu))` (``g'``
     by forward-mode autodiff, so any elementwise function works: ReLU, GELU, SiLU, tanh, ...)."""
+    if x.exact:
+        return Gaussian(fn(x.mean), None)
+    x = x.materialised()
     out, slope = torch.func.jvp(fn, (x.mean,), (torch.ones_like(x.mean),))
     var = slope.unsqueeze(-1) * x.var * slope.unsqueeze(-2) if x.full else slope ** 2 * x.var
     return Gaussian(out, var, None if x.A is None else slope.unsqueeze(-1) * x.A)
 
 
+def _normal_pdf(x: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-0.5 * x * x) * (0.5 / torch.pi) ** 0.5
+
+
+def _is_relu(fn) -> bool:
+    return isinstance(fn, torch.nn.ReLU) or fn is torch.relu or fn is torch.nn.functional.relu
+
+
+_NODES = {}
+#: Gauss-Hermite nodes for activations without a closed form (GELU, SiLU, ...).
+NUM_NODES = 16
+
+
+def _hermite(n: int, dtype, device):
+    """Gauss-Hermite nodes ``z`` and weights ``w`` (summing to one) for ``E[f(z)], z ~ N(0, 1)``."""
+    key = (n, dtype, device)
+    if key not in _NODES:
+        import numpy as np
+        z, w = np.polynomial.hermite_e.hermegauss(n)
+        _NODES[key] = (torch.as_tensor(z, dtype=dtype, device=device),
+                       torch.as_tensor(w / w.sum(), dtype=dtype, device=device))
+    return _NODES[key]
+
+
+#: sigmoid(h) ~ Phi(h / 1.702) (max error 0.0095; the remainder is integrated numerically).
+_KAPPA = 1 / 1.702
+
+
+def _legendre(n: int, dtype, device):
+    key = ("legendre", n, dtype, device)
+    if key not in _NODES:
+        import numpy as np
+        t, w = np.polynomial.legendre.leggauss(n)
+        _NODES[key] = (torch.as_tensor((t + 1) / 2, dtype=dtype, device=device),
+                       torch.as_tensor(w / 2, dtype=dtype, device=device))
+    return _NODES[key]
+
+
+def _probit_base(scale: float, shift: float, kappa: float, mu: torch.Tensor, tv: torch.Tensor):
+    """Exact ``E[b]``, ``E[b^2]``, ``E[b']`` of :math:`b(h) = \\alpha \\Phi(\\kappa h) + \\beta` for
+    :math:`h \\sim \\mathcal N(\\mu, s^2)`: with :math:`q = \\sqrt{1 + \\kappa^2 s^2}`, :math:`a = \\kappa\\mu / q`,
+    :math:`\\rho = \\kappa^2 s^2 / q^2`: :math:`\\mathbb E[\\Phi(\\kappa h)] = \\Phi(a)`,
+    :math:`\\mathbb E[\\kappa\\phi(\\kappa h)] = \\kappa\\phi(a)/q` and :math:`\\mathbb E[\\Phi(\\kappa h)^2] =
+    \\Phi_2(a, a; \\rho) = \\Phi(a)^2 + \\tfrac{1}{2\\pi}\\int_0^{\\arcsin\\rho} e^{-a^2/(1 + \\sin\\theta)} d\\theta`
+    (a smooth integrand: Gauss-Legendre)."""
+    q = torch.sqrt(1 + kappa * kappa * tv)
+    a = kappa * mu / q
+    P = torch.special.ndtr(a)
+    T = torch.asin((kappa * kappa * tv / (q * q)).clamp(0, 1))
+    t, w = _legendre(4, mu.dtype, mu.device)     # the integral to ~0.5% (relative), 3e-7 (absolute)
+    extra = (torch.exp(-(a * a).unsqueeze(-1) / (1 + torch.sin(T.unsqueeze(-1) * t))) @ w) * T / (2 * torch.pi)
+    m = scale * P + shift
+    m2 = scale * scale * (P * P + extra) + 2 * scale * shift * P + shift * shift
+    return m, m2, scale * kappa * _normal_pdf(a) / q
+
+
+def _remainder(tanh: bool, scale, shift, kappa, mu, tv, num_nodes):
+    """Gauss-Hermite moments of ``g - b``, ``g^2 - b^2``, ``g' - b'`` (``b`` the probit fit)."""
+    z, w = _hermite(num_nodes, mu.dtype, mu.device)
+    h = mu.unsqueeze(-1) + tv.sqrt().unsqueeze(-1) * z
+    g = torch.tanh(h) if tanh else torch.sigmoid(h)
+    dg = (1 - g * g) if tanh else g * (1 - g)
+    b = scale * torch.special.ndtr(kappa * h) + shift
+    db = scale * kappa * _normal_pdf(kappa * h)
+    return torch.stack([g - b, g * g - b * b, dg - db]) @ w
+
+
+def _quadrature_moments(fn, mu: torch.Tensor, tv: torch.Tensor, num_nodes: int):
+    """``E[g]``, ``E[g^2]``, ``E[g']`` for :math:`h \\sim \\mathcal N(\\mu, s^2)`. Tanh and sigmoid are
+    split into a scaled :math:`\\Phi(\\kappa h)` with exact moments (:func:`_probit_base`) and a small
+    smooth remainder (|r| < 0.02), integrated by ``num_nodes``-point Gauss-Hermite (12 nodes:
+    variance within ~5% for any width, where plain Gauss-Hermite on tanh is 25-40% off for wide
+    units, which look like a step to the nodes). With ``num_nodes=None`` (the default) 4 nodes are
+    used for narrow units (``kappa s < 1``: exact to ~1e-3 there) and the remainder is dropped for
+    wide ones (measured on tanh against a fine grid: variance within ~4% at ``s = 1`` and ~1% for
+    ``s >= 2``, mean within 0.01). Other functions by Gauss-Hermite (:data:`NUM_NODES`) with derivatives by autodiff."""
+    tanh = isinstance(fn, torch.nn.Tanh) or fn is torch.tanh
+    if tanh or isinstance(fn, torch.nn.Sigmoid) or fn is torch.sigmoid:
+        scale, shift, kappa = (2.0, -1.0, 2 * _KAPPA) if tanh else (1.0, 0.0, _KAPPA)
+        m0, m20, J0 = _probit_base(scale, shift, kappa, mu, tv)
+        if num_nodes:
+            return tuple(a + b for a, b in zip((m0, m20, J0), _remainder(tanh, scale, shift, kappa, mu, tv, num_nodes)))
+        # a few nodes integrate the remainder of a narrow unit exactly but alias it for a wide one
+        # (which the probit fit alone gets within ~1%): 4 nodes where kappa s < 1 only
+        narrow = (tv * (kappa * kappa) < 1).reshape(-1).nonzero().squeeze(-1)
+        if narrow.numel():
+            d = _remainder(tanh, scale, shift, kappa, mu.reshape(-1)[narrow], tv.reshape(-1)[narrow], 4)
+            m0, m20, J0 = [a.reshape(-1).index_add(0, narrow, b).reshape(a.shape) for a, b in zip((m0, m20, J0), d)]
+        return m0, m20, J0
+    z, w = _hermite(num_nodes or NUM_NODES, mu.dtype, mu.device)
+    h = mu.unsqueeze(-1) + tv.sqrt().unsqueeze(-1) * z
+    g, dg = torch.func.jvp(fn, (h,), (torch.ones_like(h),))
+    return g @ w, (g * g) @ w, dg @ w
+
+
+def elementwise_moments(fn: Callable[[torch.Tensor], torch.Tensor], x: Gaussian,
+                        num_nodes: Optional[int] = None) -> Gaussian:
+    """Moment matching of an elementwise function of a Gaussian unit :math:`h \\sim \\mathcal N(\\mu, s^2)`
+    (``s^2`` the total variance, ``var`` plus the shared part):
+
+    .. math:: \\mu' = \\mathbb E[g(h)], \\qquad \\mathrm{Var}[g(h)], \\qquad J = \\mathbb E[g'(h)].
+
+    Mean and variance are the exact moments of each unit (ReLU in closed form, the rectified
+    Gaussian: :math:`\\mu' = \\mu\\Phi(\\alpha) + s\\phi(\\alpha)`, :math:`\\mathbb E[g^2] = (\\mu^2 + s^2)
+    \\Phi(\\alpha) + \\mu s \\phi(\\alpha)`, :math:`J = \\Phi(\\alpha)`, :math:`\\alpha = \\mu / s`; other
+    functions by ``num_nodes``-point Gauss-Hermite quadrature, :data:`NUM_NODES` by default; tanh and
+    sigmoid by the exact moments of their probit fit, plus a quadrature of the remainder when
+    ``num_nodes`` is given, see :func:`_quadrature_moments`). Covariances with other units and
+    with ``epsilon`` use the statistical linearisation ``J`` (Stein's lemma:
+    :math:`\\mathrm{Cov}(g(h_i), h_j) = \\mathbb E[g'(h_i)] \\mathrm{Cov}(h_i, h_j)`, exact for jointly Gaussian
+    units): :math:`A' = J A`, :math:`\\Sigma'_{ij} = J_i J_j \\Sigma_{ij}` (``i != j``), and the independent
+    variance is what is left of :math:`\\mathrm{Var}[g(h_i)]` after the shared part
+    :math:`J_i^2 \\lVert A_i \\rVert^2` (never negative: :math:`\\mathrm{Var}[g(h)] \\ge \\mathbb E[g'(h)]^2 s^2`).
+    Unlike the linearisation at the mean (:func:`elementwise`), a saturating unit with a large
+    variance keeps a bounded variance.
+    """
+    if x.exact:
+        return Gaussian(fn(x.mean), None)
+    x = x.materialised()
+    mu = x.mean
+    shared = None if x.A is None else (x.A ** 2).sum(-1)            # the variance carried by epsilon
+    tv = _diag(x) if shared is None else _diag(x) + shared
+    if _is_relu(fn):
+        s = tv.clamp_min(torch.finfo(mu.dtype).tiny).sqrt()
+        a = mu / s
+        cdf = torch.special.ndtr(a)
+        pdf = _normal_pdf(a)
+        m = mu * cdf + s * pdf
+        var_total = ((mu * mu + tv) * cdf + mu * s * pdf - m * m).clamp_min(0)
+        J = cdf
+    else:
+        m, m2, J = _quadrature_moments(fn, mu, tv, num_nodes)
+        var_total = (m2 - m * m).clamp_min(0)
+    indep = var_total if shared is None else (var_total - J * J * shared).clamp_min(0)
+    if x.full:
+        var = J.unsqueeze(-1) * x.var * J.unsqueeze(-2)
+        var = var - torch.diag_embed(var.diagonal(dim1=-2, dim2=-1)) + torch.diag_embed(indep)
+    else:
+        var = indep
+    return Gaussian(m, var, None if x.A is None else J.unsqueeze(-1) * x.A)
+
+
 def layer_norm(x: Gaussian, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
                weight_var: Optional[torch.Tensor] = None, bias_var: Optional[torch.Tensor] = None) -> Gaussian:
-    """``LayerNorm`` over the last dimension, linearised at the mean.
+    """``LayerNorm`` over the last dimension, linearised at the mean with the expected scale.
 
-    With :math:`\\hat x = (\\mu - \\bar\\mu)/s`, :math:`s = \\sqrt{\\mathrm{Var}_d(\\mu) + \\epsilon}`, the
+    A sample :math:`a` is normalised by its own spread over the ``F`` features, whose expectation is
+    :math:`\\mathrm{Var}_d(\\mu) + \\tfrac1F \\sum_d \\mathrm{Var}(a_d)`, not by the spread of the mean
+    alone: with a wide input the latter overstates the output variance (measured on the digits
+    transformer: output variances 2.1x Monte Carlo, means 0.6 sd off; with the expected scale
+    0.95x and 0.16 sd). With :math:`\\hat x = (\\mu - \\bar\\mu)/s`,
+    :math:`s = \\sqrt{\\mathrm{Var}_d(\\mu) + \\overline{\\mathrm{Var}(a)} + \\epsilon}`, the
     Jacobian is :math:`J = \\mathrm{diag}(\\gamma)\\, s^{-1} P`,
     :math:`P = I - \\tfrac1F 1 1^\\top - \\tfrac1F \\hat x \\hat x^\\top` (the exact derivative with the
     centring; the paper's code keeps only :math:`\\gamma^2 / s^2`). Gaussian ``gamma, beta`` with
     (marginal) variances ``weight_var``, ``bias_var``, taken independent, add
     :math:`\\mathrm{Var}(\\gamma)(\\hat x^2 + \\mathrm{Var}(\\hat x)) + \\mathrm{Var}(\\beta)` on the diagonal.
     """
+    x = x.materialised()
     mean, var, A = x
     F = mean.shape[-1]
-    s = (mean.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+    # the expected spread of a sample over the features, not that of the mean (see the docstring)
+    s = (mean.var(-1, unbiased=False, keepdim=True) + x.total_var().mean(-1, keepdim=True) + eps).sqrt()
     xhat = (mean - mean.mean(-1, keepdim=True)) / s
     gamma = torch.ones_like(mean) if weight is None else weight.expand_as(mean)
     eye = torch.eye(F, dtype=mean.dtype, device=mean.device)
@@ -196,7 +441,7 @@ def conv2d(x: Gaussian, weight: torch.Tensor, bias: Optional[torch.Tensor], weig
     :param factor_w: ``G`` as ``(r, C_out, C_in, kh, kw)``; ``factor_b``: ``(r, C_out)``.
     """
     f = torch.nn.functional.conv2d
-    mean, var, A = x
+    mean, var, A = x.materialised()
     out_mean = f(mean, weight, bias, **conv)
     out_var = f(var, weight ** 2, None, **conv)
     out_A = None if A is None else _per_column(lambda c: f(c, weight, None, **conv), A)
@@ -229,6 +474,7 @@ def attention_values(v: Gaussian, attn: torch.Tensor) -> Gaussian:
 
     :param v: values with mean/var ``(N, H, T, d)`` and ``A`` ``(N, H, T, d, r)``; ``attn``: ``(N, H, T, T)``.
     """
+    v = v.materialised()
     A = None if v.A is None else torch.einsum("nhts,nhsdr->nhtdr", attn, v.A)
     return Gaussian(attn @ v.mean, (attn ** 2) @ v.var, A)
 
@@ -238,3 +484,68 @@ def probit_softmax(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     :math:`\\mathrm{softmax}(\\mu / \\sqrt{1 + \\tfrac{\\pi}{8} v})` (MacKay, 1992; uses the
     variances of the logits)."""
     return torch.softmax(mean / torch.sqrt(1 + torch.pi / 8 * var), dim=-1)
+
+
+GUMBEL_VAR = torch.pi ** 2 / 6
+
+
+def gumbel_max_softmax(mean: torch.Tensor, cov: torch.Tensor, order: str = "index") -> torch.Tensor:
+    """Class probabilities :math:`\\mathbb E[\\mathrm{softmax}(f)]` for :math:`f \\sim \\mathcal N(\\mu, \\Sigma)`
+    through the Gumbel-max identity and Clark's moments of a maximum.
+
+    :math:`\\mathrm{softmax}_k(f) = P(k = \\arg\\max_j (f_j + g_j))` for independent standard Gumbel
+    :math:`g` (exact), so :math:`\\mathbb E_f[\\mathrm{softmax}_k(f)]` is the probability that ``k`` wins
+    for :math:`u = f + g`, whose mean is :math:`\\mu` (plus a constant) and covariance
+    :math:`\\Sigma + \\tfrac{\\pi^2}{6} I`. Taking ``u`` Gaussian (a multinomial probit), with
+    :math:`M_k = \\max_{j \\ne k} u_j` moment-matched to a Gaussian by Clark's recursion (Clark, 1961:
+    exact mean and variance of the maximum of two jointly Gaussian variables, and its covariance with
+    the others, linear in theirs; the multinomial probit of Daganzo, Bouthelier and Sheffi, 1977),
+
+    .. math:: p_k \\approx \\Phi\\Big(\\frac{\\mathbb E[u_k - M_k]}{\\sqrt{\\mathrm{Var}[u_k - M_k]}}\\Big),
+
+    normalised to sum to one. Unlike the probit link it uses the covariance between the logits (the
+    common part cancels in the differences) and keeps the tails: measured on the digits MLP it is
+    within about 1% of the Gaussian integral where ``softmax(mu / sqrt(1 + pi/8 var))`` is 14% off.
+
+    :param mean: ``(N, C)``; ``cov``: ``(N, C, C)`` or variances ``(N, C)``; ``order``: ``"index"``
+        (merge the competitors in class order; cheaper) or ``"mean"`` (in decreasing order of the
+        mean, per example). Measured on the digits MLPs the two agree to 0.1-0.6% in NLL.
+    """
+    N, C = mean.shape
+    if cov.dim() == 2:
+        cov = torch.diag_embed(cov)
+    if C == 1:
+        return torch.ones_like(mean)
+    cov = cov + GUMBEL_VAR * torch.eye(C, dtype=mean.dtype, device=mean.device)
+    var = cov.diagonal(dim1=-2, dim2=-1)
+    if order == "mean":        # merge the others in decreasing order of the mean (per example)
+        perm = torch.argsort(mean, -1, descending=True)
+        mean, var = mean.gather(-1, perm), var.gather(-1, perm)
+        cov = cov.gather(-2, perm.unsqueeze(-1).expand(-1, -1, C)).gather(-1, perm.unsqueeze(-2).expand(-1, C, -1))
+    # others[k] = (0, ..., k-1, k+1, ..., C-1): the t-th competitor of every class k, the same for all examples
+    ks = torch.arange(C, device=mean.device)
+    others = torch.arange(C - 1, device=mean.device).unsqueeze(0) + (torch.arange(C - 1, device=mean.device) >= ks[:, None]).long()
+    # one row per variable: [mean, E[u^2], Cov(u, u_0..u_{C-1})]; Clark's update of the running max
+    # of class k with u_j is, for every entry but the two nonlinear terms, X P + Y (1 - P)
+    R = torch.cat([mean.unsqueeze(-1), (mean * mean + var).unsqueeze(-1), cov], -1)      # (N, C, C + 2)
+    Rk = R.index_select(1, others.reshape(-1)).reshape(N, C, C - 1, C + 2)                # (N, k, t, C + 2)
+    vk = Rk[..., 1] - Rk[..., 0] ** 2                                                      # Var(u_j), (N, k, t)
+    X = Rk[:, :, 0]                                                                        # (N, k, C + 2)
+    tiny = torch.finfo(mean.dtype).tiny
+    for t in range(1, C - 1):
+        j = others[:, t]
+        Y = Rk[:, :, t]
+        m, mb = X[..., 0], Y[..., 0]
+        cab = X.gather(-1, (j + 2).view(1, C, 1).expand(N, C, 1)).squeeze(-1)           # Cov(max_k, u_j)
+        th = (X[..., 1] - m * m + vk[..., t] - 2 * cab).clamp_min(tiny).sqrt()
+        al = (m - mb) / th
+        P = torch.special.ndtr(al)
+        thph = th * _normal_pdf(al)
+        X = torch.lerp(Y, X, P.unsqueeze(-1))
+        X[..., 0] += thph
+        X[..., 1] += (m + mb) * thph
+    m, v = X[..., 0], (X[..., 1] - X[..., 0] ** 2).clamp_min(0)
+    d_var = (var + v - 2 * X[..., 2:].diagonal(dim1=-2, dim2=-1)).clamp_min(tiny)
+    p = torch.special.ndtr((mean - m) / d_var.sqrt())
+    p = p / p.sum(-1, keepdim=True)
+    return p if order != "mean" else torch.empty_like(p).scatter_(-1, perm, p)

@@ -23,7 +23,7 @@ a :class:`FlatPosterior`            as given (e.g. a diagonal Laplace approximat
 
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 from pyro.distributions import constraints
@@ -152,17 +152,31 @@ def _validated(p: FlatPosterior, layout: SiteLayout) -> FlatPosterior:
 class SitePosterior:
     """Per-site views of a :class:`FlatPosterior` for the layer rules.
 
-    :param post: the flat posterior; ``layout``: the model's layout; ``dtype``/``device``: of the data.
+    :param post: the flat posterior; ``layout``: the model's layout; ``dtype``/``device``: of the data;
+        ``full``: whether linear layers return a full covariance between their outputs;
+        ``activations``: ``"moments"`` (moment matching) or ``"linearise"`` (at the mean);
+        ``full_output_at``: the prefix of a linear layer that returns a full covariance anyway.
     """
 
-    def __init__(self, post: FlatPosterior, layout: SiteLayout, dtype, device):
+    def __init__(self, post: FlatPosterior, layout: SiteLayout, dtype, device, full: bool = False,
+                 activations: str = "moments", full_output_at: Optional[str] = None):
         self.layout = layout
+        self.full = full
+        self.activations = activations
+        self.full_output_at = full_output_at
+        self._memo = {}
         cast = dict(dtype=dtype, device=device)
         self.mean = layout.unflatten(post.mean.to(**cast))
         self.var = layout.unflatten(post.var.to(**cast))
         self.has_var = {n: bool((v > 0).any()) for n, v in self.var.items()}
         self._idx = None if post.indices is None else post.indices.to(device)
         self._factor = None if post.factor is None else post.factor.to(**cast)
+
+    def cached(self, key, fn):
+        """``fn()``, computed once per posterior (the layers' weight-only quantities)."""
+        if key not in self._memo:
+            self._memo[key] = fn()
+        return self._memo[key]
 
     def marginal_var(self, name: str) -> Optional[torch.Tensor]:
         """Marginal variances of site ``name`` (independent part plus the factor's diagonal)."""

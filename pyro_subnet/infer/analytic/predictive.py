@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
+import pyro
 import torch
 
 from . import layers, moments
 from .posterior import FlatPosterior, SitePosterior, read_posterior
+
+
+def _guide_tensors(guide, modules=None) -> List[torch.Tensor]:
+    """Every tensor the posterior is read from: a module's parameters and buffers (of ``modules``,
+    its submodules, when given: walking them directly is cheaper than ``parameters()``), the Pyro
+    param store (where ``AutoNormal`` & co keep theirs), or a :class:`FlatPosterior`'s fields."""
+    if isinstance(guide, FlatPosterior):
+        return [t for t in guide if t is not None]
+    out = []
+    if isinstance(guide, torch.nn.Module):
+        for m in (guide.modules() if modules is None else modules):
+            out += [t for t in m._parameters.values() if t is not None]
+            out += [t for t in m._buffers.values() if t is not None]
+    store = pyro.get_param_store()
+    out += [p for _, p in store.named_parameters()]
+    return out
 
 
 class AnalyticPredictive:
@@ -16,11 +33,15 @@ class AnalyticPredictive:
     Li, Klasson, Solin, Trapp, *Streamlining Prediction in Bayesian Deep Learning* (ICLR 2025).
     Instead of averaging ``S`` forward passes over weight draws, the mean and (co)variance of every
     activation are carried through the network once (Gaussian moment matching at linear layers,
-    linearisation of activations at the mean, a Gaussian value path in attention; see
+    moment matching or linearisation of activations, a Gaussian value path in attention; see
     :mod:`~pyro_subnet.infer.analytic.layers` for what is exact and what is approximated). At the
-    output, with latent function :math:`f \\sim \\mathcal N(\\mu, v)`:
+    output, with latent function :math:`f \\sim \\mathcal N(\\mu, \\Sigma)`:
 
-    * classification: :math:`p(y \\mid x) \\approx \\mathrm{softmax}(\\mu / \\sqrt{1 + \\tfrac{\\pi}{8} v})`;
+    * classification, ``link="gumbel_max"`` (default): :math:`\\mathbb E[\\mathrm{softmax}(f)]` as a
+      multinomial probit with Clark's maximum (:func:`~.moments.gumbel_max_softmax`; uses the
+      covariance between the logits); ``link="probit"``:
+      :math:`p(y \\mid x) \\approx \\mathrm{softmax}(\\mu / \\sqrt{1 + \\tfrac{\\pi}{8} v})` (the paper's
+      link; it uses the variances only and misses the tails when they are large);
     * regression: :math:`y \\mid x \\sim \\mathcal N(\\mu, v + \\sigma^2)`.
 
     :param model: a :class:`~pyro_subnet.nn.BayesianNet` (its plain network is walked layer by
@@ -29,12 +50,19 @@ class AnalyticPredictive:
     :param guide: ``AutoNormal``, ``AutoDiagonalNormal``, ``AutoMultivariateNormal``,
         ``AutoLowRankMultivariateNormal``, ``AutoDelta``, a guide with ``flat_gaussian()``
         (``AutoSubnetLaplace``: its covariance over the subnetwork, the MAP elsewhere), or a
-        :class:`~pyro_subnet.infer.analytic.posterior.FlatPosterior`. The guide is read on every
-        call, so a guide trained further is picked up.
+        :class:`~pyro_subnet.infer.analytic.posterior.FlatPosterior`. The guide is read again
+        whenever one of its tensors (module parameters and buffers, the Pyro param store) has been
+        replaced or changed in place, so a guide trained further is picked up; otherwise what the
+        layers derive from the posterior is reused.
     :param covariance: ``"full"``: a covariance between the features of each example (MLPs only),
         ``"diag"``: variances only (the paper's choice), ``"auto"``: full for MLPs whose layers are
         at most 256 wide, diagonal otherwise.
     :param batch_size: examples per pass (bounds memory); ``None``: all at once.
+    :param activations: ``"moments"`` (default): exact mean and variance of each unit
+        (:func:`~.moments.elementwise_moments`: rectified Gaussian for ReLU, Gauss-Hermite otherwise)
+        with the expected slope for covariances; ``"linearise"``: linearisation at the mean (the
+        paper's choice; it overestimates the variance of saturating units with a large variance).
+    :param link: ``"gumbel_max"`` or ``"probit"`` (classification; see above).
 
     Calling ``pred(x)`` returns a dict with ``"f_mean"`` and ``"f_var"`` (the latent function's
     mean and variances, ``(N, O)``; ``"f_cov"`` ``(N, O, O)`` too with full covariance) and
@@ -50,7 +78,8 @@ class AnalyticPredictive:
     torch.Size([10, 3])
     """
 
-    def __init__(self, model, guide, covariance: str = "auto", batch_size: Optional[int] = None):
+    def __init__(self, model, guide, covariance: str = "auto", batch_size: Optional[int] = None,
+                 activations: str = "moments", link: str = "gumbel_max"):
         if not hasattr(model, "network") or not hasattr(model, "layout"):
             raise TypeError("AnalyticPredictive: model must be a pyro_subnet BayesianNet (with .network and .layout).")
         if model.network.is_pyro:
@@ -58,16 +87,43 @@ class AnalyticPredictive:
                             "ps.nn.BayesianNet so that it can be walked layer by layer.")
         if covariance not in ("auto", "full", "diag"):
             raise ValueError(f"AnalyticPredictive: covariance must be 'auto', 'full' or 'diag', got {covariance!r}.")
+        if activations not in ("moments", "linearise"):
+            raise ValueError(f"AnalyticPredictive: activations must be 'moments' or 'linearise', got {activations!r}.")
+        self.activations = activations
+        if link not in ("gumbel_max", "probit"):
+            raise ValueError(f"AnalyticPredictive: link must be 'gumbel_max' or 'probit', got {link!r}.")
+        self.link = link
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"AnalyticPredictive: batch_size must be a positive integer or None, got {batch_size!r}.")
         self.model = model
         self.guide = guide
         self.batch_size = batch_size
+        self._cache = None
+        self._modules = None
         net = model.network.module
         self.full = covariance == "full" or (covariance == "auto" and not layers.prefers_diagonal(net))
         if self.full and layers.prefers_diagonal(net, max_width=10 ** 9):
             raise ValueError("AnalyticPredictive: covariance='full' supports MLPs only (Linear layers and "
                              "elementwise activations); use covariance='diag'.")
+
+    def _site_posterior(self, dtype, device) -> SitePosterior:
+        """The per-site posterior, read from the guide again only when one of its tensors has changed
+        (a new tensor, or an in-place update such as an optimiser step: ``tensor._version``), so that
+        repeated predictions skip reading the guide and everything the layers derive from it."""
+        if self._modules is None and isinstance(self.guide, torch.nn.Module) and getattr(
+                self.guide, "prototype_trace", True) is not None:
+            self._modules = list(self.guide.modules())    # fixed once the guide is set up
+        tensors = _guide_tensors(self.guide, self._modules)
+        key = (dtype, device, self.full, self.activations, len(tensors))
+        cached = self._cache
+        if (cached is not None and cached[0] == key
+                and all(a is b and v == b._version for (a, v), b in zip(cached[1], tensors))):
+            return cached[2]
+        post = SitePosterior(self.posterior(), self.model.layout, dtype, device, full=self.full,
+                             activations=self.activations,
+                             full_output_at=None if self.full else layers.output_linear(self.model.network.module))
+        self._cache = (key, [(t, t._version) for t in tensors], post)
+        return post
 
     def posterior(self) -> FlatPosterior:
         """The guide's Gaussian over the flat weights, in ``model.layout`` order."""
@@ -78,22 +134,23 @@ class AnalyticPredictive:
         """Mean ``(N, O)`` and variances ``(N, O)`` or covariance ``(N, O, O)`` of ``f(x)``."""
         if not torch.is_tensor(x) or not x.is_floating_point():
             raise TypeError("AnalyticPredictive: x must be a floating-point tensor.")
-        post = SitePosterior(self.posterior(), self.model.layout, x.dtype, x.device)
+        post = self._site_posterior(x.dtype, x.device)
         net = self.model.network.module
         outs = []
         step = x.shape[0] if self.batch_size is None else self.batch_size
         for start in range(0, x.shape[0], max(step, 1)):
             xb = x[start:start + step]
-            var = xb.new_zeros(*xb.shape, xb.shape[-1]) if self.full else torch.zeros_like(xb)
-            outs.append(layers.propagate(net, moments.Gaussian(xb, var), post))
+            # The data is known (var None): the first layer's output is then exactly diagonal.
+            outs.append(layers.propagate(net, moments.Gaussian(xb, None), post))
         if outs[0].mean.dim() != 2:
             raise ValueError(f"AnalyticPredictive: the network output has shape {tuple(outs[0].mean.shape)}, "
                              "expected (N, O).")
         mean = torch.cat([o.mean for o in outs])
-        if self.full:
+        if self.full or outs[0].full:
             return mean, torch.cat([o.total_cov() for o in outs])
         return mean, torch.cat([o.total_var() for o in outs])
 
+    @torch.no_grad()
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> Dict[str, torch.Tensor]:
         """Predict at ``x`` (further model arguments such as ``y`` are ignored)."""
         mean, var = self.latent(x)
@@ -103,7 +160,10 @@ class AnalyticPredictive:
             out["f_cov"] = var
         lik = self.model.likelihood
         if lik.name == "classification":
-            out["probs"] = moments.probit_softmax(mean, out["f_var"])
+            if self.link == "probit":
+                out["probs"] = moments.probit_softmax(mean, out["f_var"])
+            else:
+                out["probs"] = moments.gumbel_max_softmax(mean, var)
         elif lik.name == "regression":
             m, v = mean, out["f_var"] + lik.noise_scale ** 2
             if m.shape[-1] == 1:

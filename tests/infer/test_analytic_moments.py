@@ -1,0 +1,93 @@
+"""Moment-matched activations and the Gumbel-max link of AnalyticPredictive against Monte Carlo."""
+
+import pytest
+import torch
+
+from pyro_subnet.infer.analytic import moments
+
+
+def _gaussian(N=200, F=6, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mean = scale * torch.randn(N, F, generator=g, dtype=torch.float64)
+    L = torch.randn(N, F, F, generator=g, dtype=torch.float64) * scale / F ** 0.5
+    return mean, L @ L.transpose(-1, -2) + 0.1 * torch.eye(F, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("fn", [torch.nn.ReLU(), torch.nn.Tanh(), torch.nn.Sigmoid(), torch.nn.GELU()])
+def test_elementwise_moments_match_monte_carlo(fn):
+    # unit standard deviations up to about 2 (the quadrature is exact to ~1e-3 there; wider units
+    # are good to a few per cent, see _quadrature_moments)
+    mean, cov = _gaussian(N=40, scale=1.0)
+    x = moments.Gaussian(mean, cov)
+    out = moments.elementwise_moments(fn, x, num_nodes=16)
+    z = torch.randn(50000, *mean.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    h = mean + torch.einsum("nkl,snl->snk", torch.linalg.cholesky(cov), z)
+    y = fn(h)
+    m, d = y.mean(0), y - y.mean(0)
+    c = torch.einsum("snk,snl->nkl", d, d) / (len(y) - 1)
+    sd = c.diagonal(dim1=-2, dim2=-1).sqrt()
+    # mean and variance are exact per unit; covariances between units are first order (Stein)
+    assert ((out.mean - m).abs() / (sd / len(y) ** 0.5 + 1e-6)).max() < 5
+    v_mc, v_a = c.diagonal(dim1=-2, dim2=-1), out.var.diagonal(dim1=-2, dim2=-1)
+    se_v = (d ** 2).std(0) / len(y) ** 0.5                  # standard error of the MC variances
+    assert ((v_a - v_mc).abs() / (se_v + 1e-6)).max() < 5
+    corr = lambda cv: cv / (cv.diagonal(dim1=-2, dim2=-1).sqrt().unsqueeze(-1) * cv.diagonal(dim1=-2, dim2=-1).sqrt().unsqueeze(-2) + 1e-12)  # noqa: E731
+    assert (corr(out.var) - corr(c)).abs().mean() < 0.05
+
+
+@pytest.mark.parametrize("fn", [torch.nn.Tanh(), torch.nn.Sigmoid()])
+def test_default_saturating_moments_are_close(fn):
+    """The default for tanh/sigmoid (probit fit, remainder only for narrow units) against 16 nodes."""
+    mean = torch.linspace(-4, 4, 41, dtype=torch.float64)[:, None].expand(41, 6)
+    var = torch.tensor([0.01, 0.1, 1.0, 4.0, 25.0, 400.0], dtype=torch.float64).expand(41, 6)
+    a = moments.elementwise_moments(fn, moments.Gaussian(mean, var))
+    b = moments.elementwise_moments(fn, moments.Gaussian(mean, var), num_nodes=16)
+    assert (a.mean - b.mean).abs().max() < 0.02
+    big = b.var > 1e-2 * b.var.max()
+    assert ((a.var - b.var).abs() / b.var)[big].max() < 0.1
+
+
+def test_relu_moments_closed_form():
+    # the rectified Gaussian: mean s/sqrt(2 pi), E[relu^2] = s^2 / 2 at mu = 0
+    x = moments.Gaussian(torch.zeros(1, 1, dtype=torch.float64), torch.full((1, 1), 4.0, dtype=torch.float64))
+    out = moments.elementwise_moments(torch.nn.ReLU(), x)
+    m = 2.0 / (2 * torch.pi) ** 0.5
+    assert torch.allclose(out.mean, torch.tensor([[m]], dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(out.var, torch.tensor([[2.0 - m * m]], dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0])
+def test_gumbel_max_softmax_matches_gaussian_integral(scale):
+    mean, cov = _gaussian(N=300, F=5, scale=scale, seed=2)
+    p = moments.gumbel_max_softmax(mean, cov)
+    assert torch.allclose(p.sum(-1), torch.ones(300, dtype=torch.float64))
+    z = torch.randn(40000, *mean.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    mc = torch.softmax(mean + torch.einsum("nkl,snl->snk", torch.linalg.cholesky(cov), z), -1).mean(0)
+    probit = moments.probit_softmax(mean, cov.diagonal(dim1=-2, dim2=-1))
+    nll = lambda q: -torch.log(q).mean()  # noqa: E731  (expected NLL of every class as a proxy)
+    err, err_probit = (p - mc).abs().mean(), (probit - mc).abs().mean()
+    assert err < 0.02
+    assert abs(nll(p) / nll(mc) - 1) < 0.03
+    if scale > 1:     # where the variances are large, the Gumbel-max link beats the probit link
+        assert err < err_probit
+
+
+def test_sparse_factor_path_matches_dense():
+    """A subnetwork factor (few correlated entries of [W, b]) takes the gathered path; same moments."""
+    g = torch.Generator().manual_seed(4)
+    out, n_in, r, N = 6, 20, 7, 9
+    W = torch.randn(out, n_in, generator=g, dtype=torch.float64)
+    b = torch.randn(out, generator=g, dtype=torch.float64)
+    G = torch.zeros(out, n_in + 1, r, dtype=torch.float64)
+    rows, cols = torch.randint(out, (12,), generator=g), torch.randint(n_in + 1, (12,), generator=g)
+    G[rows, cols] = torch.randn(12, r, generator=g, dtype=torch.float64)
+    lw = moments.prepare_linear(W, b, None, G, full=True)
+    assert lw.sparse_idx is not None
+    dense = lw._replace(sparse_idx=None, sparse_factor=None)
+    x = moments.Gaussian(torch.randn(N, n_in, generator=g, dtype=torch.float64),
+                         torch.rand(N, n_in, generator=g, dtype=torch.float64),
+                         torch.randn(N, n_in, r, generator=g, dtype=torch.float64))
+    for full in (False, True):
+        a, d = moments.linear(x, lw, full), moments.linear(x, dense, full)
+        for u, v in zip(a, d):
+            assert torch.allclose(u, v, atol=1e-12)
