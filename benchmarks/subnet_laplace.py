@@ -19,7 +19,6 @@ import argparse
 import time
 
 import torch
-from torch import nn
 
 import pyro_subnet as ps
 from pyro_subnet.experiment import mlp

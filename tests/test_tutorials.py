@@ -1,6 +1,5 @@
 """Every tutorial runs, at small settings, as part of the suite."""
 
-import os
 import runpy
 from pathlib import Path
 

@@ -6,7 +6,7 @@ the ``ax`` given), and saves it when ``path`` is given. Matplotlib runs headless
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import matplotlib
 

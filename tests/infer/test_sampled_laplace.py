@@ -1,6 +1,4 @@
-import math
 
-import pyro
 import pytest
 import torch
 from pyro.infer import Predictive

@@ -88,7 +88,6 @@ def test_prior_tuning_marglik_equals_em_and_maximises_evidence():
 def small_regression(seed=0):
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
-    model = ps.nn.BayesianNet(net, likelihood="regression", noise_scale=0.1)
     x = torch.linspace(-2, 2, 30)[:, None]
     y = torch.sin(2 * x[:, 0])
     train(net, x, y, 300)

@@ -1,7 +1,6 @@
 """Subnetwork selection strategies against direct computations."""
 
 import math
-import warnings
 
 import pytest
 import torch

@@ -23,7 +23,7 @@ weight gets ``G = 1`` (the step size keeps its meaning) and clamped to ``[min_ga
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
