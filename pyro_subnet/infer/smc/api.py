@@ -12,6 +12,7 @@ from ...nn.validation import check_data
 from .. import distributed
 from . import annealed
 from .annealed import AnnealedTarget, Move
+from .batched import particle_log_lik, particle_outputs
 from .resampling import get_resampler
 from .schedules import Adaptive, DataPath, Linear
 
@@ -162,6 +163,7 @@ class AnnealedSMC:
         if learn_noise:
             loc = torch.tensor(math.log(model.likelihood.noise_scale), dtype=x.dtype, device=x.device)
             noise_prior = torch.distributions.Normal(loc, torch.ones_like(loc))
+        log_lik = particle_log_lik(model)   # all particles at once, one GEMM per layer for MLPs
         states, self._infos = [], []
         for chain in range(self.num_chains):
             gen = torch.Generator(device=x.device).manual_seed(seed + chain)
@@ -174,7 +176,7 @@ class AnnealedSMC:
                                         self._noise_log_lik(model, xs, ys), path)
             else:
                 target = AnnealedTarget(model.log_prior,
-                                        lambda t, a, b, xs=xs, ys=ys: model.log_likelihood(t, xs[a:b], ys[a:b]),
+                                        lambda t, a, b, xs=xs, ys=ys: log_lik(t, xs[a:b], ys[a:b]),
                                         path)
             with torch.no_grad():
                 prior = {n: model.site_prior(n, x).sample((self.num_particles,)) for n in layout.names}
@@ -230,8 +232,10 @@ class AnnealedSMC:
 
     @staticmethod
     def _noise_log_lik(model, xs, ys):
+        outputs = particle_outputs(model)
+
         def log_lik(t, a, b):
-            f = model.network.flat_batched(t[:, :-1], xs[a:b])                  # (P, n, O)
+            f = outputs(t[:, :-1], xs[a:b])                                     # (P, n, O)
             scale = t[:, -1].exp().reshape(-1, *([1] * (f.dim() - 2)))           # (P, 1[, 1])
             if f.shape[-1] > 1:
                 scale = scale[..., None]
