@@ -42,7 +42,8 @@ class DataPath:
     Batches enter in *stages*; the batches of a stage enter together, with one common tempered
     fraction. With ``growth=1`` every stage is one batch (the newest batch is tempered). With
     ``growth=g > 1`` each stage holds ``ceil((g - 1) * k)`` batches where ``k`` batches are already
-    in, e.g. 1, 1, 2, 4, 8, ... batches for ``g = 2`` (the data double from stage to stage).
+    in, e.g. 1, 1, 2, 4, 8, ... batches for ``g = 2`` (the data double from stage to stage); a
+    remainder smaller than the next stage joins the last one.
     Spreading the new likelihood over many examples at a small fraction is what makes
     tempering cheap in ESS: the incremental log-weight :math:`\phi \sum_{j \in \text{stage}} \ell_j`
     averages the particles' disagreement on individual examples, where adding the same amount of
@@ -70,9 +71,17 @@ class DataPath:
         self.growth = float(growth)
         starts, k = [0], 0
         while k < self.num_batches:
-            k = min(self.num_batches, k + max(1, math.ceil((self.growth - 1) * k - 1e-9)))
+            k = min(self.num_batches, k + self._stage_size(k))
+            # A remainder smaller than the next stage would be joins this stage: a small last
+            # stage costs nearly as many steps as a full one, at the full data's cost.
+            if self.num_batches - k < self._stage_size(k):
+                k = self.num_batches
             starts.append(k)
         self._stage_starts = starts   # stage i covers batches [starts[i], starts[i + 1])
+
+    def _stage_size(self, k: int) -> int:
+        """Batches in the stage that starts after ``k`` batches."""
+        return max(1, math.ceil((self.growth - 1) * k - 1e-9))
 
     def bounds(self, b: int) -> Tuple[int, int]:
         """``(start, stop)`` of batch ``b`` in the ordered data."""
