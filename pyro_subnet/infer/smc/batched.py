@@ -34,6 +34,7 @@ True
 
 from __future__ import annotations
 
+import math
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -73,7 +74,11 @@ def mlp_outputs(network, plan: Plan, theta: torch.Tensor, x: torch.Tensor) -> to
     """Outputs ``(P, O, n)`` (features before examples) of the MLP ``plan`` for particles
     ``theta (P, D)`` on inputs ``x (n, in)``."""
     p, n = theta.shape[0], x.shape[0]
-    params = network.layout.unflatten(theta)
+    # One split rather than a slice per site: its backward is one concatenation, where slices
+    # each scatter into a zero (P, D) gradient that are then summed.
+    shapes = network.layout.shapes
+    parts = torch.split(theta, [math.prod(s) for s in shapes.values()], dim=-1)
+    params = {name: v.reshape(p, *s) for (name, s), v in zip(shapes.items(), parts)}
     h = None
     for layer in plan:
         if layer[0] == "act":
