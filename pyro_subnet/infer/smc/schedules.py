@@ -128,10 +128,12 @@ class Adaptive:
     :math:`\\phi^2 M = m^2 / M` times it. With stages as large as the data already in, the number
     of steps per doubling of the data stays about constant (10 to 13 on the digits benchmark,
     where full-batch tempering takes about 10 per doubling of the temperature), while each step
-    costs only the data included so far. The last doubling then costs about as much as the last
-    doubling of full-batch tempering and all the stages together about twice that, so the saving
-    is at most about (full-batch steps) / (2 x steps per doubling): about 3x on digits
-    (``N = 1258``), more with more data, where tempering walks more doublings.
+    costs only the data included so far. The last stage (from half the data to all of it) still
+    costs as many full-data steps as the last doubling of tempering or more (a stage of ``M``
+    new examples carries twice the per-example variance of tempering all ``2M``), and the
+    stages together about twice that: measured, 2.5x to 2.7x fewer example-gradients than
+    full-batch tempering on digits and on synthetic data with ``N`` from 1000 to 16000 (the
+    ratio did not grow with ``N``), against 1.8x with one batch per stage.
 
     :param ess_threshold: target ESS as a fraction of the number of particles.
     :param tol: bisection tolerance on the level.
