@@ -66,8 +66,10 @@ class AnnealedSMC:
     :param target_accept: acceptance rate for step-size adaptation (default 0.574 MALA, 0.65 HMC).
     :param batches_per_step: batches per step of the ``"linear"`` schedule.
     :param batch_growth: ``"adaptive"`` only: the data enter in stages of batches, each stage
-        ``batch_growth - 1`` times the data already in (1: one batch per stage; 2: the data double
-        from stage to stage, which needs far fewer steps: see :class:`~.schedules.Adaptive`).
+        ``batch_growth - 1`` times the data already in, tempered together (1: one batch per stage;
+        2: the data double from stage to stage, which on the digits benchmark takes 73 steps
+        instead of 106 and 2.7x instead of 1.8x fewer example-gradients than ``"full"``; see
+        :class:`~.schedules.Adaptive`).
     :param max_steps: safety limit on SMC steps per chain (error if exceeded).
     :param seed: seed of the sampler's generator (``None``: drawn from torch's global RNG); the
         prior draws use torch's global RNG.
