@@ -67,9 +67,9 @@ class AnnealedSMC:
     :param batches_per_step: batches per step of the ``"linear"`` schedule.
     :param batch_growth: ``"adaptive"`` only: the data enter in stages of batches, each stage
         ``batch_growth - 1`` times the data already in, tempered together (1: one batch per stage;
-        2: the data double from stage to stage, which on the digits benchmark takes 73 steps
-        instead of 106 and 2.7x instead of 1.8x fewer example-gradients than ``"full"``; see
-        :class:`~.schedules.Adaptive`).
+        2: the data double from stage to stage, which on the digits benchmark takes about 70
+        steps instead of about 105 and 2.7x to 3.2x instead of 1.8x to 2.1x fewer
+        example-gradients than ``"full"``; see :class:`~.schedules.Adaptive`).
     :param max_steps: safety limit on SMC steps per chain (error if exceeded).
     :param seed: seed of the sampler's generator (``None``: drawn from torch's global RNG); the
         prior draws use torch's global RNG.
