@@ -99,3 +99,40 @@ def test_adaptive_schedule_hits_the_ess_threshold_and_linear_adds_whole_batches(
     assert level == 4.0 and evaluated == 4
     level, inc, evaluated = Linear(2)(log_w, 1.0, lambda b: ll[b], path)
     assert level == 3.0 and torch.allclose(inc, ll[1] + ll[2])
+
+
+def test_staged_data_path_tempers_a_whole_stage_and_keeps_the_exact_posterior():
+    path = DataPath(num_data=100, batch_size=10, growth=2.0)
+    # Stages of 1, 1, 2, 4 batches; the remainder (2 batches < the next stage's 8) joins the last.
+    assert path._stage_starts == [0, 1, 2, 4, 10] and path.stage(5.5) == (4, 10)
+    n, c = path.included(7.0)   # half-way through stage [4, 10): batches 4..9 at fraction 0.5
+    assert n == 100 and torch.allclose(c, torch.tensor([1.0] * 40 + [0.5] * 60))
+    assert path.included(4.0)[0] == 40 and path.included(10.0)[0] == 100
+    assert DataPath(100, 10, 1.0)._stage_starts == list(range(11))
+    # Adaptive bisects the common fraction of the stage: the increment is that fraction of the
+    # stage's summed log-likelihood, and the ESS lands on the threshold.
+    g = torch.Generator().manual_seed(0)
+    ll = torch.randn(10, 64, generator=g, dtype=torch.float64)
+    log_w = torch.full((64,), -math.log(64), dtype=torch.float64)
+    level, inc, evaluated = Adaptive(0.5, tol=1e-8)(log_w, 4.0, lambda b: ll[b], path)
+    assert 4 < level < 10 and evaluated == 6
+    assert torch.allclose(inc, (level - 4) / 6 * ll[4:].sum(0))
+    assert abs(float(log_ess(log_w + inc).exp()) - 32.0) < 1e-3
+    with pytest.raises(ValueError, match="growth=1"):
+        Linear(1)(log_w, 0.0, lambda b: ll[b], path)
+    with pytest.raises(ValueError, match="growth"):
+        DataPath(100, 10, 0.5)
+    # The staged path reaches the exact conjugate posterior and evidence like the one-batch path.
+    model, x, y, mean, cov, log_z = _conjugate_problem()
+    p = 600
+    smc = AnnealedSMC(model, num_particles=p, batch_size=5, schedule="adaptive", batch_growth=2.0, seed=1,
+                      progress=False)
+    smc.run(x, y)
+    theta = smc.particles()[0]
+    assert ((theta.mean(0) - mean).abs() / cov.diag().sqrt() < 5 / math.sqrt(p)).all(), (theta.mean(0), mean)
+    assert torch.allclose(torch.cov(theta.T).diag() / cov.diag(), torch.ones(3, dtype=torch.float64), atol=0.2)
+    assert abs(float(smc.log_evidence[0]) - log_z) < 0.5, (float(smc.log_evidence[0]), log_z)
+    nd = smc.diagnostics()["num_data"]["chain 0"]
+    assert set(nd) <= {5, 10, 20, 40, 60} and nd[-1] == 60
+    with pytest.raises(ValueError, match="batch_growth"):
+        AnnealedSMC(model, 8, 5, schedule="linear", batch_growth=2.0)

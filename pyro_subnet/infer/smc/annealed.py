@@ -192,11 +192,15 @@ def step(generator: torch.Generator, state: SMCState, target: AnnealedTarget, sc
                          f"{part.stop - part.start}; start from annealed.init(all particles) and keep "
                          "particles[distributed.shard(P)].")
     local_ll = target.batch_loglik(theta)
+    n_eval_data = 0
 
     def batch_ll(b):  # every rank sees all P incremental log-likelihoods
+        nonlocal n_eval_data
+        start, stop = target.path.bounds(b)
+        n_eval_data += stop - start
         return distributed.all_gather_cat(local_ll(b))
 
-    level, inc, evaluated = schedule(log_w, state.level, batch_ll, target.path)
+    level, inc, _ = schedule(log_w, state.level, batch_ll, target.path)
     log_z_inc = float(torch.logsumexp(log_w + inc, 0))
     log_w = log_w + inc
     log_w = log_w - torch.logsumexp(log_w, 0)
@@ -219,8 +223,6 @@ def step(generator: torch.Generator, state: SMCState, target: AnnealedTarget, sc
         used_step = step_size
         step_size = adapt_step_size(step_size, rate, move.target_accept)
     grad_evals = 1 + move.num_mcmc_steps * move.grads_per_step
-    n_eval_data = sum(min(target.path.num_data, (b + 1) * target.path.batch_size) - b * target.path.batch_size
-                      for b in range(int(math.floor(state.level)), int(math.floor(state.level)) + evaluated))
     info = SMCInfo(level, n, ess, resampled, sum(accepts) / len(accepts), used_step, log_z_inc,
                    grad_evals, grad_evals * n, n_eval_data)
     return SMCState(theta, log_w, level, state.log_evidence + log_z_inc, step_size), info

@@ -12,6 +12,7 @@ from ...nn.validation import check_data
 from .. import distributed
 from . import annealed
 from .annealed import AnnealedTarget, Move
+from .batched import particle_log_lik, particle_outputs
 from .resampling import get_resampler
 from .schedules import Adaptive, DataPath, Linear
 
@@ -64,6 +65,11 @@ class AnnealedSMC:
     :param step_size: initial step size, in units of the particle spread (adapted).
     :param target_accept: acceptance rate for step-size adaptation (default 0.574 MALA, 0.65 HMC).
     :param batches_per_step: batches per step of the ``"linear"`` schedule.
+    :param batch_growth: ``"adaptive"`` only: the data enter in stages of batches, each stage
+        ``batch_growth - 1`` times the data already in, tempered together (1: one batch per stage;
+        2: the data double from stage to stage, which on the digits benchmark takes about 70
+        steps instead of about 105 and 2.7x to 3.2x instead of 1.8x to 2.1x fewer
+        example-gradients than ``"full"``; see :class:`~.schedules.Adaptive`).
     :param max_steps: safety limit on SMC steps per chain (error if exceeded).
     :param seed: seed of the sampler's generator (``None``: drawn from torch's global RNG); the
         prior draws use torch's global RNG.
@@ -95,8 +101,8 @@ class AnnealedSMC:
                  schedule: str = "adaptive", move: str = "mala", ess_threshold: float = 0.5,
                  resampling="systematic", num_chains: int = 1, *, num_mcmc_steps: int = 5,
                  num_leapfrog_steps: int = 5, step_size: float = 0.5, target_accept: Optional[float] = None,
-                 batches_per_step: int = 1, max_steps: int = 10000, seed: Optional[int] = None,
-                 progress: bool = True):
+                 batches_per_step: int = 1, batch_growth: float = 1.0, max_steps: int = 10000,
+                 seed: Optional[int] = None, progress: bool = True):
         for attr in ("log_likelihood", "log_prior", "layout", "site_prior"):
             if not hasattr(model, attr):
                 raise TypeError(f"AnnealedSMC needs a pyro_subnet BayesianNet (missing .{attr}); wrap your "
@@ -113,6 +119,10 @@ class AnnealedSMC:
             raise ValueError(f"ess_threshold must be in (0, 1), got {ess_threshold!r}.")
         if not (step_size > 0 and math.isfinite(step_size)):
             raise ValueError(f"step_size must be a positive number, got {step_size!r}.")
+        if not (isinstance(batch_growth, (int, float)) and math.isfinite(batch_growth) and batch_growth >= 1):
+            raise ValueError(f"batch_growth must be a number >= 1 (1: one batch per stage), got {batch_growth!r}.")
+        if batch_growth != 1 and schedule != "adaptive":
+            raise ValueError(f"batch_growth applies to schedule='adaptive' only (got schedule={schedule!r}).")
         get_resampler(resampling)  # fail early on an unknown scheme
         self.kernel = SMCKernel(model, Move(move, num_mcmc_steps, num_leapfrog_steps, target_accept))
         self.num_particles = num_particles
@@ -124,6 +134,7 @@ class AnnealedSMC:
         self.resampling = resampling
         self.step_size = float(step_size)
         self.batches_per_step = batches_per_step
+        self.batch_growth = float(batch_growth)
         self.max_steps = max_steps
         self.seed = seed
         self.progress = progress
@@ -162,19 +173,20 @@ class AnnealedSMC:
         if learn_noise:
             loc = torch.tensor(math.log(model.likelihood.noise_scale), dtype=x.dtype, device=x.device)
             noise_prior = torch.distributions.Normal(loc, torch.ones_like(loc))
+        log_lik = particle_log_lik(model)   # all particles at once, one GEMM per layer for MLPs
         states, self._infos = [], []
         for chain in range(self.num_chains):
             gen = torch.Generator(device=x.device).manual_seed(seed + chain)
             perm = torch.randperm(x.shape[0], generator=gen, device=x.device)
             xs, ys = x[perm], y[perm]
             bs = None if self.schedule == "full" else self.batch_size
-            path = DataPath(x.shape[0], bs)
+            path = DataPath(x.shape[0], bs, self.batch_growth)
             if learn_noise:
                 target = AnnealedTarget(self._noise_log_prior(model, noise_prior),
                                         self._noise_log_lik(model, xs, ys), path)
             else:
                 target = AnnealedTarget(model.log_prior,
-                                        lambda t, a, b, xs=xs, ys=ys: model.log_likelihood(t, xs[a:b], ys[a:b]),
+                                        lambda t, a, b, xs=xs, ys=ys: log_lik(t, xs[a:b], ys[a:b]),
                                         path)
             with torch.no_grad():
                 prior = {n: model.site_prior(n, x).sample((self.num_particles,)) for n in layout.names}
@@ -230,8 +242,10 @@ class AnnealedSMC:
 
     @staticmethod
     def _noise_log_lik(model, xs, ys):
+        outputs = particle_outputs(model)
+
         def log_lik(t, a, b):
-            f = model.network.flat_batched(t[:, :-1], xs[a:b])                  # (P, n, O)
+            f = outputs(t[:, :-1], xs[a:b])                                     # (P, n, O)
             scale = t[:, -1].exp().reshape(-1, *([1] * (f.dim() - 2)))           # (P, 1[, 1])
             if f.shape[-1] > 1:
                 scale = scale[..., None]

