@@ -173,14 +173,16 @@ def arviz_diagnostics(obj) -> Dict[str, float]:
 
 
 def run_annealed_smc(ctx: Context) -> MethodResult:
-    """Data-annealed SMC (adaptive schedule, MALA moves) from the prior; no MAP needed."""
+    """Data-annealed SMC (adaptive schedule over stages that double the data, MALA moves) from
+    the prior; no MAP needed."""
     from .infer.smc import AnnealedSMC
     ctx.reset_noise()
     torch.manual_seed(ctx.seed)
     opt = lambda k, d: ctx.option("annealed_smc", k, d)  # noqa: E731
     smc = AnnealedSMC(ctx.model, num_particles=opt("num_particles", 32 if ctx.quick else 64),
                       batch_size=opt("batch_size", 64), schedule="adaptive", move="mala",
-                      num_mcmc_steps=opt("num_mcmc_steps", 5), seed=ctx.seed, progress=ctx.progress)
+                      num_mcmc_steps=opt("num_mcmc_steps", 5), batch_growth=opt("batch_growth", 2.0),
+                      seed=ctx.seed, progress=ctx.progress)
     t0 = time.perf_counter()
     smc.run(ctx.ds.x_train, ctx.ds.y_train)
     theta = smc.particles()[0]
