@@ -91,3 +91,12 @@ def test_sparse_factor_path_matches_dense():
         a, d = moments.linear(x, lw, full), moments.linear(x, dense, full)
         for u, v in zip(a, d):
             assert torch.allclose(u, v, atol=1e-12)
+
+
+def test_gumbel_max_link_is_the_softmax_for_a_point_posterior():
+    mean, _ = _gaussian(N=200, F=10, scale=1.0, seed=5)
+    mean = 3 * mean
+    p = moments.gumbel_max_softmax(mean, torch.zeros_like(mean))
+    assert torch.allclose(p, torch.softmax(mean, -1), atol=1e-12)
+    raw = moments.gumbel_max_softmax(mean, torch.zeros_like(mean), exact_at_zero=False)
+    assert (raw - torch.softmax(mean, -1)).abs().max() > 1e-3     # what the correction removes

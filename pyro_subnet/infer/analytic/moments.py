@@ -489,7 +489,8 @@ def probit_softmax(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
 GUMBEL_VAR = torch.pi ** 2 / 6
 
 
-def gumbel_max_softmax(mean: torch.Tensor, cov: torch.Tensor, order: str = "index") -> torch.Tensor:
+def gumbel_max_softmax(mean: torch.Tensor, cov: torch.Tensor, order: str = "index",
+                       exact_at_zero: bool = True) -> torch.Tensor:
     """Class probabilities :math:`\\mathbb E[\\mathrm{softmax}(f)]` for :math:`f \\sim \\mathcal N(\\mu, \\Sigma)`
     through the Gumbel-max identity and Clark's moments of a maximum.
 
@@ -507,10 +508,29 @@ def gumbel_max_softmax(mean: torch.Tensor, cov: torch.Tensor, order: str = "inde
     common part cancels in the differences) and keeps the tails: measured on the digits MLP it is
     within about 1% of the Gaussian integral where ``softmax(mu / sqrt(1 + pi/8 var))`` is 14% off.
 
+    The Gaussian stand-in for the Gumbel noise is not exact even without posterior variance (it
+    is off the softmax by up to 0.05 in probability on a digits MLP). With ``exact_at_zero`` the
+    result is corrected by the same approximation's error at zero variance, weighted by the Gumbel
+    noise's share of the total variance,
+    :math:`p_k \\propto \\max\\big(0, \\hat p_k(\\mu, \\Sigma) + w\\,(\\mathrm{softmax}_k(\\mu) - \\hat p_k(\\mu, 0))\\big)`,
+    :math:`w = \\tfrac{\\pi^2}{6} / (\\tfrac{\\pi^2}{6} + \\bar v)`, so that a point posterior gives the network's own
+    softmax exactly and wide posteriors keep the uncorrected approximation (a heuristic, measured:
+    mean absolute error to a 40k-sample integral 0.0004 / 0.002 / 0.006 at logit scales 0.3 / 1 / 3,
+    against 0.004 / 0.005 / 0.006 uncorrected).
+
     :param mean: ``(N, C)``; ``cov``: ``(N, C, C)`` or variances ``(N, C)``; ``order``: ``"index"``
         (merge the competitors in class order; cheaper) or ``"mean"`` (in decreasing order of the
         mean, per example). Measured on the digits MLPs the two agree to 0.1-0.6% in NLL.
     """
+    if exact_at_zero:
+        # Additive, not multiplicative: the Gaussian tails underflow where the Gumbel ones do not,
+        # so a ratio would blow up for unlikely classes; the difference stays bounded.
+        # The zero-variance error belongs to the Gumbel part of the noise: it is weighted by that
+        # part's share of the total, pi^2/6 / (pi^2/6 + v), v the example's mean logit variance.
+        shift = torch.softmax(mean, -1) - gumbel_max_softmax(mean, torch.zeros_like(mean), order, False)
+        v = (cov.diagonal(dim1=-2, dim2=-1) if cov.dim() == 3 else cov).mean(-1, keepdim=True)
+        p = (gumbel_max_softmax(mean, cov, order, False) + shift * (GUMBEL_VAR / (GUMBEL_VAR + v))).clamp_min(0)
+        return p / p.sum(-1, keepdim=True)
     N, C = mean.shape
     if cov.dim() == 2:
         cov = torch.diag_embed(cov)
