@@ -489,6 +489,33 @@ def probit_softmax(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
 GUMBEL_VAR = torch.pi ** 2 / 6
 
 
+def _clark_independent(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """:func:`gumbel_max_softmax`'s recursion for independent Gaussian utilities ``(N, C)`` (the
+    Gumbel noise alone): no covariance columns to carry, since a competitor not yet merged is
+    independent of the running maximum. Returns the normalised win probabilities."""
+    N, C = mean.shape
+    if C == 1:
+        return torch.ones_like(mean)
+    ks = torch.arange(C, device=mean.device)
+    others = torch.arange(C - 1, device=mean.device).unsqueeze(0) + (torch.arange(C - 1, device=mean.device) >= ks[:, None]).long()
+    R = torch.stack([mean, mean * mean + var], -1)                                   # (N, C, 2)
+    Rk = R.index_select(1, others.reshape(-1)).reshape(N, C, C - 1, 2)
+    X = Rk[:, :, 0]
+    tiny = torch.finfo(mean.dtype).tiny
+    for t in range(1, C - 1):
+        Y = Rk[:, :, t]
+        m, mb = X[..., 0], Y[..., 0]
+        th = (X[..., 1] - m * m + Y[..., 1] - mb * mb).clamp_min(tiny).sqrt()
+        al = (m - mb) / th
+        P = torch.special.ndtr(al)
+        thph = th * _normal_pdf(al)
+        X = torch.lerp(Y, X, P.unsqueeze(-1))
+        X = X + torch.stack([thph, (m + mb) * thph], -1)
+    v = (X[..., 1] - X[..., 0] ** 2).clamp_min(0)
+    p = torch.special.ndtr((mean - X[..., 0]) / (var + v).clamp_min(tiny).sqrt())
+    return p / p.sum(-1, keepdim=True)
+
+
 def gumbel_max_softmax(mean: torch.Tensor, cov: torch.Tensor, order: str = "index",
                        exact_at_zero: bool = True) -> torch.Tensor:
     """Class probabilities :math:`\\mathbb E[\\mathrm{softmax}(f)]` for :math:`f \\sim \\mathcal N(\\mu, \\Sigma)`
@@ -527,9 +554,10 @@ def gumbel_max_softmax(mean: torch.Tensor, cov: torch.Tensor, order: str = "inde
         # so a ratio would blow up for unlikely classes; the difference stays bounded.
         # The zero-variance error belongs to the Gumbel part of the noise: it is weighted by that
         # part's share of the total, pi^2/6 / (pi^2/6 + v), v the example's mean logit variance.
-        shift = torch.softmax(mean, -1) - gumbel_max_softmax(mean, torch.zeros_like(mean), order, False)
+        p_cov = gumbel_max_softmax(mean, cov, order, False)
+        p_zero = _clark_independent(mean, torch.full_like(mean, GUMBEL_VAR))
         v = (cov.diagonal(dim1=-2, dim2=-1) if cov.dim() == 3 else cov).mean(-1, keepdim=True)
-        p = (gumbel_max_softmax(mean, cov, order, False) + shift * (GUMBEL_VAR / (GUMBEL_VAR + v))).clamp_min(0)
+        p = (p_cov + (torch.softmax(mean, -1) - p_zero) * (GUMBEL_VAR / (GUMBEL_VAR + v))).clamp_min(0)
         return p / p.sum(-1, keepdim=True)
     N, C = mean.shape
     if cov.dim() == 2:
