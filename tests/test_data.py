@@ -39,3 +39,13 @@ def test_uci_standard_split(name, n_train, n_test, d):
     # original units come back exactly
     raw = ds.y_train * ds.y_std + ds.y_mean
     assert raw.min() > 0
+
+
+def test_conjugate_regression_posterior_and_evidence_satisfy_bayes_rule():
+    from torch.distributions import MultivariateNormal, Normal
+    ref = ps.data.conjugate_regression(n=40, weights=(0.5, 2.0, -1.0), noise=0.3, prior_scale=0.7)
+    theta = torch.tensor([0.1, -0.2, 0.3, 0.4], dtype=torch.float64)   # any point: Bayes' rule holds at every one
+    log_lik = Normal(ref.design @ theta, 0.3).log_prob(ref.y).sum()
+    log_prior = Normal(0.0, 0.7).log_prob(theta).sum()
+    log_post = MultivariateNormal(ref.posterior_mean, ref.posterior_cov).log_prob(theta)
+    assert abs(float(log_lik + log_prior - log_post) - ref.log_evidence) < 1e-6   # float64 rounding of inv and det

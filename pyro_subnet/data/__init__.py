@@ -2,9 +2,9 @@
 
 from .datasets import (LOADERS, Dataset, load, load_breast_cancer, load_diabetes, load_digits,
                        load_wine)
-from .toy import gap_regression, two_moons
+from .toy import ConjugateRegression, conjugate_regression, gap_regression, two_moons
 from .uci import UCI_FOLDERS, hidden_units, load_uci, num_splits, uci_root
 
 __all__ = ["Dataset", "LOADERS", "load", "load_digits", "load_breast_cancer", "load_wine",
            "load_diabetes", "gap_regression", "two_moons", "load_uci", "uci_root", "num_splits",
-           "hidden_units", "UCI_FOLDERS"]
+           "hidden_units", "UCI_FOLDERS", "conjugate_regression", "ConjugateRegression"]

@@ -1,8 +1,10 @@
-"""Generated toy problems: in-between uncertainty in 1D, and two moons."""
+"""Generated toy problems: in-between uncertainty in 1D, two moons, and conjugate linear
+regression with its exact posterior (the reference every inference test can check against)."""
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -43,3 +45,35 @@ def two_moons(n: int = 200, noise: float = 0.1, seed: int = 0, dtype=torch.float
     n_test = int(round(test_fraction * n))
     return Dataset("two_moons", x[n_test:].to(dtype), y[n_test:], x[:n_test].to(dtype), y[:n_test],
                    "classification", 2)
+
+
+class ConjugateRegression(NamedTuple):
+    """Data of a Bayesian linear regression and its closed-form posterior over ``(weight, bias)``."""
+
+    x: torch.Tensor              # (n, d)
+    y: torch.Tensor              # (n,)
+    design: torch.Tensor         # (n, d + 1): x with a column of ones, in the layout (weight, bias)
+    posterior_mean: torch.Tensor # (d + 1,)
+    posterior_cov: torch.Tensor  # (d + 1, d + 1)
+    log_evidence: float          # log p(y | x)
+
+
+def conjugate_regression(n: int = 60, weights: Sequence[float] = (1.0, -0.5), bias: float = 0.3,
+                         noise: float = 0.5, prior_scale: float = 1.0, seed: int = 0,
+                         dtype=torch.float64) -> ConjugateRegression:
+    """``y = x w + b + noise * eps`` with ``x, eps ~ N(0, I)`` and a ``N(0, prior_scale^2)`` prior on
+    every coefficient: the posterior is :math:`N(\\Sigma X^\\top y / \\sigma^2, \\Sigma)`,
+    :math:`\\Sigma = (X^\\top X / \\sigma^2 + I / s^2)^{-1}`, and the evidence
+    :math:`N(y; 0, s^2 X X^\\top + \\sigma^2 I)`, with :math:`X = [x, 1]`. It is the reference for
+    ``BayesianNet(nn.Linear(d, 1), "regression", prior_scale=s, noise_scale=sigma)``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    w = torch.tensor(weights, dtype=dtype)
+    x = torch.randn(n, len(w), generator=g, dtype=dtype)
+    y = x @ w + bias + noise * torch.randn(n, generator=g, dtype=dtype)
+    X = torch.cat([x, torch.ones(n, 1, dtype=dtype)], 1)
+    eye = torch.eye(X.shape[1], dtype=dtype)
+    cov = torch.linalg.inv(X.T @ X / noise ** 2 + eye / prior_scale ** 2)
+    marginal = torch.distributions.MultivariateNormal(
+        torch.zeros(n, dtype=dtype), prior_scale ** 2 * X @ X.T + noise ** 2 * torch.eye(n, dtype=dtype))
+    return ConjugateRegression(x, y, X, cov @ X.T @ y / noise ** 2, cov, float(marginal.log_prob(y)))

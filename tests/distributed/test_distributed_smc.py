@@ -13,16 +13,9 @@ from torch import nn
 import pyro_subnet as ps
 
 def conjugate_problem(n=60, d=2, sigma=0.5, alpha=1.0):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, d, generator=g, dtype=torch.float64)
-    y = x @ torch.tensor([1.0, -0.5], dtype=torch.float64) + 0.3 + sigma * torch.randn(n, generator=g, dtype=torch.float64)
+    ref = ps.data.conjugate_regression(n, weights=(1.0, -0.5)[:d], noise=sigma, prior_scale=alpha)
     model = ps.nn.BayesianNet(nn.Linear(d, 1).double(), "regression", prior_scale=alpha, noise_scale=sigma)
-    X = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1)   # theta = (weight, bias)
-    cov = torch.linalg.inv(X.T @ X / sigma ** 2 + torch.eye(d + 1, dtype=torch.float64) / alpha ** 2)
-    mean = cov @ X.T @ y / sigma ** 2
-    marginal = torch.distributions.MultivariateNormal(
-        torch.zeros(n, dtype=torch.float64), alpha ** 2 * X @ X.T + sigma ** 2 * torch.eye(n, dtype=torch.float64))
-    return model, x, y, mean, cov, float(marginal.log_prob(y))
+    return model, ref.x, ref.y, ref.posterior_mean, ref.posterior_cov, ref.log_evidence
 
 def run_smc(model, x, y, num_particles=501, growth=1.0):
     torch.manual_seed(0)   # the prior draws

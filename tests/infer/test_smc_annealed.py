@@ -8,21 +8,14 @@ import torch
 from torch import nn
 
 from pyro_subnet.infer.smc import Adaptive, AnnealedSMC, DataPath, Linear, log_ess
+from pyro_subnet.data import conjugate_regression
 from pyro_subnet.nn import BayesianNet
 
 
 def _conjugate_problem(n=60, d=2, sigma=0.5, alpha=1.0):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, d, generator=g, dtype=torch.float64)
-    noise = sigma * torch.randn(n, generator=g, dtype=torch.float64)
-    y = x @ torch.tensor([1.0, -0.5], dtype=torch.float64) + 0.3 + noise
+    ref = conjugate_regression(n, weights=(1.0, -0.5)[:d], noise=sigma, prior_scale=alpha)
     model = BayesianNet(nn.Linear(d, 1).double(), "regression", prior_scale=alpha, noise_scale=sigma)
-    X = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1)   # theta = (weight, bias)
-    cov = torch.linalg.inv(X.T @ X / sigma ** 2 + torch.eye(d + 1, dtype=torch.float64) / alpha ** 2)
-    mean = cov @ X.T @ y / sigma ** 2
-    marginal = torch.distributions.MultivariateNormal(
-        torch.zeros(n, dtype=torch.float64), alpha ** 2 * X @ X.T + sigma ** 2 * torch.eye(n, dtype=torch.float64))
-    return model, x, y, mean, cov, float(marginal.log_prob(y))
+    return model, ref.x, ref.y, ref.posterior_mean, ref.posterior_cov, ref.log_evidence
 
 
 @pytest.mark.parametrize("schedule,move", [("full", "mala"), ("adaptive", "mala"), ("adaptive", "hmc")])
