@@ -333,6 +333,17 @@ def run_analytic(ctx: Context) -> MethodResult:
     return MethodResult("AnalyticPredictive", seconds, mean=out["mean"], var=out["var"], diagnostics=diag)
 
 
+def _guide_result(name: str, ctx: Context, pred, seconds: float, diag: Dict[str, float]) -> MethodResult:
+    """A Laplace guide's ``predict`` output (probabilities, or ``(mean, var)`` of shape ``(N, 1)``)
+    as a :class:`MethodResult`, with a learned noise scale among the diagnostics."""
+    if ctx.learns_noise:
+        diag = {**diag, "noise_scale": ctx.model.noise_scale}
+    if ctx.ds.likelihood == "classification":
+        return MethodResult(name, seconds, probs=pred, diagnostics=diag)
+    mean, var = pred
+    return MethodResult(name, seconds, mean=mean[:, 0], var=var[:, 0], diagnostics=diag)
+
+
 def run_subnet_laplace(ctx: Context) -> MethodResult:
     """AutoSubnetLaplace: full-covariance linearised Laplace over a greedy predictive-variance
     subnetwork of up to 1000 weights, the rest at the shared MAP; GLM predictive (probit)."""
@@ -349,12 +360,7 @@ def run_subnet_laplace(ctx: Context) -> MethodResult:
     seconds = ctx.map_seconds + time.perf_counter() - t0
     diag = {"k": float(k), "log_evidence": float(guide.log_marginal_likelihood()),
             "prior_precision": float(guide.prior_prec.mean())}
-    if ctx.learns_noise:
-        diag["noise_scale"] = ctx.model.noise_scale
-    if ds.likelihood == "classification":
-        return MethodResult("AutoSubnetLaplace", seconds, probs=pred, diagnostics=diag)
-    mean, var = pred
-    return MethodResult("AutoSubnetLaplace", seconds, mean=mean[:, 0], var=var[:, 0], diagnostics=diag)
+    return _guide_result("AutoSubnetLaplace", ctx, pred, seconds, diag)
 
 
 def run_sampled_laplace(ctx: Context) -> MethodResult:
@@ -375,12 +381,7 @@ def run_sampled_laplace(ctx: Context) -> MethodResult:
     diag = {"k": float(len(guide.subnet_indices)), "prior_precision": float(guide.prior_prec.mean()),
             "effective_dim": guide.effective_dimension(), "em_steps": float(len(guide.em_trace)),
             "cg_residual": float(guide.em_trace[-1, 3])}
-    if ctx.learns_noise:
-        diag["noise_scale"] = ctx.model.noise_scale
-    if ds.likelihood == "classification":
-        return MethodResult("AutoSampledLaplace", seconds, probs=pred, diagnostics=diag)
-    mean, var = pred
-    return MethodResult("AutoSampledLaplace", seconds, mean=mean[:, 0], var=var[:, 0], diagnostics=diag)
+    return _guide_result("AutoSampledLaplace", ctx, pred, seconds, diag)
 
 
 METHODS: Dict[str, Callable[[Context], MethodResult]] = {
