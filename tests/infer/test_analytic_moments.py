@@ -93,10 +93,15 @@ def test_sparse_factor_path_matches_dense():
             assert torch.allclose(u, v, atol=1e-12)
 
 
-def test_gumbel_max_link_is_the_softmax_for_a_point_posterior():
-    mean, _ = _gaussian(N=200, F=10, scale=1.0, seed=5)
+@pytest.mark.parametrize("order", ["index", "mean"])
+def test_gumbel_max_link_is_the_softmax_for_a_point_posterior(order):
+    mean, cov = _gaussian(N=200, F=10, scale=1.0, seed=5)
     mean = 3 * mean
-    p = moments.gumbel_max_softmax(mean, torch.zeros_like(mean))
+    p = moments.gumbel_max_softmax(mean, torch.zeros_like(mean), order)
     assert torch.allclose(p, torch.softmax(mean, -1), atol=1e-12)
+    # independent logits: the covariance-free recursion equals the general one
+    var = cov.diagonal(dim1=-2, dim2=-1)
+    assert torch.allclose(moments.gumbel_max_softmax(mean, var, order),
+                          moments.gumbel_max_softmax(mean, torch.diag_embed(var), order), atol=1e-12)
     raw = moments.gumbel_max_softmax(mean, torch.zeros_like(mean), exact_at_zero=False)
     assert (raw - torch.softmax(mean, -1)).abs().max() > 1e-3     # what the correction removes

@@ -555,15 +555,20 @@ def gumbel_max_softmax(mean: torch.Tensor, cov: torch.Tensor, order: str = "inde
         # The zero-variance error belongs to the Gumbel part of the noise: it is weighted by that
         # part's share of the total, pi^2/6 / (pi^2/6 + v), v the example's mean logit variance.
         p_cov = gumbel_max_softmax(mean, cov, order, False)
-        p_zero = _clark_independent(mean, torch.full_like(mean, GUMBEL_VAR))
+        p_zero = gumbel_max_softmax(mean, torch.zeros_like(mean), order, False)
         v = (cov.diagonal(dim1=-2, dim2=-1) if cov.dim() == 3 else cov).mean(-1, keepdim=True)
         p = (p_cov + (torch.softmax(mean, -1) - p_zero) * (GUMBEL_VAR / (GUMBEL_VAR + v))).clamp_min(0)
         return p / p.sum(-1, keepdim=True)
     N, C = mean.shape
-    if cov.dim() == 2:
-        cov = torch.diag_embed(cov)
     if C == 1:
         return torch.ones_like(mean)
+    if cov.dim() == 2:     # independent logits: the recursion needs no covariance columns
+        var = cov + GUMBEL_VAR
+        if order != "mean":
+            return _clark_independent(mean, var)
+        perm = torch.argsort(mean, -1, descending=True)
+        p = _clark_independent(mean.gather(-1, perm), var.gather(-1, perm))
+        return torch.empty_like(p).scatter_(-1, perm, p)
     cov = cov + GUMBEL_VAR * torch.eye(C, dtype=mean.dtype, device=mean.device)
     var = cov.diagonal(dim1=-2, dim2=-1)
     if order == "mean":        # merge the others in decreasing order of the mean (per example)
