@@ -74,10 +74,8 @@ def memory_probe(width: int, quick: bool) -> dict:
     guide = sampled_guide(model, quick)
     guide.max_iter = 20            # memory does not depend on the number of iterations
     guide.num_em_steps = 1
-    _reset_peak()
-    base = _rss_kib("VmRSS")
-    guide.fit(ds.x_train, ds.y_train, map_theta=theta)
-    return {"width": width, "weights": model.layout.dim, "peak_extra_mib": (_rss_kib("VmHWM") - base) / 1024}
+    _, _, peak_mib = peak_of(lambda: guide.fit(ds.x_train, ds.y_train, map_theta=theta))
+    return {"width": width, "weights": model.layout.dim, "peak_extra_mib": peak_mib}
 
 
 def linearised_mc_probs(model, theta, x, std, num_draws=256, seed=0):
