@@ -139,10 +139,14 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
         trace = []
         steps = self.num_em_steps if (tune_prior or learn_noise) else 1
         bar = trange(steps, desc="EM (prior precision)", disable=not (self._fit_progress and steps > 1), leave=False)
-        for _ in bar:
+        def solve_at(a, start):
             # Row 0 is the Gauss-Newton step to the linearised model's mean; rows 1.. the samples.
+            # (draws, diag_g and grad_term are read at call time: a noise update replaces them.)
             b = torch.cat([(grad_term - a * theta_s)[None], a * draws.targets(a)])
-            sol = self._solve(theta, (x, y), a, b, solution, diag_g, idx)
+            return self._solve(theta, (x, y), a, b, start, diag_g, idx)
+
+        for _ in bar:
+            sol = solve_at(a, solution)
             solution = sol.samples
             mean = theta_s + solution[0]
             samples = sto.STOSolution(solution[1:], sol.g_samples[1:], sol.iterations, sol.residual)
@@ -171,9 +175,7 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
                 break
         if tune_prior or learn_noise:
             # The samples belong to the final precision: one more solve at it (warm-started).
-            b = torch.cat([(grad_term - a * theta_s)[None], a * draws.targets(a)])
-            sol = self._solve(theta, (x, y), a, b, solution, diag_g, idx)
-            solution = sol.samples
+            solution = solve_at(a, solution).samples
             mean = theta_s + solution[0]
         self.subnet_indices = idx
         # Without the Newton step the guide is centred at the MAP, like AutoSubnetLaplace: moving
