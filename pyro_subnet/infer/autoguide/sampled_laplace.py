@@ -117,9 +117,9 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
         tune_prior = self.prior_precision_spec == "em"
         groups = prior_lib.structure_groups(self.prior_structure, self.model.layout, idx)
         num_groups = int(groups.max()) + 1
+        group_size = torch.bincount(groups, minlength=num_groups).to(a.dtype)
         if tune_prior:   # one precision per group (its mean over the group), as the MacKay update tunes
-            count = torch.bincount(groups, minlength=num_groups).to(a.dtype)
-            a = (torch.zeros(num_groups, dtype=a.dtype, device=a.device).index_add_(0, groups, a) / count)[groups]
+            a = (torch.zeros(num_groups, dtype=a.dtype, device=a.device).index_add_(0, groups, a) / group_size)[groups]
         learn_noise = getattr(lik, "learn_noise", False)
 
         def prepare():
@@ -151,7 +151,7 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
             mean = theta_s + solution[0]
             samples = sto.STOSolution(solution[1:], sol.g_samples[1:], sol.iterations, sol.residual)
             gamma_g = sto.effective_dimension(samples, groups, num_groups)
-            gamma_g = torch.minimum(gamma_g.clamp_min(1e-6), torch.bincount(groups, minlength=num_groups).to(gamma_g))
+            gamma_g = torch.minimum(gamma_g.clamp_min(1e-6), group_size)
             gamma = gamma_g.sum()                                  # gamma lies in (0, k), per group too
             trace.append([float(a.mean()), float(gamma), sol.iterations, sol.residual])
             if not (tune_prior or learn_noise):
