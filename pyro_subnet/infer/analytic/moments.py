@@ -400,18 +400,35 @@ def layer_norm(x: Gaussian, weight: Optional[torch.Tensor], bias: Optional[torch
     centring; the paper's code keeps only :math:`\\gamma^2 / s^2`). Gaussian ``gamma, beta`` with
     (marginal) variances ``weight_var``, ``bias_var``, taken independent, add
     :math:`\\mathrm{Var}(\\gamma)(\\hat x^2 + \\mathrm{Var}(\\hat x)) + \\mathrm{Var}(\\beta)` on the diagonal.
+
+    The output mean is the second-order (delta-method) expectation of :math:`(a_d - \\bar a)/\\sigma(a)`
+    for :math:`a \\sim \\mathcal N(\\mu, D)` (``D`` the total variances), with :math:`y = s^2`,
+    :math:`c = \\mu - \\bar\\mu`: :math:`\\mathbb E[\\sigma^{-1}] \\approx y^{-1/2}(1 + \\tfrac38 \\mathrm{Var}(\\sigma^2) / y^2)`
+    (the Jensen gap of :math:`y^{-1/2}`; :math:`\\mathrm{Var}(\\sigma^2) = \\tfrac{2}{F^2}\\mathrm{tr}(PDPD) +
+    \\tfrac{4}{F^2} c^\\top D c` for the centring ``P``) and :math:`\\mathrm{Cov}(a_d - \\bar a, \\sigma^{-1}) \\approx
+    -\\tfrac1F y^{-3/2} (P (D c))_d`. Without it the means shrink toward zero whenever the
+    variances are comparable to the spread (measured on the digits transformer: logit mean error
+    0.44 -> 0.36, NLL gap to Monte Carlo +11.7% -> +8.4%).
     """
     x = x.materialised()
     mean, var, A = x
     F = mean.shape[-1]
     # the expected spread of a sample over the features, not that of the mean (see the docstring)
-    s = (mean.var(-1, unbiased=False, keepdim=True) + x.total_var().mean(-1, keepdim=True) + eps).sqrt()
-    xhat = (mean - mean.mean(-1, keepdim=True)) / s
+    tv = x.total_var()
+    y = mean.var(-1, unbiased=False, keepdim=True) + tv.mean(-1, keepdim=True) + eps
+    s = y.sqrt()
+    centred = mean - mean.mean(-1, keepdim=True)
+    xhat = centred / s
+    # second-order mean of the normalised value (see the docstring)
+    trace = (tv * tv).sum(-1, keepdim=True) * (1 - 2 / F) + tv.sum(-1, keepdim=True) ** 2 / F ** 2
+    var_y = (2 * trace + 4 * (centred * centred * tv).sum(-1, keepdim=True)) / F ** 2
+    dc = tv * centred
+    xhat_mean = xhat * (1 + 0.375 * var_y / (y * y)) - (dc - dc.mean(-1, keepdim=True)) / (F * y * s)
     gamma = torch.ones_like(mean) if weight is None else weight.expand_as(mean)
     eye = torch.eye(F, dtype=mean.dtype, device=mean.device)
     P = eye - 1.0 / F - xhat.unsqueeze(-1) * xhat.unsqueeze(-2) / F
     J = (gamma / s).unsqueeze(-1) * P
-    out_mean = gamma * xhat + (0 if bias is None else bias)
+    out_mean = gamma * xhat_mean + (0 if bias is None else bias)
     if x.full:
         out_var = J @ var @ J.transpose(-1, -2)
         xvar = (P @ var @ P.transpose(-1, -2)).diagonal(dim1=-2, dim2=-1) / s ** 2
