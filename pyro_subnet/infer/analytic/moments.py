@@ -512,13 +512,13 @@ GUMBEL_VAR = torch.pi ** 2 / 6
 
 def _clark_max(X: torch.Tensor, Y: torch.Tensor, cov_xy, tiny: float,
                var_y: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Clark (1961): the mean and second moment of :math:`\max(a, b)` for jointly Gaussian ``a``,
+    """Clark (1961): the mean and second moment of :math:`\\max(a, b)` for jointly Gaussian ``a``,
     ``b``, given as rows ``[E[.], E[.^2], linear part...]`` (``X``, ``Y``, shaped ``(..., L)``) with
-    ``cov_xy`` :math:`= \mathrm{Cov}(a, b)` (``var_y``: ``Var(b)`` when known). With
-    :math:`\theta^2 = \mathrm{Var}(a - b)`, :math:`\alpha = (\mathbb E a - \mathbb E b) / \theta`,
-    :math:`P = \Phi(\alpha)`: every entry of the row mixes as :math:`X P + Y (1 - P)` (covariances
-    with any other Gaussian are exactly that), and the mean gains :math:`\theta\phi(\alpha)`, the
-    second moment :math:`(\mathbb E a + \mathbb E b)\theta\phi(\alpha)`."""
+    ``cov_xy`` :math:`= \\mathrm{Cov}(a, b)` (``var_y``: ``Var(b)`` when known). With
+    :math:`\\theta^2 = \\mathrm{Var}(a - b)`, :math:`\\alpha = (\\mathbb E a - \\mathbb E b) / \\theta`,
+    :math:`P = \\Phi(\\alpha)`: every entry of the row mixes as :math:`X P + Y (1 - P)` (covariances
+    with any other Gaussian are exactly that), and the mean gains :math:`\\theta\\phi(\\alpha)`, the
+    second moment :math:`(\\mathbb E a + \\mathbb E b)\\theta\\phi(\\alpha)`."""
     # written op-lean and in place: on a 10-class link this runs ~9 times per call on small tensors
     m, mb = X[..., 0], Y[..., 0]
     th = X[..., 1] - m * m
@@ -536,15 +536,15 @@ def _clark_max(X: torch.Tensor, Y: torch.Tensor, cov_xy, tiny: float,
 
 
 def _win_probabilities(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-    """:math:`P(u_k > \max_{j \ne k} u_j)` for Gaussian utilities ``u`` with mean ``(N, C)`` and
+    """:math:`P(u_k > \\max_{j \\ne k} u_j)` for Gaussian utilities ``u`` with mean ``(N, C)`` and
     covariance ``(N, C, C)`` or independent variances ``(N, C)``, normalised to sum to one.
 
     The leave-one-out maxima :math:`M_k` come from prefix and suffix maxima
-    (:math:`M_k = \max(\max_{j<k} u_j, \max_{j>k} u_j)`): two scans of ``C - 2`` of Clark's merges,
+    (:math:`M_k = \\max(\\max_{j<k} u_j, \\max_{j>k} u_j)`): two scans of ``C - 2`` of Clark's merges,
     run side by side, and one batched merge, i.e. ``O(C^2)`` per example where merging each class's
     competitors one by one costs ``O(C^3)``. A row carries ``[E u, E u^2, Cov(u, u_0..u_{C-1}),
-    w]``, where ``w`` are the weights of Clark's linear rule :math:`\mathrm{Cov}(M, z) = \sum_s w_s
-    \mathrm{Cov}(u_s, z)`, which give the covariance of a prefix with a suffix maximum
+    w]``, where ``w`` are the weights of Clark's linear rule :math:`\\mathrm{Cov}(M, z) = \\sum_s w_s
+    \\mathrm{Cov}(u_s, z)`, which give the covariance of a prefix with a suffix maximum
     (independent utilities need neither: merged sets are disjoint, hence independent).
     """
     N, C = mean.shape
@@ -610,7 +610,8 @@ def gumbel_max_softmax(mean: torch.Tensor, cov: torch.Tensor, order: str = "inde
     :math:`w = \\tfrac{\\pi^2}{6} / (\\tfrac{\\pi^2}{6} + \\bar v)`, so that a point posterior gives the network's own
     softmax exactly and wide posteriors keep the uncorrected approximation (a heuristic, measured:
     mean absolute error to a 40k-sample integral 0.0004 / 0.002 / 0.006 at logit scales 0.3 / 1 / 3,
-    against 0.004 / 0.005 / 0.006 uncorrected). Both terms come from one batched pass.
+    against 0.004 / 0.005 / 0.006 uncorrected). With variances only, both terms come from one
+    batched pass; with a covariance the zero-variance term takes the cheaper covariance-free rows.
 
     :param mean: ``(N, C)``; ``cov``: ``(N, C, C)`` or variances ``(N, C)``; ``order``: ``"index"``
         (prefixes and suffixes in class order) or ``"mean"`` (in decreasing order of the mean, per

@@ -118,9 +118,9 @@ def _linear_jacobian(fnet: FunctionalNet, theta: torch.Tensor, x: torch.Tensor,
                      indices: Optional[torch.Tensor]):
     """Fast path for networks whose weights all sit in ``nn.Linear`` layers (each called once,
     on ``(N, in)`` inputs): the Jacobian of output ``o`` in ``W_{ij}`` of a layer is
-    :math:`\delta_{o,i}(x_n)\, a_j(x_n)`, with ``a`` the layer input and :math:`\delta` the
+    :math:`\\delta_{o,i}(x_n)\\, a_j(x_n)`, with ``a`` the layer input and :math:`\\delta` the
     derivative of the output in the layer's pre-activation. One forward pass and one batched
-    backward pass over the ``O`` outputs give every :math:`\delta` and ``a``; the selected
+    backward pass over the ``O`` outputs give every :math:`\\delta` and ``a``; the selected
     entries are then products of gathered columns. Cost ``O(N O (sum of widths) + N O k)``
     instead of ``O(N O D)``. Returns ``None`` when the network does not qualify."""
     sites = _linear_sites(fnet)
@@ -214,7 +214,7 @@ def vjp(fnet: FunctionalNet, theta: torch.Tensor, x: torch.Tensor, u: torch.Tens
 
 def ggn_vp(fnet: FunctionalNet, likelihood: Likelihood, theta: torch.Tensor, x: torch.Tensor,
            v: torch.Tensor, indices: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """GGN-vector products :math:`\sum_n J_{S,n}^\top \Lambda_n J_{S,n} v` on a batch ``x``,
+    """GGN-vector products :math:`\\sum_n J_{S,n}^\\top \\Lambda_n J_{S,n} v` on a batch ``x``,
     matrix-free (one forward-mode and one reverse-mode pass per vector).
 
     :param v: shape ``(k,)`` or ``(K, k)``.

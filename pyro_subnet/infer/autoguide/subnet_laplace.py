@@ -197,8 +197,8 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         """Choose one prior precision by the GLM predictive's NLL on held-out data (the
         grid-search cross-validation of Daxberger et al.), and refactorise.
 
-        With :math:`G_S = Q \mathrm{diag}(e) Q^\top` computed once, every grid value costs only
-        :math:`\mathrm{diag}(F F^\top) = \sum_i (J Q)_{\cdot i}^2 / (e_i + p)`: ``O(N O k)``.
+        With :math:`G_S = Q \\mathrm{diag}(e) Q^\\top` computed once, every grid value costs only
+        :math:`\\mathrm{diag}(F F^\\top) = \\sum_i (J Q)_{\\cdot i}^2 / (e_i + p)`: ``O(N O k)``.
 
         :param x_val: validation inputs (not the test set).
         :param y_val: validation targets.
