@@ -19,7 +19,7 @@ What is exact and what is approximated:
   a probit fit for tanh/sigmoid, quadrature otherwise) and covariances carried by the expected
   slope (``activations="moments"``, default), or everything linearised at the mean
   (``activations="linearise"``, the paper's choice); ``LayerNorm`` is linearised at the mean with
-  the expected per-sample scale; (2) independent
+  the expected per-sample scale, its mean taken to second order; (2) independent
   weight noise is not correlated with later layers' inputs (its cross-layer correlation is
   dropped), and with diagonal activations covariances between features (and, in ``Conv2d``,
   between pixels sharing a kernel) are dropped; full activations keep them for MLPs;
@@ -154,12 +154,9 @@ def _linear_params(post: SitePosterior, w: str, b: str, has_bias: bool, rows: sl
 
 @register(nn.Linear)
 def _linear(module, prefix, x, post):
-    lw = post.cached(("linear", prefix), lambda: moments.prepare_linear(
-        *_linear_params(post, prefix + "weight", prefix + "bias", module.bias is not None), full=post.full))
     full = post.full or prefix == post.full_output_at
-    if full and not post.full:
-        lw = post.cached(("linear-full", prefix), lambda: moments.prepare_linear(
-            *_linear_params(post, prefix + "weight", prefix + "bias", module.bias is not None), full=True))
+    lw = post.cached(("linear", prefix), lambda: moments.prepare_linear(
+        *_linear_params(post, prefix + "weight", prefix + "bias", module.bias is not None), full=full))
     return moments.linear(x, lw, full=full)
 
 

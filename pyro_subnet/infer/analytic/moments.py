@@ -528,7 +528,7 @@ def _clark_max(X: torch.Tensor, Y: torch.Tensor, cov_xy, tiny: float,
     th = th.clamp_min_(tiny).sqrt_()
     al = (m - mb).div_(th)
     P = torch.special.ndtr(al)
-    thph = al.square_().mul_(-0.5).exp_().mul_(th).mul_((0.5 / torch.pi) ** 0.5)    # theta phi(alpha)
+    thph = _normal_pdf(al).mul_(th)                                 # theta phi(alpha)
     Z = torch.addcmul(Y, P.unsqueeze(-1), X - Y)
     Z[..., 0] += thph
     Z[..., 1].addcmul_(m + mb, thph)
