@@ -142,7 +142,7 @@ class PredictiveVariance(SubnetSelection):
     @staticmethod
     def _backward(S, A, p, Jz, k):
         """Backward elimination from the greedy's overshoot down to ``k``: with
-        :math:`B = H_{SS}^{-1}` and :math:`C = J_S^\top J_S`, dropping ``j`` loses
+        :math:`B = H_{SS}^{-1}` and :math:`C = J_S^\\top J_S`, dropping ``j`` loses
         :math:`(B C B)_{jj} / B_{jj}` of the objective; drop the cheapest, update ``B`` by a
         rank-one downdate, repeat."""
         AS = A[:, S]

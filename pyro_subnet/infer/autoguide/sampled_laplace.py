@@ -56,9 +56,9 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
     :param tol: relative residual at which a solve stops.
     :param max_iter: CG iterations (or SGD epochs) per solve.
     :param sgd_lr: learning rate of the SGD solver.
-    :param newton_step: centre the guide on the linearised model's mean :math:`\bar\theta` instead
+    :param newton_step: centre the guide on the linearised model's mean :math:`\\bar\\theta` instead
         of the MAP (exact for linear-Gaussian models). Either way the network stays linearised at
-        the MAP, and EM uses :math:`\bar\theta`, as the paper's update asks.
+        the MAP, and EM uses :math:`\\bar\\theta`, as the paper's update asks.
     :param seed: seed of the random draws (the same on every rank under ``torch.distributed``).
 
     >>> import pyro_subnet as ps
