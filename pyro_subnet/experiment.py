@@ -307,8 +307,7 @@ def run_analytic(ctx: Context) -> MethodResult:
     one_group = torch.zeros(len(theta), dtype=torch.long, device=theta.device)
     if ctx.learns_noise:
         # Noise scale and one prior precision by the diagonal Laplace evidence.
-        with torch.no_grad():
-            sse = float((ctx.model.network.flat(theta, ctx.ds.x_train)[:, 0] - ctx.ds.y_train).pow(2).sum())
+        sse = prior_lib.residual_sum_of_squares(ctx.model.network, theta, (ctx.ds.x_train, ctx.ds.y_train))
         ggn1 = ggn * lik.noise_scale ** 2
         prior, scale = prior_lib.tune_marglik_noise(ggn1, theta, one_group, prior, sse, len(ctx.ds.y_train),
                                                     lik.noise_scale)

@@ -9,7 +9,6 @@ from tqdm.auto import trange
 
 from . import prior as prior_lib
 from . import sample_then_optimise as sto
-from ..batches import iter_batches
 from .base import LinearisedLaplaceGuide
 from .curvature import jvp
 
@@ -130,9 +129,7 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
 
         draws, diag_g, grad_term = prepare()
         if learn_noise:
-            with torch.no_grad():
-                sse = float(sum((net.flat(theta, xb).reshape(len(yb), -1) - yb.reshape(len(yb), -1)).pow(2).sum()
-                                for xb, yb in iter_batches((x, y), self.batch_size, device=theta.device)))
+            sse = prior_lib.residual_sum_of_squares(net, theta, (x, y), self.batch_size)
             num_obs = y.reshape(len(y), -1).numel()
         theta_s = theta[idx]
         solution = torch.zeros(self.num_posterior_samples + 1, len(idx), dtype=theta.dtype, device=theta.device)

@@ -97,15 +97,6 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
             G = theta.new_zeros(len(idx), len(idx))
         return distributed.all_reduce_sum(G)
 
-    def _sse(self, theta, x, y) -> float:
-        """Residual sum of squares of a regression network at ``theta``."""
-        total = 0.0
-        with torch.no_grad():
-            for xb, yb in iter_batches((x, y), self.batch_size, device=theta.device):
-                f = self.model.network.flat(theta, xb)
-                total += float((f.reshape(len(yb), -1) - yb.reshape(len(yb), -1)).pow(2).sum())
-        return total
-
     def _gauss_newton_step(self, theta, idx, precision, x, y) -> torch.Tensor:
         t = theta.clone().requires_grad_(True)
         x, y, _ = distributed.local_share(x, y)
@@ -135,7 +126,7 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
             tune = prior_lib.tune_em_noise if spec == "em" else prior_lib.tune_marglik_noise
             G1 = G * lik.noise_scale ** 2
             y2 = y.reshape(len(y), -1)
-            p, scale = tune(G1, theta[idx], groups, init, self._sse(theta, x, y), y2.numel(), lik.noise_scale,
+            p, scale = tune(G1, theta[idx], groups, init, prior_lib.residual_sum_of_squares(self.model.network, theta, (x, y), self.batch_size), y2.numel(), lik.noise_scale,
                             tune_prior=tune_prior)
             lik.set_noise_scale(scale)
             G = G1 / scale ** 2
