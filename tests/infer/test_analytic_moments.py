@@ -123,3 +123,27 @@ def test_layer_norm_mean_is_second_order_accurate():
     err, err_first = (out.mean - mc).abs().mean(), (first_order - mc).abs().mean()
     assert err < 0.7 * err_first      # measured: 0.0035 against 0.0062
     assert err < 0.005
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_layer_norm_diagonal_path_matches_the_matrix_form(shared):
+    """With diagonal activations the output variances come from O(F) sums per token instead of the
+    F x F Jacobian (and ``P A`` without forming ``P``); they must equal the diagonal of the full
+    (matrix) computation given the same input as a diagonal covariance."""
+    g = torch.Generator().manual_seed(11)
+    N, T, F = 4, 3, 6
+    f64 = dict(generator=g, dtype=torch.float64)
+    mean, var = torch.randn(N, T, F, **f64), torch.rand(N, T, F, **f64)
+    A = torch.randn(N, T, F, 2, **f64) if shared else None
+    w, b, wv, bv = torch.randn(F, **f64), torch.randn(F, **f64), torch.rand(F, **f64), torch.rand(F, **f64)
+    diag = moments.layer_norm(moments.Gaussian(mean, var, A), w, b, 1e-5, wv, bv)
+    full = moments.layer_norm(moments.Gaussian(mean, torch.diag_embed(var), A), w, b, 1e-5, wv, bv)
+    assert torch.allclose(diag.mean, full.mean, atol=1e-12)
+    assert torch.allclose(diag.var, full.var.diagonal(dim1=-2, dim2=-1), atol=1e-12)
+    if shared:
+        assert torch.allclose(diag.A, full.A, atol=1e-12)
+
+
+def test_softmax_is_torch_softmax():
+    x = torch.randn(5, 3, 8, generator=torch.Generator().manual_seed(1)) * 30
+    assert torch.allclose(moments.softmax(x), torch.softmax(x, -1), atol=1e-7)
