@@ -31,6 +31,18 @@ What is exact and what is approximated:
   (measured on the digits MLP with a 300-weight subnetwork Laplace over both layers: output
   variances 0.85x Monte Carlo in total, 1.00x with either layer's subnetwork alone).
 
+Where it is weakest: a ``LayerNorm`` applied to a residual stream that carries a heavy-tailed
+attention branch. A mean-field posterior that leaves the query and key weights near the prior
+makes the attention nearly one-hot on a random token (digits transformer, AutoNormal: attention
+weights with standard deviation 0.29 around a mean of 0.125), so the branch is a mixture rather
+than a Gaussian, and normalising by its norm is where Gaussian moments go wrong. Measured NLL
+against 10,000-sample Monte Carlo, two seeds: pre-norm blocks +0.3% / +1.1%, pre-norm with a final
+``LayerNorm`` +1.5% / +3.6%, post-norm +6.2% / +9.0%. On the post-norm block (+8.8% against
+4,000-sample Monte Carlo) neither exact attention moments (the sampled E[alpha] and E[alpha^2]:
++12.7%) nor an exact Gaussian ``LayerNorm`` (sampling its Gaussian input: +14.6%) closes the gap,
+while the sampled mean of the first LayerNorm's output brings it to +2.7%: the Gaussian form of its
+input is the limit there.
+
 With ``full`` activations (MLPs) a known input (the data) still gives a diagonal first layer
 (exact) and covariances appear from the second linear layer on; with diagonal activations the
 output layer (:func:`output_linear`) still returns the full covariance of the outputs.
