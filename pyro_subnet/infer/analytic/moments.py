@@ -430,11 +430,13 @@ def layer_norm(x: Gaussian, weight: Optional[torch.Tensor], bias: Optional[torch
     gamma = torch.ones_like(mean) if weight is None else weight.expand_as(mean)
     out_mean = gamma * xhat_mean + (0 if bias is None else bias)
     if x.full:
+        # J var J^T with J = diag(gamma / s) P: the P var P^T below, scaled on both sides
         eye = torch.eye(F, dtype=mean.dtype, device=mean.device)
         P = eye - 1.0 / F - xhat.unsqueeze(-1) * xhat.unsqueeze(-2) / F
-        J = (gamma / s).unsqueeze(-1) * P
-        out_var = J @ var @ J.transpose(-1, -2)
-        xvar = (P @ var @ P.transpose(-1, -2)).diagonal(dim1=-2, dim2=-1) / s ** 2
+        pvp = P @ var @ P.transpose(-1, -2)
+        g = gamma / s
+        out_var = g.unsqueeze(-1) * pvp * g.unsqueeze(-2)
+        xvar = pvp.diagonal(dim1=-2, dim2=-1) / y
     else:
         # diag(P diag(var) P^T) without forming P (F x F per token): with P_ij = d_ij - c_ij,
         # c_ij = (1 + xhat_i xhat_j) / F, sum_j P_ij^2 var_j = var_i (1 - 2 c_ii) + sum_j c_ij^2 var_j
@@ -450,7 +452,7 @@ def layer_norm(x: Gaussian, weight: Optional[torch.Tensor], bias: Optional[torch
         xh = xhat.unsqueeze(-1)
         PA = A - A.mean(-2, keepdim=True) - xh * (xh * A).sum(-2, keepdim=True) / F
         out_A = (gamma / s).unsqueeze(-1) * PA
-        xvar = xvar + (PA ** 2).sum(-1) / s ** 2
+        xvar = xvar + (PA ** 2).sum(-1) / y
     extra = 0
     if weight_var is not None:
         extra = extra + weight_var * (xhat ** 2 + xvar)

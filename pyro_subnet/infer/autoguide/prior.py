@@ -30,7 +30,6 @@ from typing import Mapping
 import torch
 
 from ..batches import iter_batches
-
 from .gaussian import cholesky
 
 STRUCTURES = ("scalar", "layerwise", "diag")

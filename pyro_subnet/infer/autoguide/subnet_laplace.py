@@ -126,8 +126,8 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
             tune = prior_lib.tune_em_noise if spec == "em" else prior_lib.tune_marglik_noise
             G1 = G * lik.noise_scale ** 2
             y2 = y.reshape(len(y), -1)
-            p, scale = tune(G1, theta[idx], groups, init, prior_lib.residual_sum_of_squares(self.model.network, theta, (x, y), self.batch_size), y2.numel(), lik.noise_scale,
-                            tune_prior=tune_prior)
+            sse = prior_lib.residual_sum_of_squares(self.model.network, theta, (x, y), self.batch_size)
+            p, scale = tune(G1, theta[idx], groups, init, sse, y2.numel(), lik.noise_scale, tune_prior=tune_prior)
             lik.set_noise_scale(scale)
             G = G1 / scale ** 2
             self.ggn = G
