@@ -72,6 +72,47 @@ def test_gumbel_max_softmax_matches_gaussian_integral(scale):
         assert err < err_probit
 
 
+def _clark_reference(a, b, Sigma):
+    """max(a, b) for a, b given as (mean, second moment, weights w over the utilities; the
+    covariance of two of them is w_a Sigma w_b^T by Clark's linear rule): his formulas written plainly."""
+    (ma, sa, wa), (mb, sb, wb) = a, b
+    cov = lambda x, y: torch.einsum("ni,nij,nj->n", x, Sigma, y)  # noqa: E731
+    theta = (sa - ma ** 2 + sb - mb ** 2 - 2 * cov(wa, wb)).sqrt()
+    alpha = (ma - mb) / theta
+    P = torch.distributions.Normal(0.0, 1.0).cdf(alpha)
+    tp = theta * torch.exp(-alpha ** 2 / 2) / (2 * torch.pi) ** 0.5
+    return P * ma + (1 - P) * mb + tp, P * sa + (1 - P) * sb + (ma + mb) * tp, P[:, None] * wa + (1 - P[:, None]) * wb
+
+
+@pytest.mark.parametrize("C", [2, 3, 6])
+def test_win_probabilities_match_plain_leave_one_out_maxima(C):
+    """The prefix/suffix scan with its running covariances and weights equals the same merges
+    written plainly (every maximum carried as weights over the utilities): max of u_0..u_{k-1},
+    max of u_{k+1}..u_{C-1} (merged from the right), then the two; also for the independent
+    utilities that share the pass."""
+    mean, cov = _gaussian(N=30, F=C, scale=1.5, seed=11)
+    N = mean.shape[0]
+    eye = torch.eye(C, dtype=torch.float64)
+    unit = lambda j: (mean[:, j], mean[:, j] ** 2 + cov[:, j, j], eye[j].expand(N, C))  # noqa: E731
+    p = []
+    for k in range(C):
+        before = after = None
+        for j in range(k):
+            before = unit(j) if before is None else _clark_reference(before, unit(j), cov)
+        for j in reversed(range(k + 1, C)):
+            after = unit(j) if after is None else _clark_reference(after, unit(j), cov)
+        m, s, w = before if after is None else after if before is None else _clark_reference(before, after, cov)
+        var_diff = cov[:, k, k] + (s - m ** 2) - 2 * torch.einsum("nj,nj->n", w, cov[:, :, k])
+        p.append(torch.distributions.Normal(0.0, 1.0).cdf((mean[:, k] - m) / var_diff.sqrt()))
+    p = torch.stack(p, -1)
+    p = p / p.sum(-1, keepdim=True)
+    independent = 0.5 + torch.rand(N, C, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    got, got_independent = moments._win_probabilities(mean, cov, independent=independent)
+    assert torch.allclose(got, p, atol=1e-12)
+    assert torch.allclose(moments._win_probabilities(mean, cov), p, atol=1e-12)
+    assert torch.allclose(got_independent, moments._win_probabilities(mean, torch.diag_embed(independent)), atol=1e-12)
+
+
 def test_sparse_factor_path_matches_dense():
     """A subnetwork factor (few correlated entries of [W, b]) takes the gathered path; same moments."""
     g = torch.Generator().manual_seed(4)

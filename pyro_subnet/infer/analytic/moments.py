@@ -44,6 +44,7 @@ the products :math:`(G\\varepsilon)(A\\varepsilon)` and the off-diagonal of :mat
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -529,78 +530,121 @@ def probit_softmax(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
 
 
 GUMBEL_VAR = torch.pi ** 2 / 6
+_SQRT_HALF = 0.5 ** 0.5
+_LOG_INV_SQRT_2PI = torch.tensor(-0.5 * math.log(2 * math.pi), dtype=torch.float64)   # 0-dim: takes the data's dtype
 
 
-def _clark_max(X: torch.Tensor, Y: torch.Tensor, cov_xy, tiny: float,
-               var_y: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Clark (1961): the mean and second moment of :math:`\\max(a, b)` for jointly Gaussian ``a``,
-    ``b``, given as rows ``[E[.], E[.^2], linear part...]`` (``X``, ``Y``, shaped ``(..., L)``) with
-    ``cov_xy`` :math:`= \\mathrm{Cov}(a, b)` (``var_y``: ``Var(b)`` when known). With
-    :math:`\\theta^2 = \\mathrm{Var}(a - b)`, :math:`\\alpha = (\\mathbb E a - \\mathbb E b) / \\theta`,
-    :math:`P = \\Phi(\\alpha)`: every entry of the row mixes as :math:`X P + Y (1 - P)` (covariances
-    with any other Gaussian are exactly that), and the mean gains :math:`\\theta\\phi(\\alpha)`, the
-    second moment :math:`(\\mathbb E a + \\mathbb E b)\\theta\\phi(\\alpha)`."""
-    # written op-lean and in place: on a 10-class link this runs ~9 times per call on small tensors
-    m, mb = X[..., 0], Y[..., 0]
-    th = X[..., 1] - m * m
-    th += (Y[..., 1] - mb * mb) if var_y is None else var_y
-    if torch.is_tensor(cov_xy):
-        th.sub_(cov_xy, alpha=2)
+def _clark(ma: torch.Tensor, sa: torch.Tensor, mb: torch.Tensor, sb: torch.Tensor, cov_ab, tiny: float,
+           var_b: Optional[torch.Tensor] = None):
+    """Clark (1961): mean and second moment of :math:`\\max(a, b)` for jointly Gaussian ``a``, ``b``
+    with means ``ma``, ``mb``, second moments ``sa``, ``sb`` and covariance ``cov_ab`` (``var_b``:
+    ``Var(b)`` when known). With :math:`\\theta^2 = \\mathrm{Var}(a - b)`,
+    :math:`\\alpha = (\\mathbb E a - \\mathbb E b) / \\theta`, :math:`P = \\Phi(\\alpha)`:
+
+    .. math:: \\mathbb E\\max = P\\,\\mathbb E a + (1 - P)\\,\\mathbb E b + \\theta\\phi(\\alpha), \\qquad
+              \\mathbb E\\max^2 = P\\,\\mathbb E a^2 + (1 - P)\\,\\mathbb E b^2 + (\\mathbb E a + \\mathbb E b)\\theta\\phi(\\alpha),
+
+    and the covariance of the maximum with any other jointly Gaussian variable mixes as
+    :math:`P\\,\\mathrm{Cov}(a, \\cdot) + (1 - P)\\,\\mathrm{Cov}(b, \\cdot)` (exact). Returns the two
+    moments and ``P``."""
+    # Written op-lean and in place: a 10-class link runs this ~20 times per call on small tensors,
+    # where each torch call costs more than its arithmetic.
+    d = ma - mb
+    th = torch.addcmul(sa, ma, ma, value=-1).add_((sb - mb * mb) if var_b is None else var_b)
+    if cov_ab is not None:
+        th.sub_(cov_ab, alpha=2)
     th = th.clamp_min_(tiny).sqrt_()
-    al = (m - mb).div_(th)
-    P = torch.special.ndtr(al)
-    thph = _normal_pdf(al).mul_(th)                                 # theta phi(alpha)
-    Z = torch.addcmul(Y, P.unsqueeze(-1), X - Y)
-    Z[..., 0] += thph
-    Z[..., 1].addcmul_(m + mb, thph)
-    return Z
+    al = d / th
+    # P only mixes (absolute accuracy is all it needs): erf is cheaper than ndtr on CPU
+    P = torch.erf(al * _SQRT_HALF).add_(1).mul_(0.5)
+    thph = torch.addcmul(_LOG_INV_SQRT_2PI, al, al, value=-0.5).exp_().mul_(th)     # theta phi(alpha)
+    m = torch.addcmul(mb, P, d).add_(thph)
+    s = torch.addcmul(sb, P, sa - sb).addcmul_(ma + mb, thph)
+    return m, s, P
 
 
-def _win_probabilities(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+def _win_probabilities(mean: torch.Tensor, cov: torch.Tensor, independent: Optional[torch.Tensor] = None):
     """:math:`P(u_k > \\max_{j \\ne k} u_j)` for Gaussian utilities ``u`` with mean ``(N, C)`` and
-    covariance ``(N, C, C)`` or independent variances ``(N, C)``, normalised to sum to one.
+    covariance ``(N, C, C)`` or independent variances ``(N, C)``, normalised to sum to one. With
+    ``independent`` (variances ``(N, C)``), also those of independent utilities with the same means,
+    from the same pass: returns the pair.
 
     The leave-one-out maxima :math:`M_k` come from prefix and suffix maxima
-    (:math:`M_k = \\max(\\max_{j<k} u_j, \\max_{j>k} u_j)`): two scans of ``C - 2`` of Clark's merges,
-    run side by side, and one batched merge, i.e. ``O(C^2)`` per example where merging each class's
-    competitors one by one costs ``O(C^3)``. A row carries ``[E u, E u^2, Cov(u, u_0..u_{C-1}),
-    w]``, where ``w`` are the weights of Clark's linear rule :math:`\\mathrm{Cov}(M, z) = \\sum_s w_s
-    \\mathrm{Cov}(u_s, z)`, which give the covariance of a prefix with a suffix maximum
-    (independent utilities need neither: merged sets are disjoint, hence independent).
+    (:math:`M_k = \\max(\\max_{j<k} u_j, \\max_{j>k} u_j)`): two scans of ``C - 2`` of Clark's merges
+    (:func:`_clark`), run side by side, and one batched merge, i.e. ``O(C^2)`` per example where
+    merging each class's competitors one by one costs ``O(C^3)``. With a covariance, Clark's linear
+    rule makes a running maximum :math:`\\sum_s w_s u_s` in covariance: a merge with mixing
+    probability ``P`` updates the weights as :math:`w \\leftarrow P w + (1 - P) e_t` and the
+    covariances with the utilities, :math:`K = w\\Sigma`, as :math:`K \\leftarrow P K + (1 - P)
+    \\Sigma_{t\\cdot}`; the next merge needs :math:`K_{t+1}`, the middle merge the covariance of a prefix
+    with a suffix maximum, :math:`K w'^\\top`. Independent utilities need neither: merged sets
+    are disjoint, hence independent.
     """
     N, C = mean.shape
     if C == 1:
-        return torch.ones_like(mean)
+        return torch.ones_like(mean) if independent is None else (torch.ones_like(mean),) * 2
     tiny = torch.finfo(mean.dtype).tiny
     full = cov.dim() == 3
-    var = cov.diagonal(dim1=-2, dim2=-1) if full else cov
-    # rows laid out class-major, (C, N, L), so that every step below reads contiguous blocks
-    cols = [mean.T.unsqueeze(-1), (mean * mean + var).T.unsqueeze(-1)]
+    var = torch.stack([cov.diagonal(dim1=-2, dim2=-1) if full else cov]
+                      + ([] if independent is None else [independent]))                    # (B, N, C)
+    B = var.shape[0]
+    # Rows 2b and 2b + 1 of every state scan problem b's classes in order (prefix maxima) and in
+    # reverse (suffix maxima); step t merges the t-th class of each row. Class-major (C, 2B, N), so
+    # that each step reads a block; only problem 0 can have a covariance (carried for rows 0, 1).
+    vT = var.transpose(0, 2)                                                          # (C, N, B)
+    v = torch.stack([vT, vT.flip(0)], -1).flatten(-2).transpose(1, 2)                 # (C, 2B, N)
+    mu = torch.stack([mean.T, mean.T.flip(0)], 1).repeat(1, B, 1)
+    sec = torch.addcmul(v, mu, mu)
+    m, s = mu[0], sec[0]
+    ms, ss = [m], [s]
+    if full:     # rows of Sigma and of I, in each direction's class order (columns too)
+        sig = torch.stack([cov.transpose(0, 1), cov.flip(-2, -1).transpose(0, 1)], 1)     # (C, 2, N, C)
+        eye = torch.eye(C, dtype=mean.dtype, device=mean.device)
+        K, w = sig[0], eye[0].expand(2, N, C)
+        Ks, ws, cs = [K], [w], []
+        pad = mean.new_zeros(2 * B - 2, N)
+    for t in range(1, C - 1):
+        c = None
+        if full:
+            cs.append(K[..., t])        # Cov(running max, u_t)
+            c = cs[-1] if B == 1 else torch.cat([cs[-1], pad])
+        m, s, P = _clark(m, s, mu[t], sec[t], c, tiny, v[t])
+        ms.append(m)
+        ss.append(s)
+        if full:
+            P = P[:2].unsqueeze(-1)
+            K, w = torch.lerp(sig[t], K, P), torch.lerp(eye[t], w, P)
+            Ks.append(K)
+            ws.append(w)
+    # M_0 = max(u_1..u_{C-1}) (last suffix), M_{C-1} = max(u_0..u_{C-2}) (last prefix), and for
+    # 0 < k < C-1 the merge of max(u_0..u_{k-1}) (prefix k-1) with max(u_{k+1}..u_{C-1}) (suffix C-2-k)
+    Mm, Ms = torch.stack(ms, 1).unflatten(0, (B, 2)), torch.stack(ss, 1).unflatten(0, (B, 2))   # (B, 2, C-1, N)
+    m, s = [Mm[:, 1, -1:]], [Ms[:, 1, -1:]]
     if full:
-        cols += [cov.transpose(0, 1), torch.eye(C, dtype=mean.dtype, device=mean.device).unsqueeze(1).expand(C, N, C)]
-    R = torch.cat(cols, -1)                                                       # (C, N, L)
-    rows = torch.stack([R, R.flip(0)], 1)                                         # (C, 2, N, L)
-    row_var = torch.stack([var.T, var.T.flip(0)], 1)                              # (C, 2, N)
-    scans = [rows[0]]                   # scans[s][0] = max(u_0..u_s), scans[s][1] = max(u_{C-1-s}..u_{C-1})
-    if full:    # the covariance column of the utility merged at step s: 2 + s and 2 + (C - 1 - s)
-        ar = torch.arange(C, device=mean.device).view(C, 1, 1, 1)
-        column = torch.cat([2 + ar, C + 1 - ar], 1).expand(C, 2, N, 1)
-    for s in range(1, C - 1):
-        cur = scans[-1]
-        c = cur.gather(-1, column[s]).squeeze(-1) if full else 0.0   # Cov(running max, the utility merged now)
-        scans.append(_clark_max(cur, rows[s], c, tiny, row_var[s]))
-    last = scans[-1]
-    ends = [last[1:2], last[0:1]]                                                 # M_0, M_{C-1}
+        cs.append(K[..., C - 1])
+        cs = torch.stack(cs, 1)      # (2, C-1, N): Cov(prefix up to k-1, u_k), Cov(suffix from k+1, u_k) reversed
+        cross = [cs[1, -1:]]
     if C > 2:
-        S = torch.stack(scans[:-1])                                               # (C-2, 2, N, L)
-        before, after = S[:, 0], S[:, 1].flip(0)      # max(u_0..u_{k-1}), max(u_{k+1}..u_{C-1}), k = 1..C-2
-        c = (before[..., C + 2:] * after[..., 2:C + 2]).sum(-1) if full else 0.0
-        ends.insert(1, _clark_max(before, after, c, tiny))
-    M = torch.cat(ends)                                                           # (C, N, L)
-    m, v = M[..., 0].T, (M[..., 1] - M[..., 0] ** 2).clamp_min(0).T
-    cross = M[..., 2:C + 2].diagonal(dim1=0, dim2=-1) if full else 0.0            # Cov(M_k, u_k), (N, C)
-    p = torch.special.ndtr((mean - m) / (var + v - 2 * cross).clamp_min(tiny).sqrt())
-    return p / p.sum(-1, keepdim=True)
+        c = None
+        if full:    # Cov(prefix, suffix) = K_prefix w_suffix^T, the suffix weights back in class order
+            c = (torch.stack(Ks[:C - 2])[:, 0] * torch.stack(ws[:C - 2])[:, 1].flip(0, -1)).sum(-1)
+            c = c if B == 1 else torch.cat([c.unsqueeze(0), c.new_zeros(B - 1, C - 2, N)])
+        m_, s_, P = _clark(Mm[:, 0, :C - 2], Ms[:, 0, :C - 2], Mm[:, 1, :C - 2].flip(1), Ms[:, 1, :C - 2].flip(1),
+                           c, tiny)
+        m.append(m_)
+        s.append(s_)
+        if full:
+            cross.append(torch.lerp(cs[1, :C - 2].flip(0), cs[0, :C - 2], P[0]))
+    m.append(Mm[:, 0, -1:])
+    s.append(Ms[:, 0, -1:])
+    m, s = torch.cat(m, 1).transpose(1, 2), torch.cat(s, 1).transpose(1, 2)       # (B, N, C)
+    spread = var + (s - m * m).clamp_min(0)
+    if full:
+        cross.append(cs[0, -1:])
+        spread[0].sub_(torch.cat(cross).T, alpha=2)                                # - 2 Cov(M_k, u_k)
+    p = torch.special.ndtr((mean - m) / spread.clamp_min(tiny).sqrt())
+    p = p / p.sum(-1, keepdim=True)
+    return p[0] if independent is None else (p[0], p[1])
 
 
 def gumbel_max_softmax(mean: torch.Tensor, cov: torch.Tensor, order: str = "index",
@@ -660,12 +704,8 @@ def gumbel_max_softmax(mean: torch.Tensor, cov: torch.Tensor, order: str = "inde
         # so a ratio would blow up for unlikely classes; the difference stays bounded.
         # The zero-variance error belongs to the Gumbel part of the noise: it is weighted by that
         # part's share of the total, pi^2/6 / (pi^2/6 + v), v the example's mean logit variance.
-        # (the zero-variance term takes the covariance-free rows; with variances only, one pass serves both)
-        zero = torch.full_like(mean, GUMBEL_VAR)
-        if full:
-            p_cov, p_zero = _win_probabilities(mean, cov + noise), _win_probabilities(mean, zero)
-        else:
-            p_cov, p_zero = _win_probabilities(torch.cat([mean, mean]), torch.cat([cov + noise, zero])).split(N)
+        # (one pass serves both terms; the zero-variance one needs no covariance rows)
+        p_cov, p_zero = _win_probabilities(mean, cov + noise, independent=torch.full_like(mean, GUMBEL_VAR))
         v = (cov.diagonal(dim1=-2, dim2=-1) if full else cov).mean(-1, keepdim=True)
         p = (p_cov + (softmax(mean) - p_zero) * (GUMBEL_VAR / (GUMBEL_VAR + v))).clamp_min(0)
         p = p / p.sum(-1, keepdim=True)
