@@ -50,7 +50,11 @@ import torch
 from .. import distributed
 from .kernels import KERNELS, ParticleNoise, adapt_step_size, hmc
 from .resampling import get_resampler
-from .schedules import Adaptive, DataPath, Linear, log_ess  # noqa: F401 (re-exported for the example)
+from .schedules import Adaptive, DataPath, Linear, log_ess
+
+# the schedules are re-exported for the example above
+__all__ = ["AnnealedTarget", "Move", "SMCInfo", "SMCState", "init", "resample", "step", "Adaptive", "DataPath",
+           "Linear"]
 
 
 class SMCState(NamedTuple):
