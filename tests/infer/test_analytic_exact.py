@@ -120,6 +120,41 @@ def test_flat_posterior_low_rank_plus_diagonal_is_exact():
     assert torch.allclose(out["f_cov"], J @ cov @ J.transpose(-1, -2), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("subnetwork", [False, True])
+def test_two_linear_layers_with_correlated_weights_are_exact(subnetwork):
+    """f = W2 (W1 x + b1) + b2 is quadratic in the weights, so with a Gaussian posterior that
+    correlates the layers (low-rank plus diagonal over all weights, or a subnetwork) its moments
+    are known in closed form: with theta = m + z, z ~ N(0, C), f_k = f_k(m) + g_k^T z + z^T H_k z / 2,
+    E f_k = f_k(m) + tr(H_k C) / 2, Cov(f_k, f_l) = g_k^T C g_l + tr(H_k C H_l C) / 2. The first-order
+    terms alone miss the last one: the products of correlated weights with a correlated input."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Identity(), nn.Linear(4, 2)).double()
+    model = ps.nn.BayesianNet(net, likelihood="regression", noise_scale=0.3)
+    D = model.layout.dim
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    mean = torch.randn(D, generator=g, dtype=torch.float64)
+    if subnetwork:
+        idx = torch.randperm(D, generator=g)[:9]
+        var, F = torch.zeros(D, dtype=torch.float64), 0.5 * torch.randn(9, 9, generator=g, dtype=torch.float64)
+    else:
+        idx = torch.arange(D)
+        var, F = 0.3 * torch.rand(D, generator=g, dtype=torch.float64), 0.4 * torch.randn(D, 3, generator=g, dtype=torch.float64)
+    C = torch.diag(var)
+    C[idx[:, None], idx[None, :]] += F @ F.T
+    f = lambda t: model.network.flat(t, x)  # noqa: E731
+    grad = torch.func.jacrev(f)(mean)                                       # (N, O, D)
+    H = torch.func.jacfwd(torch.func.jacrev(f))(mean)                       # (N, O, D, D)
+    want_mean = f(mean) + 0.5 * torch.einsum("nkij,ji->nk", H, C)
+    HC = H @ C
+    want_cov = grad @ C @ grad.transpose(-1, -2) + 0.5 * torch.einsum("nkij,nlji->nkl", HC, HC)
+    out = ps.infer.AnalyticPredictive(model, FlatPosterior(mean, var, idx, F), covariance="full")(x)
+    assert torch.allclose(out["f_mean"], want_mean, atol=1e-10, rtol=0)
+    assert torch.allclose(out["f_cov"], want_cov, atol=1e-10, rtol=0)
+    first_order = grad @ C @ grad.transpose(-1, -2)
+    assert (out["f_cov"] - first_order).abs().max() > 1e-2            # the product terms matter here
+
+
 def test_classification_probit_link():
     model = _linear_model("classification", num_out=3)
     x, _ = _data()
@@ -146,6 +181,8 @@ def test_errors_name_the_problem():
         ps.infer.AnalyticPredictive(model, FlatPosterior(torch.zeros(3), torch.ones(3)))(torch.randn(2, 3))
     with pytest.raises(ValueError, match="covariance"):
         ps.infer.AnalyticPredictive(model, post, covariance="dense")
+    with pytest.raises(ValueError, match="products"):
+        ps.infer.AnalyticPredictive(model, post, products="yes")
 
 
 @pytest.mark.parametrize("guide_cls", [AutoNormal, AutoMultivariateNormal])

@@ -155,14 +155,17 @@ class SitePosterior:
     :param post: the flat posterior; ``layout``: the model's layout; ``dtype``/``device``: of the data;
         ``full``: whether linear layers return a full covariance between their outputs;
         ``activations``: ``"moments"`` (moment matching) or ``"linearise"`` (at the mean);
+        ``products``: whether linear layers add the covariance of the products of correlated weights
+        with a correlated input (``True``, ``False``, ``"auto"``: see :func:`~.moments.prepare_linear`);
         ``full_output_at``: the prefix of a linear layer that returns a full covariance anyway.
     """
 
     def __init__(self, post: FlatPosterior, layout: SiteLayout, dtype, device, full: bool = False,
-                 activations: str = "moments", full_output_at: Optional[str] = None):
+                 activations: str = "moments", full_output_at: Optional[str] = None, products="auto"):
         self.layout = layout
         self.full = full
         self.activations = activations
+        self.products = products
         self.full_output_at = full_output_at
         self._memo = {}
         cast = dict(dtype=dtype, device=device)

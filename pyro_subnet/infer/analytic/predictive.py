@@ -63,6 +63,13 @@ class AnalyticPredictive:
         with the expected slope for covariances; ``"linearise"``: linearisation at the mean (the
         paper's choice; it overestimates the variance of saturating units with a large variance).
     :param link: ``"gumbel_max"`` or ``"probit"`` (classification; see above).
+    :param products: where a layer's correlated weights meet a correlated input (a covariance that
+        spans layers: ``AutoMultivariateNormal``, ``AutoLowRankMultivariateNormal``, a subnetwork
+        over several layers), add the covariance of their products
+        :math:`(G\\varepsilon)(A\\varepsilon)` (exact for linear layers; see
+        :mod:`~pyro_subnet.infer.analytic.moments`): ``True``, ``False``, or ``"auto"`` (default):
+        where it costs at most 8 times the layer's first-order terms, i.e. for subnetworks but not
+        for a dense factor over every weight.
 
     Calling ``pred(x)`` returns a dict with ``"f_mean"`` and ``"f_var"`` (the latent function's
     mean and variances, ``(N, O)``; ``"f_cov"`` ``(N, O, O)`` too with full covariance) and
@@ -79,7 +86,7 @@ class AnalyticPredictive:
     """
 
     def __init__(self, model, guide, covariance: str = "auto", batch_size: Optional[int] = None,
-                 activations: str = "moments", link: str = "gumbel_max"):
+                 activations: str = "moments", link: str = "gumbel_max", products="auto"):
         if not hasattr(model, "network") or not hasattr(model, "layout"):
             raise TypeError("AnalyticPredictive: model must be a pyro_subnet BayesianNet (with .network and .layout).")
         if model.network.is_pyro:
@@ -93,6 +100,9 @@ class AnalyticPredictive:
         if link not in ("gumbel_max", "probit"):
             raise ValueError(f"AnalyticPredictive: link must be 'gumbel_max' or 'probit', got {link!r}.")
         self.link = link
+        if products not in (True, False, "auto"):
+            raise ValueError(f"AnalyticPredictive: products must be True, False or 'auto', got {products!r}.")
+        self.products = products
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"AnalyticPredictive: batch_size must be a positive integer or None, got {batch_size!r}.")
         self.model = model
@@ -114,13 +124,13 @@ class AnalyticPredictive:
                 self.guide, "prototype_trace", True) is not None:
             self._modules = list(self.guide.modules())    # fixed once the guide is set up
         tensors = _guide_tensors(self.guide, self._modules)
-        key = (dtype, device, self.full, self.activations, len(tensors))
+        key = (dtype, device, self.full, self.activations, self.products, len(tensors))
         cached = self._cache
         if (cached is not None and cached[0] == key
                 and all(a is b and v == b._version for (a, v), b in zip(cached[1], tensors))):
             return cached[2]
         post = SitePosterior(self.posterior(), self.model.layout, dtype, device, full=self.full,
-                             activations=self.activations,
+                             activations=self.activations, products=self.products,
                              full_output_at=None if self.full else layers.output_linear(self.model.network.module))
         self._cache = (key, [(t, t._version) for t in tensors], post)
         return post
