@@ -153,6 +153,14 @@ def test_two_linear_layers_with_correlated_weights_are_exact(subnetwork):
     assert torch.allclose(out["f_cov"], want_cov, atol=1e-10, rtol=0)
     first_order = grad @ C @ grad.transpose(-1, -2)
     assert (out["f_cov"] - first_order).abs().max() > 1e-2            # the product terms matter here
+    if not subnetwork:
+        return
+    # without them (and with no independent variances, as in a Laplace subnetwork): the network
+    # linearised in the weights, i.e. the GLM predictive, also exactly
+    for kw in (dict(activations="linearise"), dict(products=False)):
+        glm = ps.infer.AnalyticPredictive(model, FlatPosterior(mean, var, idx, F), covariance="full", **kw)(x)
+        assert torch.allclose(glm["f_mean"], f(mean), atol=1e-10, rtol=0)
+        assert torch.allclose(glm["f_cov"], first_order, atol=1e-10, rtol=0)
 
 
 def test_classification_probit_link():

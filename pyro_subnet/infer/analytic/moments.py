@@ -234,13 +234,16 @@ def _product_covariance(A_used: torch.Tensor, pt: ProductTerms, full: bool) -> t
     return ((X @ pt.to_out) * pt.to_out).sum(-2)
 
 
-def linear(x: Gaussian, lw: LinearWeights, full: bool = False) -> Gaussian:
+def linear(x: Gaussian, lw: LinearWeights, full: bool = False, products: bool = True) -> Gaussian:
     """Moments of ``h = W a + b`` (see the module docstring).
 
     :param x: input ``Gaussian`` with features ``in`` last.
     :param lw: the layer's :class:`LinearWeights` (from :func:`prepare_linear`).
     :param full: return a full covariance ``(..., out, out)`` even for diagonal input (the mixing
         ``W diag(v) W^T`` correlates the outputs); a full input always gives a full output.
+    :param products: keep the products :math:`(G\\varepsilon)(A\\varepsilon)`: their mean, and their
+        covariance where ``lw.products`` is prepared; ``False``: the output stays linear in
+        :math:`\\varepsilon` (the network linearised in the weights).
 
     A known input (:attr:`Gaussian.exact`, e.g. the data) gives, whatever ``full``, an exactly
     diagonal independent part (each output unit has its own independent weights), so it stays
@@ -285,7 +288,7 @@ def linear(x: Gaussian, lw: LinearWeights, full: bool = False) -> Gaussian:
         else:
             gm = (mean @ lw.factor_flat[:-1] + lw.factor_flat[-1]).unflatten(-1, (out_f, -1))
         out_A = gm if out_A is None else out_A + gm
-        if A is not None:
+        if A is not None and products:
             # E[(G eps)(A eps)] = sum_ir G_kir A_ir, over the inputs that have correlated weights
             used = A if lw.factor_inputs is None else A[..., lw.factor_inputs, :]
             out_mean = out_mean + used.flatten(-2) @ lw.factor_on_inputs
@@ -585,13 +588,14 @@ def layer_norm(x: Gaussian, weight: Optional[torch.Tensor], bias: Optional[torch
 
 def conv2d(x: Gaussian, weight: torch.Tensor, bias: Optional[torch.Tensor], weight_var: Optional[torch.Tensor],
            bias_var: Optional[torch.Tensor], factor_w: Optional[torch.Tensor], factor_b: Optional[torch.Tensor],
-           **conv) -> Gaussian:
+           products: bool = True, **conv) -> Gaussian:
     """``Conv2d`` with Gaussian weights on diagonal activations ``(N, C, H, W)`` (``A``: ``(N, C, H, W, r)``).
 
     Per output pixel this is the linear layer over its receptive field (``*`` the convolution):
     :math:`\\mu' = \\mu * M + b`, :math:`A' = A * M + \\mu * G + g`,
     :math:`v' = v * M^2 + (\\mu^2 + v + \\textstyle\\sum_r A_r^2) * V + V_b + v * \\textstyle\\sum_r G_r^2`;
-    covariances between output pixels and channels of the independent part are dropped.
+    covariances between output pixels and channels of the independent part are dropped, and of the
+    products :math:`(G\\varepsilon)(A\\varepsilon)` only the mean is kept (none with ``products=False``).
 
     :param factor_w: ``G`` as ``(r, C_out, C_in, kh, kw)``; ``factor_b``: ``(r, C_out)``.
     """
@@ -610,7 +614,7 @@ def conv2d(x: Gaussian, weight: torch.Tensor, bias: Optional[torch.Tensor], weig
         z = f(mean, factor_w.reshape(r * co, *factor_w.shape[2:]), factor_b.reshape(-1), **conv)
         z = z.reshape(z.shape[0], r, co, *z.shape[2:]).movedim(1, -1)
         out_A = z if out_A is None else out_A + z
-        if A is not None:
+        if A is not None and products:
             # E[(G eps) * (A eps)] = sum_r A_r * G_r
             cols = A.movedim(-1, 1).reshape(A.shape[0], -1, *A.shape[2:4])      # (N, r*C_in, H, W)
             g = factor_w.transpose(0, 1).reshape(co, -1, *factor_w.shape[3:])   # (C_out, r*C_in, kh, kw)

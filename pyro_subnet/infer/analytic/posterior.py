@@ -155,8 +155,9 @@ class SitePosterior:
     :param post: the flat posterior; ``layout``: the model's layout; ``dtype``/``device``: of the data;
         ``full``: whether linear layers return a full covariance between their outputs;
         ``activations``: ``"moments"`` (moment matching) or ``"linearise"`` (at the mean);
-        ``products``: whether linear layers add the covariance of the products of correlated weights
-        with a correlated input (``True``, ``False``, ``"auto"``: see :func:`~.moments.prepare_linear`);
+        ``products``: the products of correlated weights with a correlated input: ``True`` (their mean
+        and covariance), ``"auto"`` (their mean; their covariance where cheap, see
+        :func:`~.moments.prepare_linear`) or ``False`` (none: every layer linear in ``epsilon``);
         ``full_output_at``: the prefix of a linear layer that returns a full covariance anyway.
     """
 

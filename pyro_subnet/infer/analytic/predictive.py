@@ -65,11 +65,14 @@ class AnalyticPredictive:
     :param link: ``"gumbel_max"`` or ``"probit"`` (classification; see above).
     :param products: where a layer's correlated weights meet a correlated input (a covariance that
         spans layers: ``AutoMultivariateNormal``, ``AutoLowRankMultivariateNormal``, a subnetwork
-        over several layers), add the covariance of their products
-        :math:`(G\\varepsilon)(A\\varepsilon)` (exact for linear layers; see
-        :mod:`~pyro_subnet.infer.analytic.moments`): ``True``, ``False``, or ``"auto"`` (default):
-        where it costs at most 8 times the layer's first-order terms, i.e. for subnetworks but not
-        for a dense factor over every weight.
+        over several layers), the products :math:`(G\\varepsilon)(A\\varepsilon)` (see
+        :mod:`~pyro_subnet.infer.analytic.moments`): ``True``: their mean and covariance (exact for
+        linear layers); ``False``: neither, every layer linear in the weights; ``"auto"``
+        (default): with ``activations="moments"`` their mean, and their covariance where it costs at
+        most 8 times the layer's first-order terms (a subnetwork, not a dense factor over every
+        weight); with ``activations="linearise"`` neither, so that for a Gaussian without
+        independent variances (a Laplace subnetwork) the predictive is exactly that of the network
+        linearised in the weights, the GLM predictive.
 
     Calling ``pred(x)`` returns a dict with ``"f_mean"`` and ``"f_var"`` (the latent function's
     mean and variances, ``(N, O)``; ``"f_cov"`` ``(N, O, O)`` too with full covariance) and
@@ -130,7 +133,8 @@ class AnalyticPredictive:
                 and all(a is b and v == b._version for (a, v), b in zip(cached[1], tensors))):
             return cached[2]
         post = SitePosterior(self.posterior(), self.model.layout, dtype, device, full=self.full,
-                             activations=self.activations, products=self.products,
+                             activations=self.activations,
+                             products=self.products if self.activations == "moments" else self.products is True,
                              full_output_at=None if self.full else layers.output_linear(self.model.network.module))
         self._cache = (key, [(t, t._version) for t in tensors], post)
         return post
