@@ -113,6 +113,24 @@ def test_win_probabilities_match_plain_leave_one_out_maxima(C):
     assert torch.allclose(got_independent, moments._win_probabilities(mean, torch.diag_embed(independent)), atol=1e-12)
 
 
+def test_product_covariance_matches_the_quadratic_forms():
+    """Cov(q_k, q_l) for q_k = eps^T B_k eps, B_k = sum_i G_ki^T A_i: tr(B_k B_l^T) + tr(B_k B_l),
+    from explicit B_k; full and diagonal outputs, with leading batch dimensions (tokens)."""
+    g = torch.Generator().manual_seed(13)
+    out, n_in, r = 3, 5, 4
+    G = torch.zeros(out, n_in + 1, r, dtype=torch.float64)
+    G[[0, 0, 1, 2, 2], [1, 3, 3, 0, 4]] = torch.randn(5, r, generator=g, dtype=torch.float64)
+    A = torch.randn(2, 3, n_in, r, generator=g, dtype=torch.float64)           # (N, T, in, r)
+    lw = moments.prepare_linear(torch.zeros(out, n_in, dtype=torch.float64), None, None, G, products=True)
+    used = A[..., lw.factor_inputs, :]
+    B = torch.einsum("kir,ntis->ntkrs", G[:, :-1], A)
+    want = (torch.einsum("ntkrs,ntlrs->ntkl", B, B) + torch.einsum("ntkrs,ntlsr->ntkl", B, B))
+    full = moments._product_covariance(used, lw.products, out, full=True)
+    assert torch.allclose(full, want, atol=1e-12)
+    assert torch.allclose(moments._product_covariance(used, lw.products, out, full=False),
+                          want.diagonal(dim1=-2, dim2=-1), atol=1e-12)
+
+
 def test_sparse_factor_path_matches_dense():
     """A subnetwork factor (few correlated entries of [W, b]) takes the gathered path; same moments."""
     g = torch.Generator().manual_seed(4)

@@ -51,6 +51,9 @@ is the 15% of the output variance that the first-order terms miss). Exact for a 
 term (a product of two posterior variances), and the product terms where computing them would cost
 more than 8 times the layer's first-order terms (dense factors: a full or low-rank covariance over
 every weight), unless asked for.
+
+These functions compute in place where that saves time on small tensors: they are for inference
+(:class:`~pyro_subnet.infer.AnalyticPredictive` runs them under ``torch.no_grad``), not for autograd.
 """
 
 from __future__ import annotations
@@ -123,13 +126,11 @@ class ProductTerms(NamedTuple):
     (see the module docstring), over its ``P`` correlated weights :math:`W_{k_p i_p}` (bias excluded:
     its input is the constant 1): ``rows``: the position of :math:`i_p` among the layer's inputs with
     correlated weights (``LinearWeights.factor_inputs``), ``(P,)``; ``factor_t``: :math:`G_{k_p i_p}`
-    as columns, ``(r, P)``; ``gram``: :math:`G_p \\cdot G_q`, ``(P, P)``; ``to_out``: the one-hot
-    :math:`k_p`, ``(P, out)``."""
+    as columns, ``(r, P)``; ``outputs``: :math:`k_p`, ``(P,)``."""
 
     rows: torch.Tensor
     factor_t: torch.Tensor
-    gram: torch.Tensor
-    to_out: torch.Tensor
+    outputs: torch.Tensor
 
 
 class LinearWeights(NamedTuple):
@@ -206,32 +207,40 @@ def prepare_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], weight_va
 
 def _product_terms(factor: torch.Tensor, used: torch.Tensor, products: Union[bool, str]) -> Optional[ProductTerms]:
     """:class:`ProductTerms` of a layer with factor ``G`` ``(out, in + 1, r)`` whose correlated inputs
-    are ``used``, or ``None`` (none wanted, none correlated, or too costly under ``"auto"``)."""
+    are ``used``, or ``None``: none wanted, none correlated, or under ``"auto"`` more than 8 times
+    the first-order terms' work (per example ``r u (u + P) + P^2`` against ``r out (in + u)``) or
+    memory (``P^2 + u P + u^2`` against ``r (in + out)``)."""
     if products not in (True, False, "auto"):
         raise ValueError(f"products must be True, False or 'auto', got {products!r}.")
-    out, n_in = factor.shape[0], factor.shape[1] - 1
+    out, n_in, r = factor.shape[0], factor.shape[1] - 1, factor.shape[-1]
     k, i = (factor[:, :-1] != 0).any(-1).nonzero(as_tuple=True)
     P, u = k.numel(), used.numel()
-    if not products or P == 0 or (products == "auto" and u * (u + P) > 8 * out * (n_in + u)):
+    if not products or P == 0:
+        return None
+    if products == "auto" and (r * u * (u + P) + P * P > 8 * r * out * (n_in + u)
+                               or P * P + u * P + u * u > 8 * r * (n_in + out)):
         return None
     position = torch.full((n_in,), -1, dtype=torch.long, device=factor.device)
     position[used] = torch.arange(u, device=factor.device)
-    g = factor[k, i]                                                            # (P, r)
-    return ProductTerms(position[i], g.T.contiguous(), g @ g.T,
-                        torch.nn.functional.one_hot(k, out).to(factor.dtype))
+    return ProductTerms(position[i], factor[k, i].T.contiguous(), k)
 
 
-def _product_covariance(A_used: torch.Tensor, pt: ProductTerms, full: bool) -> torch.Tensor:
+def _product_covariance(A_used: torch.Tensor, pt: ProductTerms, out: int, full: bool) -> torch.Tensor:
     """Covariance ``(..., out, out)`` (``full``) or variances ``(..., out)`` of the products
     :math:`q_k = \\sum_i (G_{ki}\\varepsilon)(A_i\\varepsilon)`, from the inputs' ``A`` on the
     correlated inputs, ``(..., u, r)``: :math:`\\mathrm{Cov}(q_k, q_l) = \\sum_{p \\in k, q \\in l}
-    (G_p \\cdot G_q)(A_{i_p} \\cdot A_{i_q}) + (G_p \\cdot A_{i_q})(G_q \\cdot A_{i_p})`."""
+    (G_p \\cdot G_q)(A_{i_p} \\cdot A_{i_q}) + (G_p \\cdot A_{i_q})(G_q \\cdot A_{i_p})`. Memory:
+    ``P^2`` per example."""
+    gram = pt.factor_t.T @ pt.factor_t                                          # G_p . G_q
     S = A_used @ A_used.transpose(-1, -2)                                       # A_i . A_j, (..., u, u)
     M = (A_used @ pt.factor_t)[..., pt.rows, :]                                 # [q, p] = A_{i_q} . G_p
-    X = S[..., pt.rows, :][..., pt.rows] * pt.gram + M * M.transpose(-1, -2)   # (..., P, P)
+    X = S[..., pt.rows, :][..., pt.rows] * gram + M * M.transpose(-1, -2)      # (..., P, P)
+    k, batch = pt.outputs, X.shape[:-2]
     if full:
-        return pt.to_out.T @ X @ pt.to_out
-    return ((X @ pt.to_out) * pt.to_out).sum(-2)
+        by_row = X.new_zeros(*batch, out, X.shape[-1]).index_add_(-2, k, X)
+        return X.new_zeros(*batch, out, out).index_add_(-1, k, by_row)
+    same = (X * (k.unsqueeze(-1) == k)).sum(-1)                                # pairs with k_p = k_q
+    return X.new_zeros(*batch, out).index_add_(-1, k, same)
 
 
 def linear(x: Gaussian, lw: LinearWeights, full: bool = False, products: bool = True) -> Gaussian:
@@ -242,8 +251,8 @@ def linear(x: Gaussian, lw: LinearWeights, full: bool = False, products: bool = 
     :param full: return a full covariance ``(..., out, out)`` even for diagonal input (the mixing
         ``W diag(v) W^T`` correlates the outputs); a full input always gives a full output.
     :param products: keep the products :math:`(G\\varepsilon)(A\\varepsilon)`: their mean, and their
-        covariance where ``lw.products`` is prepared; ``False``: the output stays linear in
-        :math:`\\varepsilon` (the network linearised in the weights).
+        covariance where ``lw.products`` is prepared; ``False``: neither, so the shared part of the
+        output stays linear in :math:`\\varepsilon`.
 
     A known input (:attr:`Gaussian.exact`, e.g. the data) gives, whatever ``full``, an exactly
     diagonal independent part (each output unit has its own independent weights), so it stays
@@ -293,7 +302,7 @@ def linear(x: Gaussian, lw: LinearWeights, full: bool = False, products: bool = 
             used = A if lw.factor_inputs is None else A[..., lw.factor_inputs, :]
             out_mean = out_mean + used.flatten(-2) @ lw.factor_on_inputs
             if lw.products is not None:
-                out_var = out_var + _product_covariance(used, lw.products, full_out)
+                out_var = out_var + _product_covariance(used, lw.products, out_f, full_out)
         if not exact_input:
             var_in = _diag(x)
             if full_out:
@@ -444,7 +453,7 @@ def _quadrature_moments(fn, mu: torch.Tensor, tv: torch.Tensor, num_nodes: int):
             return corrected(m, var, J, _remainder(tanh, scale, shift, kappa, mu, tv, num_nodes))
         # a few nodes integrate the remainder of a narrow unit exactly but alias it for a wide one
         # (which the probit fit alone gets within ~1%): 4 nodes where kappa s < 1 only
-        lo, hi = (u * (kappa * kappa) for u in torch.aminmax(tv))
+        lo, hi = (u * (kappa * kappa) for u in torch.aminmax(tv)) if tv.numel() else (1.0, 1.0)
         if hi < 1:      # all narrow (e.g. a trained mean-field posterior): no gather/scatter
             return corrected(m, var, J, _remainder(tanh, scale, shift, kappa, mu, tv, 4))
         if lo >= 1:     # all wide
@@ -668,8 +677,8 @@ def _clark(ma: torch.Tensor, sa: torch.Tensor, mb: torch.Tensor, sb: torch.Tenso
     and the covariance of the maximum with any other jointly Gaussian variable mixes as
     :math:`P\\,\\mathrm{Cov}(a, \\cdot) + (1 - P)\\,\\mathrm{Cov}(b, \\cdot)` (exact). Returns the two
     moments and ``P``."""
-    # Written op-lean and in place: a 10-class link runs this ~20 times per call on small tensors,
-    # where each torch call costs more than its arithmetic.
+    # Written op-lean and in place (for inference: not differentiable): a 10-class link runs this 9
+    # times per call on small tensors, where each torch call costs more than its arithmetic.
     d = ma - mb
     th = torch.addcmul(sa, ma, ma, value=-1).add_((sb - mb * mb) if var_b is None else var_b)
     if cov_ab is not None:
@@ -697,9 +706,9 @@ def _win_probabilities(mean: torch.Tensor, cov: torch.Tensor, independent: Optio
     rule makes a running maximum :math:`\\sum_s w_s u_s` in covariance: a merge with mixing
     probability ``P`` updates the weights as :math:`w \\leftarrow P w + (1 - P) e_t` and the
     covariances with the utilities, :math:`K = w\\Sigma`, as :math:`K \\leftarrow P K + (1 - P)
-    \\Sigma_{t\\cdot}`; the next merge needs :math:`K_{t+1}`, the middle merge the covariance of a prefix
-    with a suffix maximum, :math:`K w'^\\top`. Independent utilities need neither: merged sets
-    are disjoint, hence independent.
+    \\Sigma_{t\\cdot}`; the next merge needs its column ``t + 1``, :math:`\\mathrm{Cov}(M, u_{t+1})`,
+    the middle merge the covariance of a prefix with a suffix maximum, :math:`K w'^\\top`.
+    Independent utilities need neither: merged sets are disjoint, hence independent.
     """
     N, C = mean.shape
     if C == 1:

@@ -156,8 +156,9 @@ class SitePosterior:
         ``full``: whether linear layers return a full covariance between their outputs;
         ``activations``: ``"moments"`` (moment matching) or ``"linearise"`` (at the mean);
         ``products``: the products of correlated weights with a correlated input: ``True`` (their mean
-        and covariance), ``"auto"`` (their mean; their covariance where cheap, see
-        :func:`~.moments.prepare_linear`) or ``False`` (none: every layer linear in ``epsilon``);
+        and covariance), ``"auto"`` (with moment-matched activations their mean, and their covariance
+        where cheap, see :func:`~.moments.prepare_linear`; with linearised ones none) or ``False``
+        (none);
         ``full_output_at``: the prefix of a linear layer that returns a full covariance anyway.
     """
 
@@ -166,7 +167,8 @@ class SitePosterior:
         self.layout = layout
         self.full = full
         self.activations = activations
-        self.products = products
+        # linearised activations make the network linear in the weights: no products unless asked for
+        self.products = products if activations == "moments" or products != "auto" else False
         self.full_output_at = full_output_at
         self._memo = {}
         cast = dict(dtype=dtype, device=device)

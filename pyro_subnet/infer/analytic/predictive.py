@@ -66,8 +66,10 @@ class AnalyticPredictive:
     :param products: where a layer's correlated weights meet a correlated input (a covariance that
         spans layers: ``AutoMultivariateNormal``, ``AutoLowRankMultivariateNormal``, a subnetwork
         over several layers), the products :math:`(G\\varepsilon)(A\\varepsilon)` (see
-        :mod:`~pyro_subnet.infer.analytic.moments`): ``True``: their mean and covariance (exact for
-        linear layers); ``False``: neither, every layer linear in the weights; ``"auto"``
+        :mod:`~pyro_subnet.infer.analytic.moments`): ``True``: their mean and covariance (exact
+        where the output is quadratic in the weights, e.g. two linear layers; memory ``P^2`` per
+        example for ``P`` correlated weights in a layer; ``Conv2d`` keeps their mean only);
+        ``False``: neither; ``"auto"
         (default): with ``activations="moments"`` their mean, and their covariance where it costs at
         most 8 times the layer's first-order terms (a subnetwork, not a dense factor over every
         weight); with ``activations="linearise"`` neither, so that for a Gaussian without
@@ -133,8 +135,7 @@ class AnalyticPredictive:
                 and all(a is b and v == b._version for (a, v), b in zip(cached[1], tensors))):
             return cached[2]
         post = SitePosterior(self.posterior(), self.model.layout, dtype, device, full=self.full,
-                             activations=self.activations,
-                             products=self.products if self.activations == "moments" else self.products is True,
+                             activations=self.activations, products=self.products,
                              full_output_at=None if self.full else layers.output_linear(self.model.network.module))
         self._cache = (key, [(t, t._version) for t in tensors], post)
         return post
