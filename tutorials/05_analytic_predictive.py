@@ -111,7 +111,10 @@ ps.plots.reliability_diagram({k: v[0] for k, v in rows.items()}, ds.y_test, path
 # reads (`flat_gaussian()`). It then matters which network the Gaussian is pushed through:
 #
 # * `activations="moments"` (the default) matches each activation's mean and variance under its
-#   Gaussian input: it approximates sampling the *network itself* (`guide.predict(method="nn")`);
+#   Gaussian input: it approximates sampling the *network itself* (`guide.predict(method="nn")`).
+#   Where the subnetwork's correlated weights meet activations that carry the same correlations
+#   (a subnetwork over two layers), it also keeps the covariance of their products (`products`;
+#   on a digits MLP with 300 such weights they are 15% of the output variance);
 # * `activations="linearise"` linearises each activation at the mean: for a Laplace posterior
 #   that is exactly the *linearised* network of the GLM predictive (`guide.predict()`), the one
 #   the Laplace approximation was built for, and the one whose band grows in the gap.
@@ -158,7 +161,7 @@ ps.plots.predictive_band(reg.x_train, reg.y_train, reg.x_test, mean, glm_std, tr
 # The attention is then nearly one-hot on a random token, and the residual stream is a mixture
 # rather than a Gaussian. Gaussian moments go wrong where a `LayerNorm` normalises that stream.
 #
-# Measured on digits (`benchmarks/analytic_predictive.py`, two seeds), at 40-74x the speed of
+# Measured on digits (`benchmarks/analytic_predictive.py`, two seeds), at 51-64x the speed of
 # 100-sample Monte Carlo:
 #
 # * pre-norm blocks (ViT, GPT-2): NLL within 1.7% of Monte Carlo;
