@@ -725,11 +725,12 @@ def _win_probabilities(mean: torch.Tensor, cov: torch.Tensor, independent: Optio
     v = torch.stack([vT, vT.flip(0)], -1).flatten(-2).transpose(1, 2)                 # (C, 2B, N)
     mu = torch.stack([mean.T, mean.T.flip(0)], 1).repeat(1, B, 1)
     sec = torch.addcmul(v, mu, mu)
+    mu, sec, v = mu.unbind(0), sec.unbind(0), v.unbind(0)      # per-step views, taken once
     m, s = mu[0], sec[0]
     ms, ss = [m], [s]
     if full:     # rows of Sigma and of I, in each direction's class order (columns too)
-        sig = torch.stack([cov.transpose(0, 1), cov.flip(-2, -1).transpose(0, 1)], 1)     # (C, 2, N, C)
-        eye = torch.eye(C, dtype=mean.dtype, device=mean.device)
+        sig = torch.stack([cov.transpose(0, 1), cov.flip(-2, -1).transpose(0, 1)], 1).unbind(0)  # C x (2, N, C)
+        eye = torch.eye(C, dtype=mean.dtype, device=mean.device).unbind(0)
         K, w = sig[0], eye[0].expand(2, N, C)
         Ks, ws, cs = [K], [w], []
         pad = mean.new_zeros(2 * B - 2, N)
@@ -743,9 +744,11 @@ def _win_probabilities(mean: torch.Tensor, cov: torch.Tensor, independent: Optio
         ss.append(s)
         if full:
             P = P[:2].unsqueeze(-1)
-            K, w = torch.lerp(sig[t], K, P), torch.lerp(eye[t], w, P)
+            K = torch.lerp(sig[t], K, P)
             Ks.append(K)
-            ws.append(w)
+            if t < C - 2:               # the middle merge needs the weights of the first C - 2 maxima
+                w = torch.lerp(eye[t], w, P)
+                ws.append(w)
     # M_0 = max(u_1..u_{C-1}) (last suffix), M_{C-1} = max(u_0..u_{C-2}) (last prefix), and for
     # 0 < k < C-1 the merge of max(u_0..u_{k-1}) (prefix k-1) with max(u_{k+1}..u_{C-1}) (suffix C-2-k)
     Mm, Ms = torch.stack(ms, 1).unflatten(0, (B, 2)), torch.stack(ss, 1).unflatten(0, (B, 2))   # (B, 2, C-1, N)
