@@ -131,6 +131,22 @@ def test_product_covariance_matches_the_quadratic_forms():
                           want.diagonal(dim1=-2, dim2=-1), atol=1e-12)
 
 
+def test_product_terms_auto_keeps_a_subnetwork_and_drops_a_dense_factor():
+    """products="auto": prepared where they cost at most 8x the first-order terms (a few correlated
+    weights), not for a factor over every weight of a wide layer (unless asked for)."""
+    g = torch.Generator().manual_seed(14)
+    W = torch.zeros(10, 50, dtype=torch.float64)
+    dense = torch.randn(10, 51, 20, generator=g, dtype=torch.float64)
+    sparse = torch.zeros_like(dense)
+    sparse[torch.randint(10, (24,), generator=g), torch.randint(50, (24,), generator=g)] = 1.0
+    assert moments.prepare_linear(W, None, None, sparse).products is not None
+    assert moments.prepare_linear(W, None, None, dense).products is None
+    assert moments.prepare_linear(W, None, None, dense, products=True).products is not None
+    assert moments.prepare_linear(W, None, None, sparse, products=False).products is None
+    with pytest.raises(ValueError, match="products"):
+        moments.prepare_linear(W, None, None, sparse, products="always")
+
+
 def test_sparse_factor_path_matches_dense():
     """A subnetwork factor (few correlated entries of [W, b]) takes the gathered path; same moments."""
     g = torch.Generator().manual_seed(4)
