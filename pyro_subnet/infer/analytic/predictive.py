@@ -57,7 +57,10 @@ class AnalyticPredictive:
     :param covariance: ``"full"``: a covariance between the features of each example (MLPs only),
         ``"diag"``: variances only (the paper's choice), ``"auto"``: full for MLPs whose layers are
         at most 256 wide, diagonal otherwise.
-    :param batch_size: examples per pass (bounds memory); ``None``: all at once.
+    :param batch_size: examples per pass (bounds memory); ``None``: all at once. With correlated
+        weights (a factor of width ``r``) every activation carries an ``(N, F, r)`` tensor, and
+        passes of ~128 examples are faster on CPU (digits MLP, 300-weight subnetwork: 62 ms all at
+        once, 49 ms in batches of 128).
     :param activations: ``"moments"`` (default): exact mean and variance of each unit
         (:func:`~.moments.elementwise_moments`: rectified Gaussian for ReLU, Gauss-Hermite otherwise)
         with the expected slope for covariances; ``"linearise"``: linearisation at the mean (the
