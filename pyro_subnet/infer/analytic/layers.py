@@ -30,11 +30,10 @@ What is exact and what is approximated:
   :math:`(G\\varepsilon)(A\\varepsilon)` (a product of two posterior variances; see
   :mod:`~.moments`) is added by linear layers where it is cheap (``products="auto"`` with
   ``activations="moments"``: a subnetwork, not a dense factor over every weight) and dropped in
-  ``Conv2d``. Measured on the
-  digits MLP with a 300-weight subnetwork Laplace over both layers: without it the output
-  variances are 0.85x Monte Carlo (1.00x with either layer's subnetwork alone) and the NLL 8.7%
-  below 4,000-sample Monte Carlo; with it 1.01x and 1.5% below (the link on the Monte Carlo
-  latent moments is 1.2% below).
+  ``Conv2d``. Measured on the digits MLP with a 300-weight subnetwork Laplace over both layers:
+  without it the output variances are 0.85x Monte Carlo (1.00x with either layer's subnetwork
+  alone) and the NLL 8.7% below 4,000-sample Monte Carlo; with it 1.01x and 1.5% below (the link
+  on the Monte Carlo latent moments is 1.2% below).
 
 Where it is weakest: a ``LayerNorm`` applied to a residual stream that carries a heavy-tailed
 attention branch. A mean-field posterior that leaves the query and key weights near the prior

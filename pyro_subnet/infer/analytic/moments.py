@@ -173,11 +173,11 @@ def prepare_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], weight_va
     """:class:`LinearWeights` from the weight mean ``(out, in)``, bias mean, independent variances of
     ``[W, b]`` ``(out, in + 1)`` and factor ``G`` ``(out, in + 1, r)`` (see :func:`linear`).
     ``products``: whether to prepare the covariance of the products :math:`(G\\varepsilon)(A\\varepsilon)`
-    (:class:`ProductTerms`): ``True``, ``False``, or ``"auto"``: where it costs at most 8 times the
-    layer's first-order terms (per example ``u (u + P) r`` against ``out (in + u) r``, ``u`` the
-    inputs with correlated weights, ``P`` those weights: a subnetwork, not a dense factor)."""
+    (:class:`ProductTerms`): ``True``, ``False``, or ``"auto"``: where it is cheap next to the
+    layer's first-order terms (a subnetwork, not a dense factor; see :func:`_product_terms`)."""
     out, n_in = weight.shape
     outer = cross = factor_flat = factor_sq_t = None
+    sparse_idx = sparse_factor = factor_inputs = factor_on_inputs = product_terms = None
     if full:
         outer = (weight.T.unsqueeze(-1) * weight.T.unsqueeze(-2)).reshape(n_in, out * out)
     if factor is not None:
@@ -185,12 +185,11 @@ def prepare_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], weight_va
         factor_sq_t = (factor[:, :-1] ** 2).sum(-1).T
         if full:
             cross = torch.einsum("kir,lir->ikl", factor[:, :-1], factor[:, :-1]).reshape(n_in, out * out)
-    sparse_idx = sparse_factor = factor_inputs = factor_on_inputs = None
-    if factor is not None:
-        used = (factor[:, :-1] != 0).any(-1).any(0).nonzero().squeeze(-1)       # inputs with correlated weights
+        nz = (factor != 0).any(-1)                                  # (out, in + 1): correlated entries
+        used = nz[:, :-1].any(0).nonzero().squeeze(-1)              # inputs with correlated weights
         factor_inputs = None if used.numel() == n_in else used
         factor_on_inputs = factor[:, used].reshape(out, -1).T.contiguous()
-        nz = (factor != 0).any(-1)                                  # (out, in + 1): correlated entries
+        product_terms = _product_terms(factor, nz[:, :-1], used, products)
         counts = nz.sum(-1)
         m = int(counts.max())
         if 2 * m <= n_in + 1:                                       # worth it: at least half the work saved
@@ -201,19 +200,20 @@ def prepare_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], weight_va
             sparse_factor = factor.gather(1, order.unsqueeze(-1).expand(-1, -1, factor.shape[-1])) * keep.unsqueeze(-1)
     return LinearWeights(weight, bias, None if weight_var is None else weight_var.T.contiguous(), factor,
                          factor_flat, (weight ** 2).T.contiguous(), factor_sq_t, outer, cross, sparse_idx, sparse_factor,
-                         factor_inputs, factor_on_inputs,
-                         None if factor is None else _product_terms(factor, used, products))
+                         factor_inputs, factor_on_inputs, product_terms)
 
 
-def _product_terms(factor: torch.Tensor, used: torch.Tensor, products: Union[bool, str]) -> Optional[ProductTerms]:
-    """:class:`ProductTerms` of a layer with factor ``G`` ``(out, in + 1, r)`` whose correlated inputs
-    are ``used``, or ``None``: none wanted, none correlated, or under ``"auto"`` more than 8 times
+def _product_terms(factor: torch.Tensor, correlated: torch.Tensor, used: torch.Tensor,
+                   products: Union[bool, str]) -> Optional[ProductTerms]:
+    """:class:`ProductTerms` of a layer with factor ``G`` ``(out, in + 1, r)``, whose correlated weights
+    are ``correlated`` ``(out, in)`` and correlated inputs ``used``, or ``None``: none wanted, none
+    correlated, or under ``"auto"`` more than 8 times
     the first-order terms' work (per example ``r u (u + P) + P^2`` against ``r out (in + u)``) or
     memory (``P^2 + u P + u^2`` against ``r (in + out)``)."""
     if products not in (True, False, "auto"):
         raise ValueError(f"products must be True, False or 'auto', got {products!r}.")
     out, n_in, r = factor.shape[0], factor.shape[1] - 1, factor.shape[-1]
-    k, i = (factor[:, :-1] != 0).any(-1).nonzero(as_tuple=True)
+    k, i = correlated.nonzero(as_tuple=True)
     P, u = k.numel(), used.numel()
     if not products or P == 0:
         return None
@@ -746,9 +746,9 @@ def _win_probabilities(mean: torch.Tensor, cov: torch.Tensor, independent: Optio
         if full:
             P = P[:2].unsqueeze(-1)
             K = torch.lerp(sig[t], K, P)
-            Ks.append(K)
-            if t < C - 2:               # the middle merge needs the weights of the first C - 2 maxima
+            if t < C - 2:               # the middle merge needs K and w of the first C - 2 maxima only
                 w = torch.lerp(eye[t], w, P)
+                Ks.append(K)
                 ws.append(w)
     # M_0 = max(u_1..u_{C-1}) (last suffix), M_{C-1} = max(u_0..u_{C-2}) (last prefix), and for
     # 0 < k < C-1 the merge of max(u_0..u_{k-1}) (prefix k-1) with max(u_{k+1}..u_{C-1}) (suffix C-2-k)
@@ -761,7 +761,7 @@ def _win_probabilities(mean: torch.Tensor, cov: torch.Tensor, independent: Optio
     if C > 2:
         c = None
         if full:    # Cov(prefix, suffix) = K_prefix w_suffix^T, the suffix weights back in class order
-            c = (torch.stack(Ks[:C - 2])[:, 0] * torch.stack(ws[:C - 2])[:, 1].flip(0, -1)).sum(-1)
+            c = (torch.stack(Ks)[:, 0] * torch.stack(ws)[:, 1].flip(0, -1)).sum(-1)
             c = c if B == 1 else torch.cat([c.unsqueeze(0), c.new_zeros(B - 1, C - 2, N)])
         m_, s_, P = _clark(Mm[:, 0, :C - 2], Ms[:, 0, :C - 2], Mm[:, 1, :C - 2].flip(1), Ms[:, 1, :C - 2].flip(1),
                            c, tiny)

@@ -72,12 +72,11 @@ class AnalyticPredictive:
         :mod:`~pyro_subnet.infer.analytic.moments`): ``True``: their mean and covariance (exact
         where the output is quadratic in the weights, e.g. two linear layers; memory ``P^2`` per
         example for ``P`` correlated weights in a layer; ``Conv2d`` keeps their mean only);
-        ``False``: neither; ``"auto"
-        (default): with ``activations="moments"`` their mean, and their covariance where it costs at
-        most 8 times the layer's first-order terms (a subnetwork, not a dense factor over every
-        weight); with ``activations="linearise"`` neither, so that for a Gaussian without
-        independent variances (a Laplace subnetwork) the predictive is exactly that of the network
-        linearised in the weights, the GLM predictive.
+        ``False``: neither; ``"auto"`` (default): with ``activations="moments"`` their mean, and
+        their covariance where it costs at most 8 times the layer's first-order terms (a
+        subnetwork, not a dense factor over every weight); with ``activations="linearise"``
+        neither, so that for a Gaussian without independent variances (a Laplace subnetwork) the
+        predictive is exactly that of the network linearised in the weights, the GLM predictive.
 
     Calling ``pred(x)`` returns a dict with ``"f_mean"`` and ``"f_var"`` (the latent function's
     mean and variances, ``(N, O)``; ``"f_cov"`` ``(N, O, O)`` too with full covariance) and
