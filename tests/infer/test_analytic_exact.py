@@ -208,3 +208,35 @@ def test_cached_posterior_follows_guide_updates(guide_cls):
     fresh = ps.infer.AnalyticPredictive(model, guide, covariance="full")(x)["f_cov"]
     assert not torch.allclose(first, after)
     assert torch.allclose(after, fresh, atol=1e-12)
+
+
+def test_auto_batch_size_chunks_correlated_passes_without_changing_them(monkeypatch):
+    """batch_size="auto" (CPU, a factor of width r): passes of AUTO_BATCH_ELEMENTS // (r * widest
+    layer) examples, at least 16, with the same predictive as one pass; no factor: one pass."""
+    from pyro_subnet.infer.analytic import predictive
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 2)).double()
+    model = ps.nn.BayesianNet(net, likelihood="classification")
+    D, r = model.layout.dim, 8
+    g = torch.Generator().manual_seed(7)
+    post = FlatPosterior(0.3 * torch.randn(D, generator=g, dtype=torch.float64), torch.zeros(D, dtype=torch.float64),
+                         torch.arange(D), 0.05 * torch.randn(D, r, generator=g, dtype=torch.float64))
+    x = torch.randn(40, 4, generator=g, dtype=torch.float64)
+    monkeypatch.setattr(predictive, "AUTO_BATCH_ELEMENTS", 20 * r * 64)
+    auto, whole = (ps.infer.AnalyticPredictive(model, post, batch_size=b) for b in ("auto", None))
+    assert auto._batch_rows(auto._site_posterior(x.dtype, x.device), x) == 20
+    monkeypatch.setattr(predictive, "AUTO_BATCH_ELEMENTS", 1)
+    auto = ps.infer.AnalyticPredictive(model, post)
+    assert auto._batch_rows(auto._site_posterior(x.dtype, x.device), x) == 16
+    calls = []
+    monkeypatch.setattr(predictive.layers, "propagate",             # count the passes over the whole network
+                        lambda m, *a, _p=predictive.layers.propagate: calls.append(m is model.network.module) or _p(m, *a))
+    a, w = auto(x), whole(x)
+    assert sum(calls) == 4                            # 16 + 16 + 8 examples, then one pass
+    assert torch.allclose(a["f_cov"], w["f_cov"], atol=1e-12) and torch.allclose(a["probs"], w["probs"], atol=1e-12)
+    independent = FlatPosterior(post.mean, torch.full((D,), 0.01, dtype=torch.float64))
+    pred = ps.infer.AnalyticPredictive(model, independent)
+    assert pred._batch_rows(pred._site_posterior(x.dtype, x.device), x) == 40
+    for bad in (0, "all", True, 2.5):
+        with pytest.raises(ValueError, match="batch_size"):
+            ps.infer.AnalyticPredictive(model, post, batch_size=bad)

@@ -178,6 +178,11 @@ class SitePosterior:
         self._idx = None if post.indices is None else post.indices.to(device)
         self._factor = None if post.factor is None else post.factor.to(**cast)
 
+    @property
+    def factor_width(self) -> int:
+        """The width ``r`` of the factor (the number of shared standard normals), 0 without one."""
+        return 0 if self._factor is None else self._factor.shape[-1]
+
     def cached(self, key, fn):
         """``fn()``, computed once per posterior (the layers' weight-only quantities)."""
         if key not in self._memo:
