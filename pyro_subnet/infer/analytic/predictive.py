@@ -69,8 +69,8 @@ class AnalyticPredictive:
         about :data:`AUTO_BATCH_ELEMENTS` numbers are faster: they stay in cache and in the memory
         the allocator keeps, where whole-set tensors are handed back to the OS and page-faulted anew
         on every call. Measured on the digits MLP (539 test examples, one thread): a 300-weight
-        subnetwork 70 -> 50 ms, ``AutoLowRankMultivariateNormal`` of rank 100 29 -> 22 ms,
-        ``AutoMultivariateNormal`` over all 3,760 weights 2.1 -> 0.85 s.
+        subnetwork 70 -> 50 ms, ``AutoLowRankMultivariateNormal`` of rank 100 29 -> 24 ms,
+        ``AutoMultivariateNormal`` over all 3,760 weights 1.5-2.2 s -> 0.85-1.35 s (three runs).
     :param activations: ``"moments"`` (default): exact mean and variance of each unit
         (:func:`~.moments.elementwise_moments`: rectified Gaussian for ReLU, Gauss-Hermite otherwise)
         with the expected slope for covariances; ``"linearise"``: linearisation at the mean (the
