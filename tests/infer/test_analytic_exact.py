@@ -3,6 +3,7 @@ mean J m and covariance J Sigma J^T (J the Jacobian in the flat weights), for ev
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from pyro.infer.autoguide import (AutoDiagonalNormal, AutoLowRankMultivariateNormal, AutoMultivariateNormal,
@@ -233,10 +234,28 @@ def test_auto_batch_size_chunks_correlated_passes_without_changing_them(monkeypa
                         lambda m, *a, _p=predictive.layers.propagate: calls.append(m is model.network.module) or _p(m, *a))
     a, w = auto(x), whole(x)
     assert sum(calls) == 4                            # 16 + 16 + 8 examples, then one pass
-    assert torch.allclose(a["f_cov"], w["f_cov"], atol=1e-12) and torch.allclose(a["probs"], w["probs"], atol=1e-12)
+    for k in ("f_mean", "f_cov", "probs"):
+        torch.testing.assert_close(a[k], w[k], rtol=0, atol=1e-12)
     independent = FlatPosterior(post.mean, torch.full((D,), 0.01, dtype=torch.float64))
     pred = ps.infer.AnalyticPredictive(model, independent)
     assert pred._batch_rows(pred._site_posterior(x.dtype, x.device), x) == 40
-    for bad in (0, "all", True, 2.5):
+    for bad in (0, "all", True, 2.5, torch.ones(2)):
         with pytest.raises(ValueError, match="batch_size"):
             ps.infer.AnalyticPredictive(model, post, batch_size=bad)
+    assert ps.infer.AnalyticPredictive(model, post, batch_size=np.int64(8)).batch_size == 8
+    with pytest.raises(ValueError, match="at least one example"):
+        auto(x[:0])
+
+
+def test_widest_activation_traces_shapes_on_the_meta_device():
+    """The "auto" batch size's F: the largest module output of one example, inner layers included."""
+    from pyro_subnet.infer.analytic.predictive import widest_activation
+    mlp = nn.Sequential(nn.Linear(784, 50), nn.Tanh(), nn.Linear(50, 10))
+    conv = nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(256, 3))
+    block = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    transformer = nn.Sequential(nn.Unflatten(1, (8, 8)), nn.Linear(8, 16), block, nn.Flatten(), nn.Linear(128, 10))
+    assert widest_activation(mlp, (784,), torch.float64) == 50           # not the input
+    assert widest_activation(conv, (64,), torch.float32) == 4 * 8 * 8    # channels x pixels
+    assert widest_activation(transformer.eval(), (64,), torch.float32) == 8 * 32   # tokens x feed-forward width
+    assert widest_activation(mlp, (3,), torch.float32) is None           # a shape the network cannot take
