@@ -161,11 +161,11 @@ ps.plots.predictive_band(reg.x_train, reg.y_train, reg.x_test, mean, glm_std, tr
 # The attention is then nearly one-hot on a random token, and the residual stream is a mixture
 # rather than a Gaussian. Gaussian moments go wrong where a `LayerNorm` normalises that stream.
 #
-# Measured on digits (`benchmarks/analytic_predictive.py`, two seeds), at 55-72x the speed of
+# Measured on digits (`benchmarks/analytic_predictive.py`, two seeds), at 54-62x the speed of
 # 100-sample Monte Carlo:
 #
-# * pre-norm blocks (ViT, GPT-2): NLL within 1.7% of Monte Carlo;
-# * pre-norm with a final `LayerNorm`: +1.7% to +4.8%;
-# * post-norm (PyTorch's default): +5.9% to +9.1%.
+# * pre-norm blocks (ViT, GPT-2): NLL within 1% of Monte Carlo;
+# * pre-norm with a final `LayerNorm`: +1.5% to +3.1%;
+# * post-norm (PyTorch's default): +6.0% to +9.3%.
 #
 # For post-norm models, compare with `Predictive` on a validation batch before relying on it.

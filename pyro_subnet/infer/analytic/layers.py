@@ -40,13 +40,12 @@ attention branch. A mean-field posterior that leaves the query and key weights n
 makes the attention nearly one-hot on a random token (digits transformer, AutoNormal: attention
 weights with standard deviation 0.29 around a mean of 0.125), so the branch is a mixture rather
 than a Gaussian, and normalising by its norm is where Gaussian moments go wrong. Measured NLL
-(``benchmarks/analytic_predictive.py``; seed 0 against two 1,000-sample draws, seed 1 against
-10,000-sample Monte Carlo): pre-norm blocks -1.7% and -1.3% / +1.2%, pre-norm with a final
-``LayerNorm`` +3.7% and +4.8% / +1.7%, post-norm +8.4% and +9.1% / +6.1%. On the post-norm block (+8.8% against
-4,000-sample Monte Carlo) neither exact attention moments (the sampled E[alpha] and E[alpha^2]:
-+12.7%) nor an exact Gaussian ``LayerNorm`` (sampling its Gaussian input: +14.6%) closes the gap,
-while the sampled mean of the first LayerNorm's output brings it to +2.7%: the Gaussian form of its
-input is the limit there.
+(``benchmarks/analytic_predictive.py``; seed 0 against 1,000-sample, seed 1 against 10,000-sample
+Monte Carlo): pre-norm blocks -0.7% / +1.0%, pre-norm with a final ``LayerNorm`` +3.1% / +1.5%,
+post-norm +9.3% / +6.0%. On the post-norm block (+8.8% against 4,000-sample Monte Carlo) neither
+exact attention moments (the sampled E[alpha] and E[alpha^2]: +12.7%) nor an exact Gaussian
+``LayerNorm`` (sampling its Gaussian input: +14.6%) closes the gap, while the sampled mean of the
+first LayerNorm's output brings it to +2.7%: the Gaussian form of its input is the limit there.
 
 With ``full`` activations (MLPs) a known input (the data) still gives a diagonal first layer
 (exact) and covariances appear from the second linear layer on; with diagonal activations the

@@ -214,7 +214,7 @@ class AnalyticPredictive:
         """Mean ``(N, O)`` and variances ``(N, O)`` or covariance ``(N, O, O)`` of ``f(x)``."""
         if not torch.is_tensor(x) or not x.is_floating_point():
             raise TypeError("AnalyticPredictive: x must be a floating-point tensor.")
-        if x.dim() < 2 or x.shape[0] == 0:
+        if x.dim() == 0 or x.shape[0] == 0:
             raise ValueError(f"AnalyticPredictive: x must have a batch dimension with at least one example, got "
                              f"shape {tuple(x.shape)}.")
         post = self._site_posterior(x.dtype, x.device)
