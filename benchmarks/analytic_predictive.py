@@ -51,14 +51,13 @@ def compare(name, model, guide, x, y, log, reference=0):
     of the round bests, a speed-up the median of the per-round ratios."""
     rows = {}
     variants = {"analytic": {}, "paper": dict(activations="linearise", link="probit")}
-    repeated, first_calls, full = {}, {}, None
+    repeated, first_calls, preds = {}, {}, {}
     for label, kw in variants.items():
         # first call: reads the guide; repeated calls reuse what depends on the posterior only
         first_calls[label] = _timed(lambda: ps.infer.AnalyticPredictive(model, guide, **kw)(x)["probs"], repeats=3)
-        pred = ps.infer.AnalyticPredictive(model, guide, **kw)
+        pred = preds[label] = ps.infer.AnalyticPredictive(model, guide, **kw)
         pred(x)
         repeated[label] = lambda pred=pred: pred(x)["probs"]
-        full = pred.full if label == "analytic" else full
 
     def mc(S):
         p = Predictive(model, guide=guide, num_samples=S, parallel=True, return_sites=["_RETURN"])
@@ -72,9 +71,11 @@ def compare(name, model, guide, x, y, log, reference=0):
     outs, times = _interleaved(repeated, repeats, rounds)
     for k in repeated:
         t = statistics.median(times[k])
-        t1, probs = (first_calls[k][1], first_calls[k][0]) if k in variants else (t, outs[k])
         if k in variants:
+            probs, t1 = first_calls[k]
             assert torch.allclose(probs, outs[k])
+        else:
+            probs, t1 = outs[k], t
         rows[k] = (t, t1, probs)
     probs_a = rows["analytic"][2]
     run = mc(1000)
@@ -84,7 +85,7 @@ def compare(name, model, guide, x, y, log, reference=0):
     if reference:               # a long reference: the two draws above and more of the same
         draws = [rows["MC-1000"][2], mc1000_again] + [run() for _ in range(reference // 1000 - 2)]
         rows[f"MC-{reference}"] = (float("nan"), float("nan"), sum(draws) / len(draws))
-    log(f"\n== {name}  (N_test={len(x)}, D={model.layout.dim}, covariance={'full' if full else 'diag'})")
+    log(f"\n== {name}  (N_test={len(x)}, D={model.layout.dim}, covariance={'full' if preds['analytic'].full else 'diag'})")
     log("analytic = moment-matched activations + Gumbel-max link (defaults); paper = linearised activations + "
         "probit link")
     log(f"timing: {rounds} interleaved rounds of the analytic variants (best of {repeats['analytic']} calls) and "

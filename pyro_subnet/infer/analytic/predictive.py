@@ -152,10 +152,10 @@ class AnalyticPredictive:
             valid = batch_size in (None, "auto")
         else:
             valid = isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool) and batch_size >= 1
+            batch_size = int(batch_size) if valid else batch_size     # (a numpy integer: a plain int)
         if not valid:
             raise ValueError(f"AnalyticPredictive: batch_size must be a positive integer, 'auto' or None, got "
                              f"{batch_size!r}.")
-        batch_size = batch_size if batch_size is None or isinstance(batch_size, str) else int(batch_size)
         self.model = model
         self.guide = guide
         self.batch_size = batch_size
