@@ -6,7 +6,8 @@ AutoNormal guide: pre-norm, pre-norm with a final LayerNorm (the ViT and GPT-2 a
 post-norm (the ``nn.TransformerEncoderLayer`` default). Prints the time ratio MC/analytic, NLL, ECE,
 the mean absolute difference of the predictive probabilities, and the noise of the Monte Carlo
 reference (a second 1000-sample draw). Targets: >= 20x faster than 100-sample MC, NLL within 2% of
-1000-MC.
+1000-MC. For the subnetwork, a second table shows what approximating its covariance (diagonal,
+top eigenpairs) would trade: time against NLL.
 
     python benchmarks/analytic_predictive.py [--steps 3000] [--seed 0] [--reference 10000] [--out FILE]
 """
@@ -110,6 +111,49 @@ def compare(name, model, guide, x, y, log, reference=0):
     if reference:
         log(f"[analytic] NLL vs MC-{reference}: {100 * (nll['analytic'] / nll[f'MC-{reference}'] - 1):+.2f}%; "
             f"MC-1000 vs MC-{reference}: {100 * (nll['MC-1000'] / nll[f'MC-{reference}'] - 1):+.2f}%")
+    return nll, repeated["MC-100"]
+
+
+def subnet_tradeoff(model, guide, x, y, log, nll, mc100, ranks=(5, 30, 100)):
+    """Would approximating the subnetwork's covariance buy the speed? Each row replaces the dense
+    ``k x k`` covariance ``S`` before the analytic predictive: ``diagonal`` keeps its variances only;
+    ``top-r`` keeps its ``r`` largest eigenpairs ``U = Q_r diag(lambda_r)^(1/2)`` and, so that every
+    weight keeps its variance, the independent remainder ``diag(S - U U^T) >= 0``. Timed against
+    MC-100 as in :func:`compare`; NLL against the MC-1000 estimate (and the long reference)."""
+    from pyro_subnet.infer.analytic import FlatPosterior
+
+    g = guide.flat_gaussian()
+    L = g.scale_tril.detach().double()
+    cov = L @ L.T
+    eigval, eigvec = torch.linalg.eigh(cov)
+    dim, cast = g.mean.numel(), dict(dtype=g.mean.dtype, device=g.mean.device)
+
+    def posterior(var_subnet, factor=None):
+        var = torch.zeros(dim, **cast)
+        var[g.indices] = var_subnet.to(**cast)
+        return FlatPosterior(g.mean.detach(), var, None if factor is None else g.indices,
+                             None if factor is None else factor.to(**cast))
+    posteriors = {"exact": FlatPosterior(g.mean.detach(), torch.zeros(dim, **cast), g.indices, L.to(**cast)),
+                  "diagonal": posterior(cov.diagonal())}
+    for r in ranks:
+        U = eigvec[:, -r:] * eigval[-r:].sqrt()
+        posteriors[f"top-{r}"] = posterior((cov.diagonal() - (U ** 2).sum(-1)).clamp_min(0), U)
+    fns = {}
+    for k, post in posteriors.items():
+        pred = ps.infer.AnalyticPredictive(model, post)
+        pred(x)
+        fns[k] = lambda pred=pred: pred(x)["probs"]
+    fns["MC-100"] = mc100
+    rounds, repeats = 7, {k: 3 if k == "MC-100" else 5 for k in fns}
+    outs, times = _interleaved(fns, repeats, rounds)
+    refs = [k for k in nll if k.startswith("MC-") and k != "MC-100"]
+    log(f"\n-- the same subnetwork with its covariance approximated (k = {len(g.indices)}, eigenvalues of S "
+        f"{float(eigval.min()):.3f}..{float(eigval.max()):.3f}); timing as above")
+    log(f"{'covariance':<10} {'time_s':>9} {'speed-up':>9} " + " ".join(f"{'NLL vs ' + k:>15}" for k in refs))
+    for k in posteriors:
+        speed = statistics.median(m / a for m, a in zip(times["MC-100"], times[k]))
+        gaps = " ".join(f"{100 * (ps.metrics.nll(outs[k], y) / nll[ref] - 1):+14.2f}%" for ref in refs)
+        log(f"{k:<10} {statistics.median(times[k]):9.5f} {speed:8.1f}x {gaps}")
 
 
 def train_autonormal(model, x, y, steps, lr=0.01):
@@ -157,7 +201,9 @@ def main():
         pyro.clear_param_store()
         guide = ps.infer.AutoSubnetLaplace(model, subnet=ps.subnet.LargestVariance(300))
         guide.fit(x, y, progress=False)
-        compare("digits MLP, AutoSubnetLaplace (300 weights)", model, guide, xt, yt, log, args.reference)
+        nll, mc100 = compare("digits MLP, AutoSubnetLaplace (300 weights)", model, guide, xt, yt, log,
+                             args.reference)
+        subnet_tradeoff(model, guide, xt, yt, log, nll, mc100)
     else:
         log("\n== digits MLP, AutoSubnetLaplace: skipped (ps.infer.AutoSubnetLaplace is not importable here)")
 

@@ -161,7 +161,7 @@ ps.plots.predictive_band(reg.x_train, reg.y_train, reg.x_test, mean, glm_std, tr
 # The attention is then nearly one-hot on a random token, and the residual stream is a mixture
 # rather than a Gaussian. Gaussian moments go wrong where a `LayerNorm` normalises that stream.
 #
-# Measured on digits (`benchmarks/analytic_predictive.py`, two seeds), at 54-62x the speed of
+# Measured on digits (`benchmarks/analytic_predictive.py`, two seeds), at 46-62x the speed of
 # 100-sample Monte Carlo:
 #
 # * pre-norm blocks (ViT, GPT-2): NLL within 1% of Monte Carlo;
