@@ -133,8 +133,7 @@ def subnet_tradeoff(model, guide, x, y, log, nll, mc100, ranks=(5, 30, 100)):
         var[g.indices] = var_subnet.to(**cast)
         return FlatPosterior(g.mean.detach(), var, None if factor is None else g.indices,
                              None if factor is None else factor.to(**cast))
-    posteriors = {"exact": FlatPosterior(g.mean.detach(), torch.zeros(dim, **cast), g.indices, L.to(**cast)),
-                  "diagonal": posterior(cov.diagonal())}
+    posteriors = {"exact": posterior(torch.zeros_like(eigval), L), "diagonal": posterior(cov.diagonal())}
     for r in ranks:
         U = eigvec[:, -r:] * eigval[-r:].sqrt()
         posteriors[f"top-{r}"] = posterior((cov.diagonal() - (U ** 2).sum(-1)).clamp_min(0), U)
