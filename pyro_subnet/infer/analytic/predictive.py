@@ -85,7 +85,7 @@ class AnalyticPredictive:
     ``AutoNormal`` 3 ms, ``AutoLowRankMultivariateNormal`` of rank 100 24 ms, a 300-weight
     ``AutoSubnetLaplace`` 45-65 ms, ``AutoMultivariateNormal`` over every weight about 1 s (slower
     than Monte Carlo there). Replacing a subnetwork's covariance by its diagonal or its top 5-100
-    eigenpairs is faster but loses the correlations that set the predictive (NLL +5% to +28% on
+    eigenpairs is faster but loses the correlations that set the predictive (NLL +4.6% to +28% on
     digits; see ``benchmarks/analytic_predictive.py``).
 
     :param model: a :class:`~pyro_subnet.nn.BayesianNet` (its plain network is walked layer by
