@@ -46,6 +46,11 @@ def _interleaved(fns, repeats, rounds=7):
     return outs, times
 
 
+def _round_ratios(times, k):
+    """MC-100's time over ``k``'s, round by round (both timed in the same rounds)."""
+    return [m / a for m, a in zip(times["MC-100"], times[k])]
+
+
 def compare(name, model, guide, x, y, log, reference=0):
     """One table: analytic variants and MC-100 / MC-1000, then the two target ratios. The repeated
     calls of the analytic variants and MC-100 are timed in interleaved rounds; a time is the median
@@ -99,7 +104,7 @@ def compare(name, model, guide, x, y, log, reference=0):
         log(f"{k:<10} {t:9.5f} {t1:9.5f} {nll[k]:8.4f} {ps.metrics.ece(pr, y):8.4f} "
             f"{float((pr - probs_a).abs().mean()):17.4f}")
     for k in variants:
-        ratios = [m / a for m, a in zip(times["MC-100"], times[k])]
+        ratios = _round_ratios(times, k)
         speed, speed1 = statistics.median(ratios), rows["MC-100"][0] / rows[k][1]
         gap = nll[k] / nll["MC-1000"] - 1
         ok = "MET" if speed >= 20 and abs(gap) <= 0.02 else "NOT MET"
@@ -150,7 +155,7 @@ def subnet_tradeoff(model, guide, x, y, log, nll, mc100, ranks=(5, 30, 100)):
         f"{float(eigval.min()):.3f}..{float(eigval.max()):.3f}); timing as above")
     log(f"{'covariance':<10} {'time_s':>9} {'speed-up':>9} " + " ".join(f"{'NLL vs ' + k:>15}" for k in refs))
     for k in posteriors:
-        speed = statistics.median(m / a for m, a in zip(times["MC-100"], times[k]))
+        speed = statistics.median(_round_ratios(times, k))
         gaps = " ".join(f"{100 * (ps.metrics.nll(outs[k], y) / nll[ref] - 1):+14.2f}%" for ref in refs)
         log(f"{k:<10} {statistics.median(times[k]):9.5f} {speed:8.1f}x {gaps}")
 

@@ -232,7 +232,7 @@ class AnalyticPredictive:
         net = self.model.network.module
         outs = []
         step = self._batch_rows(post, x)
-        for start in range(0, x.shape[0], max(step, 1)):
+        for start in range(0, x.shape[0], step):      # (step >= 1: an empty x is rejected above)
             xb = x[start:start + step]
             # The data is known (var None): the first layer's output is then exactly diagonal.
             outs.append(layers.propagate(net, moments.Gaussian(xb, None), post))
