@@ -49,3 +49,18 @@ def test_conjugate_regression_posterior_and_evidence_satisfy_bayes_rule():
     log_prior = Normal(0.0, 0.7).log_prob(theta).sum()
     log_post = MultivariateNormal(ref.posterior_mean, ref.posterior_cov).log_prob(theta)
     assert abs(float(log_lik + log_prior - log_post) - ref.log_evidence) < 1e-6   # float64 rounding of inv and det
+
+
+def test_uci_data_ship_inside_the_package(tmp_path, monkeypatch):
+    """A user's install has no ../shared: the package names no path outside itself, and the UCI
+    loader works from any working directory."""
+    from pathlib import Path
+    root = Path(ps.__file__).parent
+    offenders = [str(p) for p in root.rglob("*.py") if "../shared" in p.read_text() or '"shared"' in p.read_text()]
+    assert offenders == []
+    assert (root / "data" / "uci_splits" / "LICENSE").exists()
+    monkeypatch.chdir(tmp_path)
+    ds = ps.data.load_uci("yacht", split=19)
+    assert ds.x_train.shape == (277, 6) and ds.x_test.shape == (31, 6)
+    with pytest.raises(ValueError, match="split must be an integer in"):
+        ps.data.load_uci("yacht", split=20)

@@ -3,7 +3,10 @@ protocol (standardisation on the training split, scores in original units) and s
 learned-noise methods."""
 
 import importlib.util
+import io
 import math
+import zipfile
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +14,6 @@ import pytest
 import torch
 
 from pyro_subnet.data.uci import UCI_FOLDERS, load_uci
-
-try:
-    from pyro_subnet.data.uci import uci_root
-    ROOT = uci_root()
-except FileNotFoundError:  # pragma: no cover - the data ship with the shared folder
-    ROOT = None
-
-pytestmark = pytest.mark.skipif(ROOT is None, reason="UCI data folder ../shared/data/uci/ not found")
 
 DATASETS = ("boston", "concrete", "energy", "yacht")
 
@@ -32,12 +27,12 @@ def _bench():
 
 
 def _raw(name, split):
-    folder = ROOT / UCI_FOLDERS[name]
-    data = np.loadtxt(folder / "data.txt")
-    feats = np.loadtxt(folder / "index_features.txt", dtype=int).reshape(-1)
-    target = int(np.loadtxt(folder / "index_target.txt"))
-    tr = np.loadtxt(folder / f"index_train_{split}.txt", dtype=int)
-    te = np.loadtxt(folder / f"index_test_{split}.txt", dtype=int)
+    """The split read straight from the zip the package ships (independently of the loader)."""
+    archive = resources.files("pyro_subnet.data").joinpath("uci_splits", f"{UCI_FOLDERS[name]}.zip")
+    with zipfile.ZipFile(io.BytesIO(archive.read_bytes())) as z:
+        load = lambda f, dtype=float: np.loadtxt(io.BytesIO(z.read(f)), dtype=dtype)  # noqa: E731
+        data, feats, target = load("data.txt"), load("index_features.txt", int).reshape(-1), int(load("index_target.txt"))
+        tr, te = load(f"index_train_{split}.txt", int), load(f"index_test_{split}.txt", int)
     return data[:, feats], data[:, target], tr, te
 
 
@@ -77,10 +72,11 @@ def test_scores_are_in_original_units():
     assert s["ll"] == pytest.approx(float(ll_std) - math.log(ds.y_std), rel=1e-10)
 
 
-def test_published_mc_dropout_rows_are_read():
+def test_published_rows_are_read():
     ref = _bench().published()
     assert set(ref) == set(DATASETS)
-    assert ref["boston"]["ll"] == (-2.40, 0.04) and ref["yacht"]["rmse"] == (0.67, 0.05)
+    assert ref["boston"]["mc_dropout"]["ll"] == (-2.40, 0.04) and ref["yacht"]["mc_dropout"]["rmse"] == (0.67, 0.05)
+    assert ref["concrete"]["deep_ensemble"]["ll"] == (-3.06, 0.18)
 
 
 def test_one_split_per_data_set_all_methods(capsys):
@@ -105,7 +101,8 @@ def test_one_split_per_data_set_all_methods(capsys):
         assert 0 < out["subnet_laplace"]["noise_scale"] < 0.9
         records.append({"dataset": name, "split": 0, "methods": out})
     table = bench.format_table(records, bench.DEFAULT_METHODS, DATASETS)
-    assert table.count("MC dropout (publ.)") == 4 and "AutoSubnetLaplace" in table
+    assert table.count("MC dropout (publ.)") == 4 and table.count("deep ensemble (publ.)") == 4
+    assert "AutoSubnetLaplace" in table
     assert "-2.40 ± 0.04" in table
 
 
