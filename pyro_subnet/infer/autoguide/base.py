@@ -87,6 +87,9 @@ class LinearisedLaplaceGuide(AutoGuide):
         self.progress = progress
         self.register_buffer("loc", torch.empty(0))
         self.register_buffer("subnet_indices", torch.empty(0, dtype=torch.long))
+        # The Gaussian likelihood's noise scale at the end of fit: a learned one lives in the
+        # model, so the guide keeps a copy that load_state_dict puts back into a fresh model.
+        self.register_buffer("noise_scale", torch.empty(0))
 
     # ------------------------------------------------------------------------------------------
     # subclass hooks
@@ -202,6 +205,9 @@ class LinearisedLaplaceGuide(AutoGuide):
             theta = self.model.initial_theta(dtype=x.dtype, device=x.device)
         self._fit_progress = progress
         self._fit_posterior(theta.detach(), data, x, y)
+        noise = getattr(self.model.likelihood, "noise_scale", None)
+        if noise is not None:
+            self.noise_scale = torch.tensor(float(noise), dtype=torch.float64, device=self.loc.device)
         if distributed.is_active():
             # The ranks computed the same numbers from all-reduced sums; make them bitwise equal.
             for name in self._state_buffers_all():
@@ -310,6 +316,16 @@ class LinearisedLaplaceGuide(AutoGuide):
         raise ValueError(f"predict: method must be 'glm' or 'nn', got {method!r}.")
 
     # ------------------------------------------------------------------------------------------
+    # persistence
+    def __getstate__(self):
+        # Pyro's AutoGuide.__getstate__ sets self._model = None (on the live guide, too) so that
+        # pickles stay small; a fitted Laplace guide is useless without its model (the network
+        # it linearises), so the pickle keeps it and only the weak reference to a master guide
+        # is dropped, in a copy of the state.
+        state = self.__dict__.copy()
+        state["master"] = None
+        return state
+
     # state: buffers change shape after fit; a fresh guide takes them as they come.
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -319,3 +335,6 @@ class LinearisedLaplaceGuide(AutoGuide):
                 self._buffers[name] = torch.empty_like(state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        lik = self.model.likelihood
+        if self.noise_scale.numel() and getattr(lik, "learn_noise", False):
+            lik.set_noise_scale(float(self.noise_scale))

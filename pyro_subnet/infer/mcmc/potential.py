@@ -59,6 +59,15 @@ class NetPotential:
         self._pos += self.batch_size
         return self.x.index_select(0, idx), self.y.index_select(0, idx)
 
+    def batch_order(self):
+        """Where the mini-batch stream stands: ``(permutation of this epoch, position)``."""
+        return self._perm, self._pos
+
+    def set_batch_order(self, order) -> None:
+        perm, pos = order
+        self._perm = None if perm is None else perm.to(self.x.device)
+        self._pos = int(pos)
+
     def __call__(self, theta: torch.Tensor) -> Tuple[float, torch.Tensor]:
         xb, yb = self._next_batch()
         theta = theta.detach().requires_grad_(True)

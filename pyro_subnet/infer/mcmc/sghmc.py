@@ -13,7 +13,7 @@ from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from ...nn import BayesianNet
 from . import integrator
 from .potential import NetPotential, TracePotential, setup_trace_model
-from .preconditioners import make_preconditioner
+from .preconditioners import PreconditionerState, make_preconditioner
 from .schedules import make_schedule
 
 
@@ -120,13 +120,14 @@ class SGHMC(MCMCKernel):
             self.layout = None
         self._user_initial = None
         self._initial = None
+        self._resume = None
         self.noise_window = 200
         self._reset()
 
     # --------------------------------------------------------------------------------------------
     def _reset(self):
-        self._t = 0               # calls of sample()
-        self._k = 0               # SGHMC steps
+        self._t = 0               # calls of sample() in this run
+        self._k = 0               # SGHMC steps of the chain (a resumed chain continues the count)
         self._divergences = []
         self._stats = {"step_size": [], "lp": []}
         self._state = None
@@ -159,6 +160,9 @@ class SGHMC(MCMCKernel):
                                                                             self.init_strategy)
             self.potential = TracePotential(self._model, args, kwargs, self.transforms, self.layout)
         self._state = None
+        if self._resume is not None:
+            self._restore(self._resume)
+            self._resume = None
 
     def _flatten(self, params) -> torch.Tensor:
         ref = next(iter(self._initial.values()))
@@ -233,6 +237,59 @@ class SGHMC(MCMCKernel):
         return {"divergences": list(self._divergences), "acceptance rate": 1.0,
                 **{k: list(v) for k, v in self._stats.items()}}
 
+    # --------------------------------------------------------------------------------------------
+    # persistence: save a chain, continue it later
+    def state_dict(self) -> Dict[str, object]:
+        """The state of the last chain this kernel ran in this process: position, velocity,
+        preconditioner, step count, learned noise and the mini-batch order (SpikeSlabSGHMC adds
+        its EM state and pruning mask). Plain tensors and numbers, for ``torch.save``.
+
+        To continue the chain: build the kernel the same way (on the same model, data and
+        options), ``kernel.load_state_dict(state)``, then run ``pyro.infer.MCMC(kernel,
+        warmup_steps=0, num_samples=...)`` on the same data: the first draw follows the saved one,
+        exactly as the uninterrupted chain would (given the same random stream)."""
+        if self._state is None:
+            raise RuntimeError(f"{type(self).__name__}.state_dict(): run MCMC with this kernel first.")
+        s = self._state
+        out = {"theta": s.theta, "velocity": s.velocity, "precond_scale": s.precond.scale,
+               "precond_curvature": s.precond.curvature, "precond_count": s.precond.count,
+               "step_size": s.step_size, "noise": s.noise, "num_steps": self._k, "noise_var": self._noise_var,
+               "noise_scale": getattr(self._model.likelihood, "noise_scale", None) if self._is_net else None}
+        order = getattr(self.potential, "batch_order", None)
+        if order is not None:
+            out["batch_order"] = order()
+        return out
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        """Continue from ``state`` (see :meth:`state_dict`) in the next ``MCMC`` run."""
+        missing = [k for k in ("theta", "velocity", "precond_scale", "num_steps") if k not in state]
+        if missing:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: not a kernel state (missing {missing}).")
+        if self.layout is not None and state["theta"].shape != (self.layout.dim,):
+            raise ValueError(f"{type(self).__name__}.load_state_dict: the saved chain has {state['theta'].shape[-1]} "
+                             f"weights, this model {self.layout.dim}; build the kernel on the same model.")
+        self._resume = dict(state)
+
+    def _restore(self, state) -> None:
+        ref = next(iter(self._initial.values()))
+        cast = lambda t: None if t is None else t.to(dtype=ref.dtype, device=ref.device)  # noqa: E731
+        theta = cast(state["theta"])
+        if theta.shape != (self.layout.dim,):
+            raise ValueError(f"{type(self).__name__}: the saved chain has {theta.shape[-1]} coordinates, this model "
+                             f"{self.layout.dim}; build the kernel on the same model.")
+        precond = PreconditionerState(cast(state["precond_scale"]), cast(state["precond_curvature"]),
+                                      int(state["precond_count"]))
+        self._state = integrator.SGHMCState(theta, cast(state["velocity"]), precond, float(state["step_size"]),
+                                            cast(state["noise"]))
+        self._initial = self.layout.unflatten(theta)
+        self._k = int(state["num_steps"])
+        self._noise_var = state["noise_var"]
+        if state.get("noise_scale") is not None and self._learns_noise():
+            self._model.likelihood.set_noise_scale(state["noise_scale"])
+            self.model.likelihood.set_noise_scale(state["noise_scale"])
+        if "batch_order" in state and hasattr(self.potential, "set_batch_order"):
+            self.potential.set_batch_order(state["batch_order"])
+
     def cleanup(self):
-        # Drop the data and the state (the kernel object is reused by the next chain).
-        self._state = None
+        # The chain's final state stays (state_dict() reads it); setup() resets it for the next chain.
+        pass

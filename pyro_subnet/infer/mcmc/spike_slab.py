@@ -157,7 +157,11 @@ class SpikeSlabSGHMC(SGHMC):
         self._kappa = None
 
     def setup(self, warmup_steps, *args, **kwargs):
+        resuming = self._resume is not None
         super().setup(warmup_steps, *args, **kwargs)
+        if resuming:      # _restore put the saved EM state and mask back; pruning is done
+            self._prune_start = self._prune_end = 0
+            return
         if self.target_sparsity and warmup_steps == 0 and self.prune_end is None:
             raise ValueError("Pruning happens during warm-up: give warmup_steps > 0 or prune_start/prune_end.")
         self._prune_start = self.prune_start if self.prune_start is not None else warmup_steps // 2
@@ -305,9 +309,27 @@ class SpikeSlabSGHMC(SGHMC):
             out[n] = r[:, None].expand(-1, m).reshape(shape).clone()
         return out
 
-    def diagnostics(self):
-        return super().diagnostics()
+    def state_dict(self):
+        """:meth:`SGHMC.state_dict` plus the EM state: per sparse site the inclusion
+        probabilities, inclusion rate, slab and spike variances and the pruning mask, and the
+        stochastic-approximation step count."""
+        out = super().state_dict()
+        em = self._em
+        out["em"] = {"rho": dict(em.rho), "delta": dict(em.delta), "slab_var": dict(em.slab_var),
+                     "spike_var": dict(em.spike_var), "keep": dict(em.keep), "count": em.count}
+        return out
 
-    def cleanup(self):
-        # Keep the EM state (inclusion_probabilities() reads it after the run).
-        self._state = None
+    def _restore(self, state):
+        super()._restore(state)
+        if "em" not in state:
+            raise ValueError("SpikeSlabSGHMC.load_state_dict: the state has no EM part (was it saved from an SGHMC "
+                             "kernel?).")
+        em, ref = state["em"], self.potential.x
+        if sorted(em["rho"]) != sorted(self.sparse_sites):
+            raise ValueError(f"SpikeSlabSGHMC.load_state_dict: the saved sparse sites {sorted(em['rho'])} differ from "
+                             f"this kernel's {sorted(self.sparse_sites)}.")
+        self._em = EMState({n: v.to(ref) for n, v in em["rho"].items()}, dict(em["delta"]), dict(em["slab_var"]),
+                           dict(em["spike_var"]), {n: v.to(ref.device) for n, v in em["keep"].items()},
+                           int(em["count"]))
+        self._mask_flat = None
+        self._kappa = None

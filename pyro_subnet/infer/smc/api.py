@@ -19,6 +19,11 @@ from .schedules import Adaptive, DataPath, Linear
 SCHEDULES = ("full", "linear", "adaptive")
 
 
+def _data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> tuple:
+    """A cheap check that a resumed run sees the data it was started on."""
+    return (tuple(x.shape), tuple(y.shape), float(x.double().sum()), float(y.double().sum()))
+
+
 class SMCKernel:
     """What ``arviz.from_pyro`` and Pyro-style code read as ``smc.kernel``: the model and the move."""
 
@@ -144,51 +149,95 @@ class AnnealedSMC:
         self._infos: List[List[annealed.SMCInfo]] = []
         self.log_evidence: Optional[torch.Tensor] = None
         self.noise_samples: Optional[torch.Tensor] = None
+        self._run: Optional[dict] = None       # seed, data checksum, finished chains, an unfinished one
 
     @property
     def model(self):
         return self.kernel.model
 
     # ----------------------------------------------------------------------------------------
-    def run(self, x, y, **kwargs):
+    def run(self, x, y, *, checkpoint: Optional[str] = None, checkpoint_every: int = 10, resume: bool = False,
+            **kwargs):
         """Run ``num_chains`` independent SMC samplers on the data ``(x, y)``.
 
         :param x: inputs ``(N, ...)``; :param y: targets ``(N,)`` (or ``(N, O)`` for regression).
-        The arguments are kept (``_args``) for ``arviz.from_pyro`` and ``Predictive``.
+            The arguments are kept (``_args``) for ``arviz.from_pyro`` and ``Predictive``.
+        :param checkpoint: a file path: every ``checkpoint_every`` SMC steps and after every chain the
+            sampler's :meth:`state_dict` is written there (``torch.save``), so that a run that is
+            interrupted can be continued (under ``torch.distributed`` each rank writes
+            ``<path>.rank<r>``, its own share of the particles).
+        :param checkpoint_every: SMC steps between checkpoints.
+        :param resume: continue the unfinished run this object holds (after ``load_state_dict`` of a
+            checkpoint, or after an interruption) instead of starting afresh: from the saved
+            particles, weights, step size and random stream, so that it ends exactly where the
+            uninterrupted run would. The data must be the same.
         """
         if kwargs:
             raise TypeError(f"AnnealedSMC.run takes (x, y) only, got keyword arguments {sorted(kwargs)}.")
+        if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
+            raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}.")
         model = self.model
         x, y = check_data(x, y, model.likelihood.name)
         if y is None:
             raise ValueError("AnnealedSMC.run needs targets y: the likelihood brings the data in.")
         self._args, self._kwargs = (x, y), {}
-        seed = self.seed if self.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
-        seed = distributed.broadcast_object(seed)  # one shared stream for all ranks
-        part = distributed.shard(self.num_particles)
+        fingerprint = _data_fingerprint(x, y)
+        if resume:
+            run = self._run
+            if run is None or len(run["finished"]) == self.num_chains:
+                raise ValueError("AnnealedSMC.run(resume=True): there is no unfinished run to continue; load a "
+                                 "checkpoint with load_state_dict first, or call run without resume.")
+            if run["data"] != fingerprint:
+                raise ValueError("AnnealedSMC.run(resume=True): these are not the data the saved run was started "
+                                 f"on (N={x.shape[0]} and checksum differ from the checkpoint's); pass the same x, y.")
+        else:
+            seed = self.seed if self.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
+            seed = distributed.broadcast_object(seed)  # one shared stream for all ranks
+            noise_loc = math.log(model.likelihood.noise_scale) if self._learns_noise() else None
+            run = {"seed": seed, "data": fingerprint, "noise_loc": noise_loc, "finished": [], "current": None}
+        self._run = run
+        self._checkpoint_path = checkpoint
+        for chain in range(len(run["finished"]), self.num_chains):
+            current = run["current"] if run["current"] is not None and run["current"]["chain"] == chain else None
+            run["finished"].append(self._run_chain(chain, x, y, current, checkpoint_every))
+            run["current"] = None
+            self._save_checkpoint()
+        self._finish(x.dtype)
+
+    def _learns_noise(self) -> bool:
+        return bool(getattr(self.model.likelihood, "learn_noise", False))
+
+    def _noise_prior(self, like: torch.Tensor):
+        loc = torch.tensor(self._run["noise_loc"], dtype=like.dtype, device=like.device)
+        return torch.distributions.Normal(loc, torch.ones_like(loc))
+
+    def _run_chain(self, chain: int, x, y, current: Optional[dict], checkpoint_every: int) -> dict:
+        """One SMC sampler from the prior (or from ``current``, a saved unfinished chain) to all data."""
+        model, run = self.model, self._run
         layout = model.layout
+        part = distributed.shard(self.num_particles)
         # A learned noise scale (noise_scale=None) is one more latent per particle, log sigma,
-        # with a Normal(log sigma_0, 1) prior around the likelihood's current value sigma_0.
-        learn_noise = getattr(model.likelihood, "learn_noise", False)
-        if learn_noise:
-            loc = torch.tensor(math.log(model.likelihood.noise_scale), dtype=x.dtype, device=x.device)
-            noise_prior = torch.distributions.Normal(loc, torch.ones_like(loc))
-        log_lik = particle_log_lik(model)   # all particles at once, one GEMM per layer for MLPs
-        states, self._infos = [], []
-        for chain in range(self.num_chains):
-            gen = torch.Generator(device=x.device).manual_seed(seed + chain)
+        # with a Normal(log sigma_0, 1) prior around the likelihood's value sigma_0 at the start.
+        learn_noise = self._learns_noise()
+        noise_prior = self._noise_prior(x) if learn_noise else None
+        gen = torch.Generator(device=x.device).manual_seed(run["seed"] + chain)
+        if current is None:
             perm = torch.randperm(x.shape[0], generator=gen, device=x.device)
-            xs, ys = x[perm], y[perm]
-            bs = None if self.schedule == "full" else self.batch_size
-            path = DataPath(x.shape[0], bs, self.batch_growth)
-            if learn_noise:
-                target = AnnealedTarget(self._noise_log_prior(model, noise_prior),
-                                        self._noise_log_lik(model, xs, ys), path)
-            else:
-                target = AnnealedTarget(model.log_prior,
-                                        lambda t, a, b, xs=xs, ys=ys: log_lik(t, xs[a:b], ys[a:b]),
-                                        path)
-            with torch.no_grad():
+        else:
+            perm = current["perm"].to(x.device)
+        xs, ys = x[perm], y[perm]
+        bs = None if self.schedule == "full" else self.batch_size
+        path = DataPath(x.shape[0], bs, self.batch_growth)
+        if learn_noise:
+            target = AnnealedTarget(self._noise_log_prior(model, noise_prior), self._noise_log_lik(model, xs, ys), path)
+        else:
+            log_lik = particle_log_lik(model)   # all particles at once, one GEMM per layer for MLPs
+            target = AnnealedTarget(model.log_prior, lambda t, a, b: log_lik(t, xs[a:b], ys[a:b]), path)
+        if current is None:
+            # The prior draws come from the chain's own seed too (a forked global stream: torch's
+            # distributions take no generator), so a chain is a function of the seed alone.
+            with torch.no_grad(), torch.random.fork_rng():
+                torch.manual_seed(run["seed"] + chain)
                 prior = {n: model.site_prior(n, x).sample((self.num_particles,)) for n in layout.names}
                 particles = layout.flatten(prior).to(dtype=x.dtype)
                 if learn_noise:
@@ -198,41 +247,91 @@ class AnnealedSMC:
             state = annealed.init(theta0, self.step_size)
             state = state._replace(particles=state.particles[part])
             infos = []
-            desc = f"SMC {self.schedule}" + (f" chain {chain}" if self.num_chains > 1 else "")
-            with tqdm(total=100, desc=desc, disable=not self.progress or distributed.rank() != 0, leave=False,
-                      bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}{postfix}]") as bar:
-                while state.level < path.num_batches:
-                    if len(infos) >= self.max_steps:
-                        raise RuntimeError(f"AnnealedSMC: max_steps={self.max_steps} reached at level "
-                                           f"{state.level:.3f}/{path.num_batches}; raise max_steps, num_particles "
-                                           "or lower ess_threshold.")
-                    old = state.level
-                    state, info = annealed.step(gen, state, target, self._schedule_rule, self.kernel.move,
-                                                self.ess_threshold, self.resampling)
-                    infos.append(info)
-                    bar.update(100 * (state.level - old) / path.num_batches)
-                    bar.set_postfix(data=info.num_data, ess=f"{info.ess:.0f}", acc=f"{info.acceptance_rate:.2f}")
-            # Equal weights for the draws: resample if the last step did not.
-            if float(annealed.log_ess(state.log_weights).exp()) < self.num_particles * (1 - 1e-6):
-                theta, log_w, _ = annealed.resample(gen, state.particles, state.log_weights, self.resampling)
-                state = state._replace(particles=theta, log_weights=log_w)
-            state = state._replace(particles=distributed.all_gather_cat(state.particles))   # all P draws
-            if not torch.isfinite(state.particles).all():
-                raise FloatingPointError("AnnealedSMC produced non-finite particles; lower step_size.")
-            states.append(state)
-            self._infos.append(infos)
+        else:
+            gen.set_state(current["generator"])
+            state = annealed.SMCState(**{**current["state"], "particles": current["state"]["particles"].to(x)})
+            infos = [annealed.SMCInfo(**i) for i in current["infos"]]
+        desc = f"SMC {self.schedule}" + (f" chain {chain}" if self.num_chains > 1 else "")
+        with tqdm(total=100, initial=100 * state.level / path.num_batches, desc=desc, leave=False,
+                  disable=not self.progress or distributed.rank() != 0,
+                  bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}{postfix}]") as bar:
+            while state.level < path.num_batches:
+                if len(infos) >= self.max_steps:
+                    raise RuntimeError(f"AnnealedSMC: max_steps={self.max_steps} reached at level "
+                                       f"{state.level:.3f}/{path.num_batches}; raise max_steps, num_particles "
+                                       "or lower ess_threshold.")
+                old = state.level
+                state, info = annealed.step(gen, state, target, self._schedule_rule, self.kernel.move,
+                                            self.ess_threshold, self.resampling)
+                infos.append(info)
+                run["current"] = {"chain": chain, "state": state._asdict(), "generator": gen.get_state(),
+                                  "perm": perm, "infos": [i._asdict() for i in infos]}
+                if len(infos) % checkpoint_every == 0:
+                    self._save_checkpoint()
+                bar.update(100 * (state.level - old) / path.num_batches)
+                bar.set_postfix(data=info.num_data, ess=f"{info.ess:.0f}", acc=f"{info.acceptance_rate:.2f}")
+        # Equal weights for the draws: resample if the last step did not.
+        if float(annealed.log_ess(state.log_weights).exp()) < self.num_particles * (1 - 1e-6):
+            theta, log_w, _ = annealed.resample(gen, state.particles, state.log_weights, self.resampling)
+            state = state._replace(particles=theta, log_weights=log_w)
+        state = state._replace(particles=distributed.all_gather_cat(state.particles))   # all P draws
+        if not torch.isfinite(state.particles).all():
+            raise FloatingPointError("AnnealedSMC produced non-finite particles; lower step_size.")
+        return {"state": state._asdict(), "infos": [i._asdict() for i in infos]}
+
+    def _finish(self, dtype) -> None:
+        """Draws, evidence and noise from the finished chains of ``self._run``."""
+        finished = self._run["finished"]
+        states = [annealed.SMCState(**c["state"]) for c in finished]
+        self._infos = [[annealed.SMCInfo(**i) for i in c["infos"]] for c in finished]
         theta = torch.stack([s.particles for s in states])          # (C, P, D) (+1: log sigma)
         self.noise_samples = None
-        if learn_noise:
+        if self._learns_noise():
             self.noise_samples = theta[..., -1].exp().detach()        # (C, P)
             theta = theta[..., :-1]
             # The likelihood keeps the posterior root-mean-square noise (for log-likelihoods of
             # the draws, e.g. in ArviZ); the draws themselves are in noise_samples.
-            model.likelihood.set_noise_scale(float(self.noise_samples.pow(2).mean().sqrt()))
+            self.model.likelihood.set_noise_scale(float(self.noise_samples.pow(2).mean().sqrt()))
             states = [s._replace(particles=s.particles[:, :-1]) for s in states]
-        self._samples = {k: v.detach() for k, v in layout.unflatten(theta).items()}
-        self.log_evidence = torch.tensor([s.log_evidence for s in states], dtype=x.dtype)
+        self._samples = {k: v.detach() for k, v in self.model.layout.unflatten(theta).items()}
+        self.log_evidence = torch.tensor([s.log_evidence for s in states], dtype=dtype)
         self._states = states
+
+    # ----------------------------------------------------------------------------------------
+    # persistence
+    def state_dict(self) -> dict:
+        """Everything a run produced or needs to continue: the finished chains (particles,
+        weights, evidence, per-step diagnostics), an unfinished chain's state with its random
+        stream, the seed and the noise prior. Plain tensors, numbers and dicts, for ``torch.save``.
+        :meth:`load_state_dict` into an ``AnnealedSMC`` built the same way (on a fresh model too)
+        gives the same draws; ``run(x, y, resume=True)`` then continues an unfinished run."""
+        if self._run is None:
+            raise RuntimeError("AnnealedSMC.state_dict(): call run(x, y) first.")
+        return {"run": self._run, "num_particles": self.num_particles, "num_chains": self.num_chains,
+                "dim": self.model.layout.dim}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` (see there)."""
+        if not isinstance(state, dict) or "run" not in state:
+            raise ValueError("AnnealedSMC.load_state_dict: not an AnnealedSMC state (no 'run' entry).")
+        for key, mine in (("num_particles", self.num_particles), ("num_chains", self.num_chains),
+                          ("dim", self.model.layout.dim)):
+            if state[key] != mine:
+                raise ValueError(f"AnnealedSMC.load_state_dict: the saved run has {key}={state[key]}, this sampler "
+                                 f"{mine}; build it with the same settings and model.")
+        self._run = state["run"]
+        if self._run["finished"]:
+            ref = self._run["finished"][0]["state"]["particles"]
+            if len(self._run["finished"]) == self.num_chains:
+                self._finish(ref.dtype)
+
+    def _save_checkpoint(self) -> None:
+        path = getattr(self, "_checkpoint_path", None)
+        if path is None:
+            return
+        if distributed.is_active():
+            path = f"{path}.rank{distributed.rank()}"
+        torch.save(self.state_dict(), path)
 
     @staticmethod
     def _noise_log_prior(model, noise_prior):
