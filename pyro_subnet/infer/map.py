@@ -87,24 +87,25 @@ def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Op
     perm, pos = torch.randperm(n_local, generator=gen), 0
     losses = torch.empty(num_steps)
     bar = trange(num_steps, desc="MAP", disable=not progress, leave=False)
-    for step in bar:
-        if b < n_local:
-            if pos + b > n_local:
-                perm, pos = torch.randperm(n_local, generator=gen), 0
-            idx = perm[pos:pos + b].to(x.device)
-            pos += b
-            xb, yb = x[idx], y[idx]
-        else:
-            xb, yb = x, y
-        loss = neg_log_joint(model, theta, xb, yb, n, log_noise.exp() if learn_noise else None) / n
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for param in params:
-            distributed.all_reduce_mean(param.grad)
-        opt.step()
-        losses[step] = loss.detach()
-        if progress and step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+    with model.network.training():    # Dropout on; BatchNorm learns its running statistics
+        for step in bar:
+            if b < n_local:
+                if pos + b > n_local:
+                    perm, pos = torch.randperm(n_local, generator=gen), 0
+                idx = perm[pos:pos + b].to(x.device)
+                pos += b
+                xb, yb = x[idx], y[idx]
+            else:
+                xb, yb = x, y
+            loss = neg_log_joint(model, theta, xb, yb, n, log_noise.exp() if learn_noise else None) / n
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for param in params:
+                distributed.all_reduce_mean(param.grad)
+            opt.step()
+            losses[step] = loss.detach()
+            if progress and step % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
     if not torch.isfinite(theta).all():
         raise RuntimeError("fit_map: the weights became NaN or infinite; lower lr.")
     if learn_noise:

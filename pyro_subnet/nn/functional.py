@@ -13,11 +13,23 @@ that for two kinds of networks:
 
 The weight order is a :class:`~pyro_subnet.nn.layout.SiteLayout`, so every method also gets the
 flat view ``f(x, theta)`` with ``theta`` of shape ``(D,)``.
+
+Train and eval mode: inference evaluates the network in eval mode (``Dropout`` off,
+``BatchNorm`` on its running statistics), whatever mode the user left the module in, and puts
+every submodule's ``training`` flag back afterwards. Only MAP fitting runs in training mode
+(:meth:`FunctionalNet.training`), so that ``BatchNorm`` learns the running statistics the
+posterior then uses.
+
+Draws are batched with ``torch.func.vmap``; a layer that ``vmap`` cannot batch (e.g. ``nn.LSTM``,
+which has no batching rule) makes :meth:`FunctionalNet.batched` warn once and evaluate the draws
+one by one instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
 from typing import Dict, Mapping, Optional
 
 import pyro
@@ -47,6 +59,27 @@ class _SetSiteValues(poutine.messenger.Messenger):
         if value is not None:
             msg["value"] = value
             msg["done"] = True
+
+
+@contextlib.contextmanager
+def _in_mode(module: nn.Module, training: bool):
+    """Run ``module`` with every submodule in train (``True``) or eval mode, then restore each
+    submodule's own flag."""
+    flags = [(m, m.training) for m in module.modules()]
+    if all(flag == training for _, flag in flags):
+        yield
+        return
+    module.train(training)
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _is_missing_batching_rule(error: Exception) -> bool:
+    text = str(error)
+    return "Batching rule not implemented" in text or ("vmap" in text and "not supported" in text)
 
 
 class FunctionalNet:
@@ -96,15 +129,27 @@ class FunctionalNet:
                     f"FunctionalNet: {type(net).__name__} has no parameters, so there are no "
                     "weights to be Bayesian about."
                 )
-            twin = copy.deepcopy(net)
+            twin = copy.deepcopy(net).eval()     # inference mode unless training() says otherwise
             for p in twin.parameters():
                 p.requires_grad_(False)
             self._init = {n: p.detach().clone() for n, p in net.named_parameters()}
             self._priors = None
             self._module = (twin,)
         self.layout = SiteLayout(sites)
+        self._training = False
+        self._vmap_ok = True
 
     # ----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def training(self):
+        """Inside this context the network runs in training mode (MAP fitting: ``Dropout`` on,
+        ``BatchNorm`` on batch statistics, updating its running statistics)."""
+        previous, self._training = self._training, True
+        try:
+            yield self
+        finally:
+            self._training = previous
+
     @property
     def module(self) -> nn.Module:
         """The module that is evaluated (a private copy for plain networks)."""
@@ -125,10 +170,11 @@ class FunctionalNet:
     # ----------------------------------------------------------------------------------------
     def __call__(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Output for one weight draw ``params`` (``{site: tensor of the site's shape}``)."""
-        if self.is_pyro:
-            with pyro.validation_enabled(False), poutine.block(), _SetSiteValues(params):
-                return self.module(x)
-        return functional_call(self.module, {**self._buffers_on(x), **params}, (x,), strict=False)
+        with _in_mode(self.module, self._training):
+            if self.is_pyro:
+                with pyro.validation_enabled(False), poutine.block(), _SetSiteValues(params):
+                    return self.module(x)
+            return functional_call(self.module, {**self._buffers_on(x), **params}, (x,), strict=False)
 
     def flat(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Output for one flat weight vector ``theta`` of shape ``(D,)``."""
@@ -154,7 +200,18 @@ class FunctionalNet:
         flat = {n: params[n].expand(*batch, *s).reshape(-1, *s) for n, s in shapes.items()}
         if not sample_shape:
             return self({n: v[0] for n, v in flat.items()}, x)
-        out = vmap(self, in_dims=(0, None), randomness="different")(flat, x)
+        if self._vmap_ok:
+            try:
+                out = vmap(self, in_dims=(0, None), randomness="different")(flat, x)
+                return out.reshape(*sample_shape, *out.shape[1:])
+            except RuntimeError as error:
+                if not _is_missing_batching_rule(error):
+                    raise
+                self._vmap_ok = False
+                warnings.warn(f"torch.func.vmap cannot batch this network over weight draws ({str(error).splitlines()[0]}); "
+                              "evaluating the draws one by one instead, which is slower.", RuntimeWarning, stacklevel=2)
+        num = sample_shape.numel()
+        out = torch.stack([self({n: v[i] for n, v in flat.items()}, x) for i in range(num)])
         return out.reshape(*sample_shape, *out.shape[1:])
 
     def flat_batched(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -326,15 +326,37 @@ class LinearisedLaplaceGuide(AutoGuide):
         state["master"] = None
         return state
 
-    # state: buffers change shape after fit; a fresh guide takes them as they come.
+    # state: buffers change shape after fit; a fresh guide takes them as they come. The network's
+    # own buffers (BatchNorm's running statistics from the MAP fit) travel with the guide's state
+    # under "network_buffers.", since they live in the model, as a learned noise scale does.
+    _NETWORK_BUFFERS = "network_buffers."
+
+    def _network_buffers(self):
+        return dict(self.model.network.module.named_buffers())
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, b in self._network_buffers().items():
+            destination[prefix + self._NETWORK_BUFFERS + name] = b if keep_vars else b.detach()
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         for name in list(self._buffers):
             key = prefix + name
             if key in state_dict and self._buffers[name] is not None:
                 self._buffers[name] = torch.empty_like(state_dict[key])
+        network = self._network_buffers()
+        for name, b in network.items():
+            key = prefix + self._NETWORK_BUFFERS + name
+            if key in state_dict:
+                with torch.no_grad():
+                    b.copy_(state_dict[key])
+            elif strict:
+                missing_keys.append(key)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        ours = prefix + self._NETWORK_BUFFERS
+        unexpected_keys[:] = [k for k in unexpected_keys if not (k.startswith(ours) and k[len(ours):] in network)]
         lik = self.model.likelihood
         if self.noise_scale.numel() and getattr(lik, "learn_noise", False):
             lik.set_noise_scale(float(self.noise_scale))
