@@ -47,8 +47,8 @@ def from_groups(groups: Dict[str, Dict[str, np.ndarray]], attrs: Optional[dict] 
     """
     import arviz as az
     import xarray as xr
-    groups = {g: {k: np.asarray(v) for k, v in d.items()} for g, d in groups.items() if d}
-    extra = {g: xr.Dataset({k: (dims, np.asarray(a)) for k, (dims, a) in d.items()})
+    groups = {g: {k: _float64(v) for k, v in d.items()} for g, d in groups.items() if d}
+    extra = {g: xr.Dataset({k: (dims, _float64(a)) for k, (dims, a) in d.items()})
              for g, d in (extra or {}).items() if d}
     if arviz_major() >= 1:  # xarray.DataTree; from_dict takes the nested dict
         tree = az.from_dict(groups, attrs={"/": attrs} if attrs else None)
@@ -59,6 +59,13 @@ def from_groups(groups: Dict[str, Dict[str, np.ndarray]], attrs: Optional[dict] 
     if extra:
         idata.add_groups(extra)
     return idata
+
+
+def _float64(a) -> np.ndarray:
+    """Floating arrays in float64: ArviZ's LOO exponentiates log-likelihood differences, which a
+    float32 log-likelihood of a sharp regression posterior turns into NaN."""
+    a = np.asarray(a)
+    return a.astype(np.float64) if a.dtype.kind == "f" else a
 
 
 def group_names(data):

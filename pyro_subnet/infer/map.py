@@ -25,7 +25,7 @@ from typing import NamedTuple, Optional
 import torch
 from tqdm.auto import trange
 
-from ..nn.validation import check_data
+from ..nn.validation import check_model_data, check_positive_int
 from . import distributed
 
 
@@ -65,7 +65,9 @@ def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Op
     >>> fit_map(model, x, y, num_steps=500, lr=0.05, progress=False).theta[:2].round(decimals=1)
     tensor([ 1., -2.])
     """
-    x, y = check_data(x, y, model.likelihood.name)
+    x, y = check_model_data(model, x, y)
+    check_positive_int(num_steps, "num_steps")
+    batch_size = check_positive_int(batch_size, "batch_size", allow_none=True)
     n = x.shape[0]
     # Under torch.distributed every rank passes the whole data set and works on its shard; the
     # gradients are averaged (as DistributedDataParallel does), so all ranks take the same steps.

@@ -15,7 +15,7 @@ from torch import nn
 
 from .functional import FunctionalNet
 from .likelihoods import Likelihood, make_likelihood
-from .validation import check_data
+from .validation import check_model_data
 
 PriorSpec = Union[None, dist.Distribution, Callable[[str, torch.Size], dist.Distribution]]
 
@@ -73,7 +73,6 @@ class BayesianNet(PyroModule):
         self.prior_scale = prior_scale
         self.prior = prior
         self._scales = {n: self._scale_for(n) for n in self.layout.names}
-        self._num_outputs = None
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -157,7 +156,7 @@ class BayesianNet(PyroModule):
 
     def log_likelihood(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Pointwise ``log p(y_n | x_n, theta)`` for flat weights ``(*batch, D)``; returns
-        ``(*batch, N)``. No validation: call :func:`~pyro_subnet.nn.check_data` once first."""
+        ``(*batch, N)``. No validation: call :func:`~pyro_subnet.nn.validation.check_model_data` once first."""
         return self.likelihood.log_prob(self.network.flat_batched(theta, x), y)
 
     def initial_theta(self, dtype=None, device=None) -> torch.Tensor:
@@ -166,15 +165,12 @@ class BayesianNet(PyroModule):
 
     # ----------------------------------------------------------------------------------------
     def forward(self, x, y=None):
-        x, y = check_data(x, y, self.likelihood.name, self._num_outputs
-                          if self.likelihood.name == "classification" else None)
+        x, y = check_model_data(self, x, y)
         params = {n: pyro.sample(n, self.site_prior(n, x)) for n in self.layout.names}
         sample_shape = self._sample_shape(params)
         with pyro.plate("data", x.shape[0], subsample_size=self.subsample_size, device=x.device) as idx:
             xb = x if self.subsample_size is None else x.index_select(0, idx)
             f = self.network.batched(params, xb, sample_shape)
-            if self._num_outputs is None:
-                self._num_outputs = f.shape[-1]
             yb = None if y is None else (y if self.subsample_size is None else y.index_select(0, idx))
             pyro.sample("obs", self.likelihood.distribution(f), obs=yb)
         return f

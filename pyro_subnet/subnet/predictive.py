@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from ..infer.autoguide.curvature import ggn, jacobian
+from ..infer.randomness import resolve_seed
 from .base import SubnetSelection
 from .strategies import tensors
 
@@ -54,7 +55,8 @@ class PredictiveVariance(SubnetSelection):
     :param pool_size: candidates kept by the prescreen (default ``max(4k, 2048)``).
     :param num_data: training examples used for the selection GGN.
     :param block: pivots per greedy round (default ``ceil(k / 50)``).
-    :param seed: seed of the probes and the data subsample.
+    :param seed: seed of the probes and the data subsample (``None``: drawn from torch's global
+        generator, so ``pyro.set_rng_seed`` governs it).
     :param overshoot: the greedy selects ``k + overshoot`` weights, then backward elimination
         drops the ``overshoot`` whose removal costs the least (default ``min(k, 256)``).
 
@@ -63,7 +65,7 @@ class PredictiveVariance(SubnetSelection):
     """
 
     def __init__(self, k: Optional[int] = None, num_probes: int = 512, pool_size: Optional[int] = None,
-                 num_data: int = 512, block: Optional[int] = None, seed: int = 0, max_memory=None,
+                 num_data: int = 512, block: Optional[int] = None, seed: Optional[int] = None, max_memory=None,
                  exclude_normalisation: bool = True, batch_size: int = 256, overshoot: Optional[int] = None):
         super().__init__(k, max_memory, exclude_normalisation)
         self.overshoot = overshoot
@@ -78,7 +80,7 @@ class PredictiveVariance(SubnetSelection):
         fnet, lik = model.network, model.likelihood
         x, _ = tensors(data)
         x = x.to(theta.device)
-        gen = torch.Generator().manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(resolve_seed(self.seed, shared=False))
         probes = make_probes(x, self.num_probes, gen)
         n = x.shape[0]
         sub = torch.randperm(n, generator=gen)[: min(n, self.num_data)].to(x.device)

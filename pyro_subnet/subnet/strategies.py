@@ -17,6 +17,7 @@ from typing import Iterable, Optional, Union
 import torch
 
 from ..infer.autoguide.curvature import ggn
+from ..infer.randomness import resolve_seed
 from .base import SubnetSelection, candidates
 from .swag import swag_diagonal_variance
 
@@ -43,14 +44,16 @@ class LargestMagnitude(SubnetSelection):
 
 
 class Random(SubnetSelection):
-    """``k`` weights uniformly at random (reproducible with ``seed``)."""
+    """``k`` weights uniformly at random (reproducible with ``seed``; ``None``, the default, draws
+    the seed from torch's global generator, so ``pyro.set_rng_seed`` governs it)."""
 
-    def __init__(self, k: Optional[int] = None, seed: int = 0, max_memory=None, exclude_normalisation: bool = True):
+    def __init__(self, k: Optional[int] = None, seed: Optional[int] = None, max_memory=None,
+                 exclude_normalisation: bool = True):
         super().__init__(k, max_memory, exclude_normalisation)
         self.seed = seed
 
     def scores(self, model, theta, data, prior_precision, progress=False):
-        gen = torch.Generator().manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(resolve_seed(self.seed, shared=False))
         return torch.rand(theta.shape[0], generator=gen, dtype=torch.float64).to(theta.device)
 
 

@@ -9,14 +9,18 @@ diagonal-Laplace variances these also reflect how the weights move together with
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from tqdm.auto import trange
 
 from ..infer.map import neg_log_joint
+from ..infer.randomness import resolve_seed
 
 
 def swag_diagonal_variance(model, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                            num_snapshots: int = 40, lr: float = 1e-2, momentum: float = 0.9,
-                           batch_size: int = 128, seed: int = 0, progress: bool = False,
+                           batch_size: int = 128, seed: Optional[int] = None, progress: bool = False,
                            max_retries: int = 4) -> torch.Tensor:
     """Marginal SWAG variances ``(D,)`` around ``theta``.
 
@@ -25,10 +29,12 @@ def swag_diagonal_variance(model, theta: torch.Tensor, x: torch.Tensor, y: torch
         e.g. small regression noise), it restarts with ``lr / 10``, up to ``max_retries`` times.
     :param momentum: SGD momentum.
     :param batch_size: mini-batch size.
-    :param seed: seed of the mini-batch order.
+    :param seed: seed of the mini-batch order (``None``: drawn from torch's global generator, so
+        ``pyro.set_rng_seed`` governs it).
 
     >>> # swag_diagonal_variance(model, theta_map, x, y, num_snapshots=20)   # doctest: +SKIP
     """
+    seed = resolve_seed(seed, shared=False)      # one seed for every retry
     for _ in range(max_retries + 1):
         var = _swag(model, theta, x, y, num_snapshots, lr, momentum, batch_size, seed, progress)
         if var is not None:
@@ -38,8 +44,6 @@ def swag_diagonal_variance(model, theta: torch.Tensor, x: torch.Tensor, y: torch
 
 
 def _swag(model, theta, x, y, num_snapshots, lr, momentum, batch_size, seed, progress):
-    from tqdm.auto import trange
-
     n = x.shape[0]
     gen = torch.Generator().manual_seed(seed)
     t = theta.detach().clone().requires_grad_(True)

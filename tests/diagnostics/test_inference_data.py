@@ -53,8 +53,9 @@ def test_nuts_to_inference_data_has_every_group_and_passes_arviz(kind):
             "observed_data"} <= set(group_names(idata))
     assert idata.log_likelihood["obs"].shape == (2, 15, 24)
     # the pointwise log-likelihood equals a direct evaluation at one draw
-    w = torch.as_tensor(idata.posterior["fc.weight" if kind == "pyromodule" else "weight"].values[1, 3])
-    b = torch.as_tensor(idata.posterior["fc.bias" if kind == "pyromodule" else "bias"].values[1, 3])
+    # (ArviZ holds float64: the draws were float32, so casting back is exact)
+    w = torch.as_tensor(idata.posterior["fc.weight" if kind == "pyromodule" else "weight"].values[1, 3], dtype=x.dtype)
+    b = torch.as_tensor(idata.posterior["fc.bias" if kind == "pyromodule" else "bias"].values[1, 3], dtype=x.dtype)
     direct = dist.Categorical(logits=x @ w.T + b).log_prob(y).numpy()
     np.testing.assert_allclose(idata.log_likelihood["obs"].values[1, 3], direct, atol=1e-5)
     assert np.array_equal(idata.observed_data["obs"].values, y.numpy())

@@ -53,7 +53,7 @@ def _check_arviz(idata, kind, x, y, chains, draws):
     assert GROUPS <= set(group_names(idata))
     assert idata.log_likelihood["obs"].shape == (chains, draws, len(x))
     for c, s in ((0, 0), (chains - 1, draws - 1)):
-        w, b = _weights(idata, kind, c, s)
+        w, b = (t.to(x.dtype) for t in _weights(idata, kind, c, s))     # ArviZ holds float64
         direct = dist.Categorical(logits=x @ w.T + b).log_prob(y).numpy()
         np.testing.assert_allclose(idata.log_likelihood["obs"].values[c, s], direct, atol=1e-5)
     assert np.array_equal(idata.observed_data["obs"].values, y.numpy())

@@ -50,7 +50,7 @@ def test_diag_laplace_variance_picks_largest_direct_variances():
 def test_predictive_variance_greedy_matches_dense_greedy():
     model, theta, x, y = problem()
     k, num_probes = 6, 12
-    idx = ps.subnet.PredictiveVariance(k, num_probes=num_probes, block=1, pool_size=model.layout.dim, overshoot=0,
+    idx = ps.subnet.PredictiveVariance(k, num_probes=num_probes, block=1, pool_size=model.layout.dim, overshoot=0, seed=0,
                                        num_data=1000).select(model, theta, (x, y))
     # Dense reference: greedy maximisation of sum_z J_S(z) H_SS^{-1} J_S(z)^T.
     probes = make_probes(x, num_probes, torch.Generator().manual_seed(0))

@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Union
 import pyro
 import torch
 
+from ...nn.validation import check_model_data
 from . import layers, moments
 from .posterior import FlatPosterior, SitePosterior, read_posterior
 
@@ -223,16 +224,12 @@ class AnalyticPredictive:
     @torch.no_grad()
     def latent(self, x: torch.Tensor):
         """Mean ``(N, O)`` and variances ``(N, O)`` or covariance ``(N, O, O)`` of ``f(x)``."""
-        if not torch.is_tensor(x) or not x.is_floating_point():
-            raise TypeError("AnalyticPredictive: x must be a floating-point tensor.")
-        if x.dim() == 0 or x.shape[0] == 0:
-            raise ValueError(f"AnalyticPredictive: x must have a batch dimension with at least one example, got "
-                             f"shape {tuple(x.shape)}.")
+        x = check_model_data(self.model, x)[0]
         post = self._site_posterior(x.dtype, x.device)
         net = self.model.network.module
         outs = []
         step = self._batch_rows(post, x)
-        for start in range(0, x.shape[0], step):      # (step >= 1: an empty x is rejected above)
+        for start in range(0, x.shape[0], step):      # (step >= 1: check_model_data rejects an empty x)
             xb = x[start:start + step]
             # The data is known (var None): the first layer's output is then exactly diagonal.
             outs.append(layers.propagate(net, moments.Gaussian(xb, None), post))

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro.infer.autoguide import AutoGuide
 
-from ...nn.validation import check_data
+from ...nn.validation import check_model_data, check_positive_int
 from .. import distributed
 from ..batches import iter_batches
 from ..map import fit_map
@@ -39,8 +40,9 @@ from . import glm
 from . import prior as prior_lib
 
 
-def _is_tensor_data(x) -> bool:
-    return isinstance(x, torch.Tensor)
+def _is_array_data(x) -> bool:
+    """Inputs given as one array (tensor, NumPy array or list) rather than a DataLoader."""
+    return isinstance(x, (torch.Tensor, np.ndarray, list))
 
 
 def collect(data) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +82,7 @@ class LinearisedLaplaceGuide(AutoGuide):
                 )
         if not (isinstance(map_steps, int) and map_steps >= 0):
             raise ValueError(f"map_steps must be a non-negative integer, got {map_steps!r}.")
+        batch_size = check_positive_int(batch_size, "batch_size")
         super().__init__(model)
         self.map_steps = map_steps
         self.map_lr = map_lr
@@ -174,16 +177,16 @@ class LinearisedLaplaceGuide(AutoGuide):
         """Fit the posterior: MAP (unless ``map_steps=0`` or ``map_theta`` is given), then the
         guide's own steps.
 
-        :param x: training inputs (tensor) or a DataLoader of ``(x, y)`` batches.
+        :param x: training inputs (a tensor, NumPy array or list) or a DataLoader of ``(x, y)`` batches.
         :param y: training targets (omit with a DataLoader).
         :param map_theta: flat MAP weights ``(D,)`` found elsewhere (skips the MAP fit).
         :returns: ``self``.
         """
         progress = self.progress if progress is None else progress
-        if _is_tensor_data(x):
+        if _is_array_data(x):
             if y is None:
                 raise ValueError("fit(x, y): the targets y are missing.")
-            x, y = check_data(x, y, self.model.likelihood.name)
+            x, y = check_model_data(self.model, x, y)
             data = (x, y)
         else:
             if y is not None:
@@ -192,8 +195,7 @@ class LinearisedLaplaceGuide(AutoGuide):
                 raise ValueError("fit: under torch.distributed give every rank the whole data set (no "
                                  "DistributedSampler); the guide shards it between the ranks itself.")
             data = x
-            x, y = collect(data)
-            x, y = check_data(x, y, self.model.likelihood.name)
+            x, y = check_model_data(self.model, *collect(data))
         if map_theta is not None:
             if map_theta.shape != (self.num_weights,):
                 raise ValueError(f"fit: map_theta must have shape ({self.num_weights},), got {tuple(map_theta.shape)}.")
@@ -289,9 +291,8 @@ class LinearisedLaplaceGuide(AutoGuide):
             ``(N, O)``.
         """
         self._check_fitted()
-        if not isinstance(x, torch.Tensor):
-            raise TypeError("predict: x must be a tensor.")
-        x = x.to(device=self.loc.device)
+        x = check_model_data(self.model, x)[0].to(device=self.loc.device)
+        check_positive_int(num_samples, "num_samples")
         lik = self.model.likelihood
         classification = lik.name == "classification"
         noise_var = float(getattr(lik, "noise_scale", 0.0)) ** 2 if observation_noise else 0.0

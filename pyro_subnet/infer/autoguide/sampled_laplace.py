@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import pyro
 import pyro.distributions as dist
 import torch
 from tqdm.auto import trange
 
+from ..randomness import resolve_seed
 from . import prior as prior_lib
 from . import sample_then_optimise as sto
 from .base import LinearisedLaplaceGuide
@@ -58,7 +61,9 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
     :param newton_step: centre the guide on the linearised model's mean :math:`\\bar\\theta` instead
         of the MAP (exact for linear-Gaussian models). Either way the network stays linearised at
         the MAP, and EM uses :math:`\\bar\\theta`, as the paper's update asks.
-    :param seed: seed of the random draws (the same on every rank under ``torch.distributed``).
+    :param seed: seed of the random draws (the same on every rank under ``torch.distributed``);
+        ``None`` (default): drawn from torch's global generator at :meth:`fit`, so
+        ``pyro.set_rng_seed`` governs it.
 
     >>> import pyro_subnet as ps
     >>> from torch import nn
@@ -76,7 +81,7 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
     def __init__(self, model, subnet=None, num_posterior_samples: int = 64, prior_precision=None,
                  num_em_steps: int = 10, em_tol: float = 1e-3, solver: str = "cg", tol: float = 1e-4,
                  max_iter: int = 500, sgd_lr: float = 1e-3, newton_step: bool = False,
-                 prior_structure: str = "scalar", seed: int = 0, map_steps: int = 2000,
+                 prior_structure: str = "scalar", seed: Optional[int] = None, map_steps: int = 2000,
                  map_lr: float = 1e-2, batch_size: int = 256, progress: bool = True):
         super().__init__(model, map_steps=map_steps, map_lr=map_lr, batch_size=batch_size, progress=progress)
         if not (isinstance(num_posterior_samples, int) and num_posterior_samples >= 2):
@@ -105,10 +110,11 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
                                 self.batch_size, self.tol, self.max_iter, self._fit_progress)
         return sto.solve_sgd(self.model.network, self.model.likelihood, theta, data, a, b, x0, idx,
                              self.batch_size, self.sgd_lr, num_epochs=self.max_iter, tol=self.tol,
-                             generator=torch.Generator().manual_seed(self.seed + 1), progress=self._fit_progress)
+                             generator=torch.Generator().manual_seed(self._fit_seed + 1), progress=self._fit_progress)
 
     def _fit_posterior(self, theta, data, x, y) -> None:
         net, lik = self.model.network, self.model.likelihood
+        self._fit_seed = resolve_seed(self.seed)
         prior_full = self._prior_full(theta.dtype, theta.device)
         idx = self._select(theta, (x, y), prior_full)
         spec = None if self.prior_precision_spec == "em" else self.prior_precision_spec
@@ -123,7 +129,7 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
 
         def prepare():
             # Everything that depends on the noise scale; the same seed keeps the same draws.
-            gen = torch.Generator().manual_seed(self.seed)
+            gen = torch.Generator().manual_seed(self._fit_seed)
             draws = sto.draw_targets(net, lik, theta, (x, y), self.num_posterior_samples, idx, self.batch_size, gen)
             return draws, draws.diag_ggn(), sto.output_gradient_term(net, lik, theta, (x, y), idx, self.batch_size)
 

@@ -6,6 +6,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from ...nn.validation import check_model_data
 from .. import distributed
 from ..batches import iter_batches
 from . import prior as prior_lib
@@ -198,10 +199,9 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         :returns: the chosen precision (also stored; the evidence and predictives use it).
         """
         from ...diagnostics import metrics
-        from ...nn.validation import check_data
 
         self._check_fitted()
-        x_val, y_val = check_data(x_val, y_val, self.model.likelihood.name)
+        x_val, y_val = check_model_data(self.model, x_val, y_val)
         x_val, y_val = x_val.to(self.loc.device), y_val.to(self.loc.device)
         grid = torch.logspace(-3, 5, 49, dtype=torch.float64) if grid is None else torch.as_tensor(grid, dtype=torch.float64)
         e, Q = torch.linalg.eigh(self.ggn.double())

@@ -23,7 +23,7 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample
 from pyro.poutine.util import site_is_subsample
 
 from ...nn import BayesianNet, SiteLayout
-from ...nn.validation import check_data
+from ...nn.validation import check_model_data
 
 
 class NetPotential:
@@ -38,7 +38,7 @@ class NetPotential:
     def __init__(self, model: BayesianNet, x, y, batch_size: Optional[int] = None,
                  log_prior: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         self.model = model
-        self.x, self.y = check_data(x, y, model.likelihood.name)
+        self.x, self.y = check_model_data(model, x, y)
         if self.y is None:
             raise ValueError("SGHMC needs the observations: call mcmc.run(x, y).")
         self.num_data = self.x.shape[0]

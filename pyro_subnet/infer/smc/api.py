@@ -8,8 +8,9 @@ from typing import Dict, List, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from ...nn.validation import check_data
+from ...nn.validation import check_model_data
 from .. import distributed
+from ..randomness import resolve_seed
 from . import annealed
 from .annealed import AnnealedTarget, Move
 from .batched import particle_log_lik, particle_outputs
@@ -177,7 +178,7 @@ class AnnealedSMC:
         if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
             raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}.")
         model = self.model
-        x, y = check_data(x, y, model.likelihood.name)
+        x, y = check_model_data(model, x, y)
         if y is None:
             raise ValueError("AnnealedSMC.run needs targets y: the likelihood brings the data in.")
         self._args, self._kwargs = (x, y), {}
@@ -191,8 +192,7 @@ class AnnealedSMC:
                 raise ValueError("AnnealedSMC.run(resume=True): these are not the data the saved run was started "
                                  f"on (N={x.shape[0]} and checksum differ from the checkpoint's); pass the same x, y.")
         else:
-            seed = self.seed if self.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
-            seed = distributed.broadcast_object(seed)  # one shared stream for all ranks
+            seed = resolve_seed(self.seed)     # one shared stream for all ranks
             noise_loc = math.log(model.likelihood.noise_scale) if self._learns_noise() else None
             run = {"seed": seed, "data": fingerprint, "noise_loc": noise_loc, "finished": [], "current": None}
         self._run = run
