@@ -156,6 +156,8 @@ def test_annealed_smc_resumes_from_a_checkpoint(tmp_path, monkeypatch, noise_sca
     other = make()
     other.load_state_dict(ref.state_dict())          # a finished run: the draws come back
     assert torch.equal(other.particles(), ref.particles())
+    for copy in (_torch_roundtrip(ref), pickle.loads(pickle.dumps(ref))):
+        assert torch.equal(copy.particles(), ref.particles()) and torch.equal(copy.log_evidence, ref.log_evidence)
     with pytest.raises(ValueError, match="not the data"):
         interrupted_again = make()
         interrupted_again.load_state_dict(torch.load(tmp_path / "smc.pt", weights_only=False))
