@@ -1,4 +1,4 @@
-"""Maximum a posteriori weights of a :class:`~pyro_subnet.nn.BayesianNet`.
+"""Maximum a posteriori weights of a Bayesian network (any model :class:`~pyro_subnet.nn.ModelBridge` accepts).
 
 .. math::
 
@@ -10,11 +10,13 @@ Under ``torch.distributed`` each rank draws its mini-batches from its own shard 
 are averaged over ranks before every step.
 This is the first step of every Laplace method, and a sensible start for the samplers.
 
-A regression model built with ``noise_scale=None`` (``model.likelihood.learn_noise``) gets its
-noise scale fitted jointly, :math:`(\\hat\\theta, \\hat\\sigma) = \\arg\\max \\log p(\\theta) +
-\\sum_n \\log \\mathcal{N}(y_n; f(x_n;\\theta), \\sigma^2)` (Adam on :math:`\\log\\sigma`), and the
-likelihood keeps :math:`\\hat\\sigma` (``model.likelihood.noise_scale``): the starting point
-that the Laplace guides refine by the evidence and the samplers by EM.
+A learned noise scale is fitted jointly, :math:`(\\hat\\theta, \\hat\\sigma) = \\arg\\max \\log
+p(\\theta) + \\log p(\\sigma) + \\sum_n \\log \\mathcal{N}(y_n; f(x_n;\\theta), \\sigma^2)` (Adam on
+:math:`\\log\\sigma`), where :math:`p(\\sigma)` is the prior of the model's noise site (e.g.
+``sigma = pyro.sample("sigma", dist.HalfNormal(1.))``), or flat for a noise hyperparameter
+(``BayesianNet(noise_scale=None)``). The likelihood keeps :math:`\\hat\\sigma`
+(``bridge.likelihood.noise_scale``, also returned): the starting point that the Laplace guides
+refine by the evidence and the samplers sample or refine by EM.
 """
 
 from __future__ import annotations
@@ -25,23 +27,25 @@ from typing import NamedTuple, Optional
 import torch
 from tqdm.auto import trange
 
-from ..nn.validation import check_model_data, check_positive_int
+from ..nn.bridge import as_bridge
+from ..nn.validation import check_positive_int
 from . import distributed
 
 
 class MAPResult(NamedTuple):
-    theta: torch.Tensor   # (D,) MAP weights
-    losses: torch.Tensor  # (num_steps,) negative log joint per datum along the run
+    theta: torch.Tensor                # (D,) MAP weights (unconstrained, in bridge.layout order)
+    losses: torch.Tensor               # (num_steps,) negative log joint per datum along the run
+    noise_scale: Optional[float] = None   # the fitted noise scale of a learned-noise regression
 
 
-def neg_log_joint(model, theta, x, y, num_data: int, noise_scale=None) -> torch.Tensor:
+def neg_log_joint(bridge, theta, x, y, num_data: int, noise_scale=None) -> torch.Tensor:
     """``-(N/B) sum_b log p(y_b | theta) - log p(theta)`` for a batch ``(x, y)`` of ``B`` examples
     (``noise_scale``: a differentiable Gaussian noise scale replacing the likelihood's own)."""
     if noise_scale is None:
-        log_lik = model.log_likelihood(theta, x, y).sum()
+        log_lik = bridge.log_likelihood(theta, x, y).sum()
     else:
-        log_lik = model.likelihood.distribution(model.network.flat(theta, x), noise_scale=noise_scale).log_prob(y).sum()
-    return -(num_data / x.shape[0]) * log_lik - model.log_prior(theta)
+        log_lik = bridge.likelihood.distribution(bridge.network.flat(theta, x), noise_scale=noise_scale).log_prob(y).sum()
+    return -(num_data / x.shape[0]) * log_lik - bridge.log_prior(theta)
 
 
 def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Optional[int] = 256,
@@ -49,7 +53,8 @@ def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Op
             progress: bool = True, seed: Optional[int] = None) -> MAPResult:
     """Find the MAP weights of ``model`` on ``(x, y)``.
 
-    :param model: a :class:`~pyro_subnet.nn.BayesianNet`.
+    :param model: a Pyro model (see :class:`~pyro_subnet.nn.ModelBridge`) or its bridge; a learned
+        noise scale is written to the bridge's likelihood.
     :param num_steps: Adam steps (each on one mini-batch).
     :param lr: Adam learning rate.
     :param batch_size: mini-batch size (``None``: full batch).
@@ -65,7 +70,8 @@ def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Op
     >>> fit_map(model, x, y, num_steps=500, lr=0.05, progress=False).theta[:2].round(decimals=1)
     tensor([ 1., -2.])
     """
-    x, y = check_model_data(model, x, y)
+    bridge = as_bridge(model, x)
+    x, y = bridge.check(x, y)
     check_positive_int(num_steps, "num_steps")
     batch_size = check_positive_int(batch_size, "batch_size", allow_none=True)
     n = x.shape[0]
@@ -74,12 +80,12 @@ def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Op
     local = distributed.shard(n)
     x, y = x[local], y[local]
     n_local = x.shape[0]
-    theta0 = model.initial_theta(dtype=x.dtype, device=x.device) if init is None else init.to(x)
+    theta0 = bridge.initial_theta(dtype=x.dtype, device=x.device) if init is None else init.to(x)
     theta = theta0.detach().clone().requires_grad_(True)
     params = [theta]
-    learn_noise = getattr(model.likelihood, "learn_noise", False)
+    learn_noise = getattr(bridge.likelihood, "learn_noise", False)
     if learn_noise:
-        log_noise = torch.tensor(math.log(model.likelihood.noise_scale), dtype=x.dtype,
+        log_noise = torch.tensor(math.log(bridge.likelihood.noise_scale), dtype=x.dtype,
                                  device=x.device).requires_grad_(True)
         params.append(log_noise)
     opt = torch.optim.Adam(params, lr=lr)
@@ -89,7 +95,8 @@ def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Op
     perm, pos = torch.randperm(n_local, generator=gen), 0
     losses = torch.empty(num_steps)
     bar = trange(num_steps, desc="MAP", disable=not progress, leave=False)
-    with model.network.training():    # Dropout on; BatchNorm learns its running statistics
+    noise_prior = bridge.noise_site is not None      # the noise site's own prior joins the objective
+    with bridge.network.training():    # Dropout on; BatchNorm learns its running statistics
         for step in bar:
             if b < n_local:
                 if pos + b > n_local:
@@ -99,7 +106,10 @@ def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Op
                 xb, yb = x[idx], y[idx]
             else:
                 xb, yb = x, y
-            loss = neg_log_joint(model, theta, xb, yb, n, log_noise.exp() if learn_noise else None) / n
+            loss = neg_log_joint(bridge, theta, xb, yb, n, log_noise.exp() if learn_noise else None)
+            if noise_prior:
+                loss = loss - (bridge.noise_log_prior(log_noise) - log_noise)   # log p(sigma), no Jacobian
+            loss = loss / n
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for param in params:
@@ -111,5 +121,6 @@ def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Op
     if not torch.isfinite(theta).all():
         raise RuntimeError("fit_map: the weights became NaN or infinite; lower lr.")
     if learn_noise:
-        model.likelihood.set_noise_scale(float(log_noise.detach().exp()))
+        bridge.likelihood.set_noise_scale(float(log_noise.detach().exp()))
+        return MAPResult(theta.detach(), losses, bridge.likelihood.noise_scale)
     return MAPResult(theta.detach(), losses)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import math
 from typing import Callable, Dict, Mapping, Optional, Union
 
 import pyro
@@ -131,33 +130,6 @@ class BayesianNet(PyroModule):
     def initial_values(self) -> Dict[str, torch.Tensor]:
         """The wrapped network's own weights (e.g. a pretrained MAP)."""
         return self.network.initial_values()
-
-    # ----------------------------------------------------------------------------------------
-    # The fast functional path used by the samplers and MAP fitting: the same densities as the
-    # Pyro model, on flat weights of shape (*batch, D), with no trace.
-    def log_prior(self, theta: torch.Tensor) -> torch.Tensor:
-        """``log p(theta)`` for flat weights of shape ``(*batch, D)``; returns ``(*batch,)``.
-
-        The default Normal prior is evaluated in closed form, one fused expression instead of a
-        distribution object per site (that overhead dominates small networks in the samplers)."""
-        if self.prior is None:
-            prec, const = self._normal_prior_terms(theta)
-            return const - 0.5 * (prec * theta * theta).sum(-1)
-        values = self.layout.unflatten(theta)
-        return sum(self.site_prior(n, theta).log_prob(v) for n, v in values.items())
-
-    def _normal_prior_terms(self, like: torch.Tensor):
-        key = (like.dtype, like.device)
-        cache = self.__dict__.setdefault("_prior_cache", {})
-        if key not in cache:
-            prec = self.prior_precision(dtype=like.dtype, device=like.device)
-            cache[key] = (prec, 0.5 * float(torch.log(prec / (2 * math.pi)).sum()))
-        return cache[key]
-
-    def log_likelihood(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Pointwise ``log p(y_n | x_n, theta)`` for flat weights ``(*batch, D)``; returns
-        ``(*batch, N)``. No validation: call :func:`~pyro_subnet.nn.validation.check_model_data` once first."""
-        return self.likelihood.log_prob(self.network.flat_batched(theta, x), y)
 
     def initial_theta(self, dtype=None, device=None) -> torch.Tensor:
         """The wrapped network's weights as one flat vector ``(D,)``."""

@@ -82,7 +82,85 @@ def _is_missing_batching_rule(error: Exception) -> bool:
     return "Batching rule not implemented" in text or ("vmap" in text and "not supported" in text)
 
 
-class FunctionalNet:
+class NetworkFunction:
+    """The contract every method uses: ``f(params, x)`` for one weight draw, and the flat and
+    batched views built on it. A subclass defines ``__call__``, ``layout``, ``module`` (the
+    ``nn.Module`` whose train/eval flags are set) and ``initial_values``.
+
+    Train and eval mode: ``__call__`` runs ``module`` in eval mode unless inside
+    :meth:`training` (see the module docstring).
+    """
+
+    is_pyro = False
+    layout: SiteLayout
+
+    def _init_function(self, layout: SiteLayout) -> None:
+        self.layout = layout
+        self._training = False
+        self._vmap_ok = True
+
+    @contextlib.contextmanager
+    def training(self):
+        """Inside this context the network runs in training mode (MAP fitting: ``Dropout`` on,
+        ``BatchNorm`` on batch statistics, updating its running statistics)."""
+        previous, self._training = self._training, True
+        try:
+            yield self
+        finally:
+            self._training = previous
+
+    def mode(self):
+        """The context that puts :attr:`module` in the mode of the current call."""
+        return _in_mode(self.module, self._training)
+
+    def __call__(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def flat(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Output for one flat weight vector ``theta`` of shape ``(D,)``."""
+        return self(self.layout.unflatten(theta), x)
+
+    def batched(self, params: Mapping[str, torch.Tensor], x: torch.Tensor,
+                sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        """Outputs for every draw at once.
+
+        :param params: site values of shape ``(*batch, *site_shape)`` where ``batch`` holds
+            ``sample_shape`` draws (it may carry extra singleton dimensions).
+        :returns: ``(*sample_shape, *output_shape)``, computed with one ``vmap`` (or, where the
+            network cannot be batched, a loop over the draws, with a warning).
+        """
+        sample_shape = torch.Size(sample_shape)
+        shapes = self.layout.shapes
+        batch = torch.broadcast_shapes(*(params[n].shape[: params[n].dim() - len(s)] for n, s in shapes.items()))
+        if batch.numel() != sample_shape.numel():
+            raise ValueError(
+                f"{type(self).__name__}.batched: weight batch shape {tuple(batch)} does not hold "
+                f"{tuple(sample_shape)} draws."
+            )
+        # Singleton dimensions (plate slots) are folded away: (S, 1, *shape) -> (S, *shape).
+        flat = {n: params[n].expand(*batch, *s).reshape(-1, *s) for n, s in shapes.items()}
+        if not sample_shape:
+            return self({n: v[0] for n, v in flat.items()}, x)
+        if self._vmap_ok:
+            try:
+                out = vmap(self, in_dims=(0, None), randomness="different")(flat, x)
+                return out.reshape(*sample_shape, *out.shape[1:])
+            except RuntimeError as error:
+                if not _is_missing_batching_rule(error):
+                    raise
+                self._vmap_ok = False
+                warnings.warn(f"torch.func.vmap cannot batch this network over weight draws ({str(error).splitlines()[0]}); "
+                              "evaluating the draws one by one instead, which is slower.", RuntimeWarning, stacklevel=2)
+        num = sample_shape.numel()
+        out = torch.stack([self({n: v[i] for n, v in flat.items()}, x) for i in range(num)])
+        return out.reshape(*sample_shape, *out.shape[1:])
+
+    def flat_batched(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Outputs for flat weights of shape ``(*batch, D)``."""
+        return self.batched(self.layout.unflatten(theta), x, theta.shape[:-1])
+
+
+class FunctionalNet(NetworkFunction):
     """A network ``x -> f(x; w)`` evaluated as a pure function of its weight sites.
 
     :param net: a plain ``nn.Module`` (its parameters are the weight sites, named as in
@@ -135,21 +213,9 @@ class FunctionalNet:
             self._init = {n: p.detach().clone() for n, p in net.named_parameters()}
             self._priors = None
             self._module = (twin,)
-        self.layout = SiteLayout(sites)
-        self._training = False
-        self._vmap_ok = True
+        self._init_function(SiteLayout(sites))
 
     # ----------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def training(self):
-        """Inside this context the network runs in training mode (MAP fitting: ``Dropout`` on,
-        ``BatchNorm`` on batch statistics, updating its running statistics)."""
-        previous, self._training = self._training, True
-        try:
-            yield self
-        finally:
-            self._training = previous
-
     @property
     def module(self) -> nn.Module:
         """The module that is evaluated (a private copy for plain networks)."""
@@ -170,50 +236,8 @@ class FunctionalNet:
     # ----------------------------------------------------------------------------------------
     def __call__(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Output for one weight draw ``params`` (``{site: tensor of the site's shape}``)."""
-        with _in_mode(self.module, self._training):
+        with self.mode():
             if self.is_pyro:
                 with pyro.validation_enabled(False), poutine.block(), _SetSiteValues(params):
                     return self.module(x)
             return functional_call(self.module, {**self._buffers_on(x), **params}, (x,), strict=False)
-
-    def flat(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Output for one flat weight vector ``theta`` of shape ``(D,)``."""
-        return self(self.layout.unflatten(theta), x)
-
-    def batched(self, params: Mapping[str, torch.Tensor], x: torch.Tensor,
-                sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
-        """Outputs for every draw at once.
-
-        :param params: site values of shape ``(*batch, *site_shape)`` where ``batch`` holds
-            ``sample_shape`` draws (it may carry extra singleton dimensions).
-        :returns: ``(*sample_shape, *output_shape)``, computed with one ``vmap``.
-        """
-        sample_shape = torch.Size(sample_shape)
-        shapes = self.layout.shapes
-        batch = torch.broadcast_shapes(*(params[n].shape[: params[n].dim() - len(s)] for n, s in shapes.items()))
-        if batch.numel() != sample_shape.numel():
-            raise ValueError(
-                f"FunctionalNet.batched: weight batch shape {tuple(batch)} does not hold "
-                f"{tuple(sample_shape)} draws."
-            )
-        # Singleton dimensions (plate slots) are folded away: (S, 1, *shape) -> (S, *shape).
-        flat = {n: params[n].expand(*batch, *s).reshape(-1, *s) for n, s in shapes.items()}
-        if not sample_shape:
-            return self({n: v[0] for n, v in flat.items()}, x)
-        if self._vmap_ok:
-            try:
-                out = vmap(self, in_dims=(0, None), randomness="different")(flat, x)
-                return out.reshape(*sample_shape, *out.shape[1:])
-            except RuntimeError as error:
-                if not _is_missing_batching_rule(error):
-                    raise
-                self._vmap_ok = False
-                warnings.warn(f"torch.func.vmap cannot batch this network over weight draws ({str(error).splitlines()[0]}); "
-                              "evaluating the draws one by one instead, which is slower.", RuntimeWarning, stacklevel=2)
-        num = sample_shape.numel()
-        out = torch.stack([self({n: v[i] for n, v in flat.items()}, x) for i in range(num)])
-        return out.reshape(*sample_shape, *out.shape[1:])
-
-    def flat_batched(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Outputs for flat weights of shape ``(*batch, D)``."""
-        return self.batched(self.layout.unflatten(theta), x, theta.shape[:-1])

@@ -76,6 +76,26 @@ class Categorical(Likelihood):
         return "Categorical()"
 
 
+class Bernoulli(Likelihood):
+    """``y_n ~ Bernoulli(sigmoid(f_n))`` with one logit per example (``f`` of shape ``(N, 1)``, ``y``
+    of 0/1 values): :math:`\Lambda_n = p_n (1 - p_n)`, :math:`L_n = \sqrt{p_n (1 - p_n)}`."""
+
+    name = "binary"
+
+    def distribution(self, f):
+        return dist.Bernoulli(logits=f[..., 0])
+
+    def log_prob_sum(self, f, y):
+        return -torch.nn.functional.binary_cross_entropy_with_logits(f[..., 0], y.to(f), reduction="sum")
+
+    def output_hessian_sqrt(self, f):
+        p = torch.sigmoid(f)
+        return (p * (1 - p)).sqrt().unsqueeze(-1)
+
+    def __repr__(self):
+        return "Bernoulli()"
+
+
 class Gaussian(Likelihood):
     """``y_n ~ Normal(f_n, noise_scale^2)``, one output (``y`` of shape ``(N,)``) or several
     (``y`` of shape ``(N, O)``, independent noise). :math:`\\Lambda_n = \\sigma^{-2} I`."""

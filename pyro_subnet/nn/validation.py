@@ -147,6 +147,14 @@ def check_data(x, y=None, likelihood: Optional[str] = None, num_classes: Optiona
                 f"class); the labels hold the classes {{{shown}}}. Relabel them as 0..C-1, or give the network as "
                 "many outputs as there are classes."
             )
+    elif likelihood == "binary":
+        if y.dim() == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        if y.dim() != 1 or not bool(((y == 0) | (y == 1)).all()):
+            found = torch.unique(y).tolist()[:12]
+            raise ValueError(f"binary labels y (a Bernoulli observation) must be 0 or 1 with shape (N,); got shape "
+                             f"{tuple(y.shape)} with values {found}.")
+        y = y.to(x.dtype)
     elif likelihood == "regression":
         if not y.is_floating_point():
             y = y.to(x.dtype)

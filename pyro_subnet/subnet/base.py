@@ -17,11 +17,28 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ..nn.bridge import ModelBridge
+
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 _UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "KIB": 2 ** 10, "MIB": 2 ** 20,
           "GIB": 2 ** 30}
 # Dense k x k matrices a guide keeps: the GGN, the Cholesky factor, and one during factorisation.
 MATRICES_PER_SUBNET = 3
+
+
+def model_view(model, data=None):
+    """What the strategies read: a :class:`~pyro_subnet.nn.ModelBridge` as given; a model with a
+    flat layout of its own (:class:`~pyro_subnet.nn.BayesianNet`) for the strategies that need no
+    data; else the bridge of ``model`` on the training inputs."""
+    if isinstance(model, ModelBridge):
+        return model
+    if data is not None:
+        x = data[0] if isinstance(data, (tuple, list)) else next(iter(data))[0]
+        return ModelBridge(model, x)
+    if hasattr(model, "layout") and hasattr(model, "network"):
+        return model
+    raise ValueError("subnetwork selection needs the model's bridge (ps.nn.ModelBridge(model, x)) or the training "
+                     "data, to find the model's weight sites.")
 
 
 def parse_memory(spec: Union[str, int, float]) -> int:
@@ -44,8 +61,8 @@ def k_from_memory(max_memory, dtype=torch.float32) -> int:
 
 
 def normalisation_sites(model) -> set:
-    """Names of weight sites that belong to normalisation layers of ``model.net``."""
-    net = getattr(model, "net", None)
+    """Names of weight sites that belong to normalisation layers of the network (``model.network.module``)."""
+    net = getattr(getattr(model, "network", None), "module", None)
     if net is None:
         return set()
     prefixes = [name + "." if name else "" for name, m in net.named_modules() if isinstance(m, _NORM_TYPES)]
@@ -108,11 +125,14 @@ class SubnetSelection:
                progress: bool = False) -> torch.Tensor:
         """Sorted LongTensor of ``k`` distinct flat indices.
 
-        :param model: a :class:`~pyro_subnet.nn.BayesianNet`.
+        :param model: the model's :class:`~pyro_subnet.nn.ModelBridge` (or anything with
+            ``layout``, ``network``, ``likelihood`` and ``prior_precision``, e.g. a
+            :class:`~pyro_subnet.nn.BayesianNet`).
         :param theta: MAP weights ``(D,)``.
         :param data: training data: ``(x, y)`` tensors or a DataLoader.
         :param prior_precision: ``(D,)`` prior precision (default: the model's).
         """
+        model = model_view(model, data)
         mask = candidates(model, self.exclude_normalisation, device=theta.device)
         if prior_precision is None:
             prior_precision = model.prior_precision(dtype=theta.dtype, device=theta.device)

@@ -18,7 +18,7 @@ import torch
 
 from ..infer.autoguide.curvature import ggn
 from ..infer.randomness import resolve_seed
-from .base import SubnetSelection, candidates
+from .base import SubnetSelection, candidates, model_view
 from .swag import swag_diagonal_variance
 
 
@@ -105,6 +105,7 @@ class _SiteSelection(SubnetSelection):
         raise NotImplementedError
 
     def select(self, model, theta, data=None, prior_precision=None, progress=False):
+        model = model_view(model, data)
         names = list(self.site_names(model))
         mask = candidates(model, self.exclude_normalisation, device=theta.device)
         idx = model.layout.site_index_ranges(names).to(theta.device)

@@ -225,9 +225,11 @@ def test_auto_batch_size_chunks_correlated_passes_without_changing_them(monkeypa
     x = torch.randn(40, 4, generator=g, dtype=torch.float64)
     monkeypatch.setattr(predictive, "AUTO_BATCH_ELEMENTS", 20 * r * 64)
     auto, whole = (ps.infer.AnalyticPredictive(model, post, batch_size=b) for b in ("auto", None))
+    auto.prepare(x)
     assert auto._batch_rows(auto._site_posterior(x.dtype, x.device), x) == 20
     monkeypatch.setattr(predictive, "AUTO_BATCH_ELEMENTS", 1)
     auto = ps.infer.AnalyticPredictive(model, post)
+    auto.prepare(x)
     assert auto._batch_rows(auto._site_posterior(x.dtype, x.device), x) == 16
     calls = []
     monkeypatch.setattr(predictive.layers, "propagate",             # count the passes over the whole network
@@ -238,6 +240,7 @@ def test_auto_batch_size_chunks_correlated_passes_without_changing_them(monkeypa
         torch.testing.assert_close(a[k], w[k], rtol=0, atol=1e-12)
     independent = FlatPosterior(post.mean, torch.full((D,), 0.01, dtype=torch.float64))
     pred = ps.infer.AnalyticPredictive(model, independent)
+    pred.prepare(x)
     assert pred._batch_rows(pred._site_posterior(x.dtype, x.device), x) == 40
     for bad in (0, "all", True, 2.5, torch.ones(2)):
         with pytest.raises(ValueError, match="batch_size"):

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from pyro_subnet.infer.autoguide import curvature
-from pyro_subnet.nn import BayesianNet, Categorical, Gaussian
+from pyro_subnet.nn import BayesianNet, Categorical, Gaussian, ModelBridge
 
 
 def _net_and_theta(out=3, seed=0):
@@ -85,8 +85,10 @@ def test_ggn_of_linear_gaussian_model_is_the_exact_hessian_of_the_negative_log_p
     P = curvature.ggn(model.network, model.likelihood, theta, (x, y)) + torch.diag(
         model.prior_precision(dtype=torch.float64))
 
+    bridge = ModelBridge(model, x)
+
     def neg_log_post(t):
-        return -(model.log_likelihood(t, x, y).sum() + model.log_prior(t))
+        return -(bridge.log_likelihood(t, x, y).sum() + bridge.log_prior(t))
 
     H = torch.autograd.functional.hessian(neg_log_post, theta)
     assert torch.allclose(P, H, atol=1e-10)

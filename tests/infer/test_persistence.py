@@ -113,9 +113,13 @@ def test_sgmcmc_chain_resumes_where_it_stopped(kind):
 
 def test_sgmcmc_load_state_dict_rejects_another_model():
     kernel = _kernel("sghmc")
-    with pytest.raises(ValueError, match="weights, this model"):
-        kernel.load_state_dict({"theta": torch.zeros(3), "velocity": torch.zeros(3), "precond_scale": torch.ones(3),
-                                "num_steps": 1})
+    with pytest.raises(ValueError, match="not a kernel state"):
+        kernel.load_state_dict({"theta": torch.zeros(3)})
+    kernel.load_state_dict({"theta": torch.zeros(3), "velocity": torch.zeros(3), "precond_scale": torch.ones(3),
+                            "precond_curvature": torch.zeros(3), "precond_count": 0, "step_size": 1e-3, "noise": None,
+                            "num_steps": 1, "noise_var": None})
+    with pytest.raises(ValueError, match="3 coordinates, this model 31"):
+        MCMC(kernel, num_samples=2, warmup_steps=0, disable_progbar=True).run(torch.randn(8, 1), torch.randn(8))
 
 
 @pytest.mark.parametrize("noise_scale", [0.3, None])

@@ -64,7 +64,7 @@ def test_arviz_from_pyro_gives_posterior_and_exact_log_likelihood(fitted):
     assert idata.posterior["0.weight"].shape == (2, 32, 8, 3)
     ll = idata.log_likelihood["obs"].values
     theta = smc.particles().reshape(64, -1)
-    expected = model.log_likelihood(theta, x, y).detach().reshape(2, 32, 50).numpy()
+    expected = smc.bridge.log_likelihood(theta, x, y).detach().reshape(2, 32, 50).numpy()
     np.testing.assert_allclose(ll, expected, rtol=1e-4, atol=1e-5)
     loo = az.loo(idata, reff=1.0)
     # elpd_loo is below the in-sample log pointwise predictive density.

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from pyro_subnet.infer.smc.batched import mlp_plan, particle_log_lik, particle_outputs
-from pyro_subnet.nn import BayesianNet
+from pyro_subnet.nn import BayesianNet, ModelBridge
 
 
 def _data(likelihood, outputs, n=20):
@@ -28,12 +28,13 @@ def test_mlp_path_matches_vmap_path(net, likelihood, outputs):
     assert mlp_plan(model.network) is not None
     x, y = _data(likelihood, outputs)
     theta = torch.randn(6, model.layout.dim, requires_grad=True)
-    fast, ref = particle_log_lik(model)(theta, x, y), model.log_likelihood(theta, x, y)
+    bridge = ModelBridge(model, x)
+    fast, ref = particle_log_lik(bridge)(theta, x, y), bridge.log_likelihood(theta, x, y)
     assert fast.shape == ref.shape == (6, 20)
     assert torch.allclose(fast, ref, rtol=1e-5, atol=1e-4)
     (g_fast,), (g_ref,) = torch.autograd.grad(fast.sum(), theta), torch.autograd.grad(ref.sum(), theta)
     assert torch.allclose(g_fast, g_ref, rtol=1e-4, atol=1e-4)
-    assert torch.allclose(particle_outputs(model)(theta, x), model.network.flat_batched(theta, x), atol=1e-5)
+    assert torch.allclose(particle_outputs(bridge)(theta, x), model.network.flat_batched(theta, x), atol=1e-5)
 
 
 def test_other_networks_use_the_model_path():
@@ -51,4 +52,5 @@ def test_other_networks_use_the_model_path():
                                 "classification").network) is None
     x, y = _data("classification", 2)
     theta = torch.randn(4, model.layout.dim)
-    assert torch.equal(particle_log_lik(model)(theta, x, y), model.log_likelihood(theta, x, y))
+    bridge = ModelBridge(model, x)
+    assert torch.equal(particle_log_lik(bridge)(theta, x, y), bridge.log_likelihood(theta, x, y))

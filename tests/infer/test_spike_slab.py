@@ -13,6 +13,7 @@ from pyro_subnet.distributions import SpikeSlab
 from pyro_subnet.infer import SpikeSlabSGHMC
 import numpy as np
 from pyro_subnet.nn import BayesianNet
+import pyro_subnet as ps
 
 
 def test_spike_slab_density_matches_the_mixture_formula():
@@ -38,7 +39,7 @@ def test_bayesian_net_accepts_spike_slab_prior():
     theta = model.layout.flatten({n: trace.nodes[n]["value"] for n in model.layout.names})
     expected = prior.log_prob(theta).sum()
     site_lp = sum(trace.nodes[n]["fn"].log_prob(trace.nodes[n]["value"]) for n in model.layout.names)
-    assert torch.allclose(site_lp, expected) and torch.allclose(model.log_prior(theta), expected)
+    assert torch.allclose(site_lp, expected) and torch.allclose(ps.nn.ModelBridge(model, x).log_prior(theta), expected)
     assert trace.nodes["weight"]["fn"].support.check(trace.nodes["weight"]["value"]).all()
 
 

@@ -108,6 +108,8 @@ def output_linear(module: nn.Module, prefix: str = "") -> Optional[str]:
     of the outputs (cheap: ``O x O`` per example), which the classification link uses."""
     if isinstance(module, nn.Linear):
         return prefix
+    if hasattr(module, "output_prefix"):      # a traced forward (forward_trace.TracedNetwork)
+        return module.output_prefix()
     if isinstance(module, nn.Sequential) and len(module):
         name, last = list(module.named_children())[-1]
         return output_linear(last, f"{prefix}{name}.")

@@ -74,8 +74,10 @@ def _check_real_support(guide, layout: SiteLayout):
 
 
 def _guide_to_layout(guide: AutoContinuous, layout: SiteLayout) -> torch.Tensor:
-    """Permutation ``perm`` with ``theta_layout = latent_guide[perm]`` (the guide packs the sites in
-    the model's execution order, which need not be the layout order)."""
+    """Positions ``perm`` with ``theta_layout = latent_guide[perm]`` (the guide packs the sites in
+    the model's execution order, which need not be the layout order, and may hold other latent
+    sites, such as a noise scale, which are left out: their rows of a joint covariance factor
+    are dropped, which is the marginal over the weights)."""
     positions = torch.arange(guide.latent_dim, dtype=torch.float64)
     values = {site["name"]: v for site, v in guide._unpack_latent(positions)}
     return layout.flatten({n: values[n] for n in layout.names}).round().long()
@@ -109,9 +111,6 @@ def read_posterior(guide, layout: SiteLayout) -> FlatPosterior:
             mean = layout.flatten({n: v for n, v in guide.median().items() if n in layout.names})
             return _validated(FlatPosterior(mean, torch.zeros_like(mean)), layout)
         if isinstance(guide, (AutoDiagonalNormal, AutoMultivariateNormal, AutoLowRankMultivariateNormal)):
-            if guide.latent_dim != layout.dim:
-                raise ValueError("AnalyticPredictive: the guide has latent sites besides the network weights "
-                                 f"({guide.latent_dim} latent dimensions, {layout.dim} weights); not supported.")
             perm = _guide_to_layout(guide, layout).to(guide.loc.device)
             post = guide.get_posterior()
             if isinstance(guide, AutoDiagonalNormal):

@@ -8,8 +8,10 @@ from typing import Dict, List, Optional, Union
 import pyro
 import torch
 
-from ...nn.validation import check_model_data
+from ...nn.bridge import ModelBridge, check_model
+from ..autoguide.glm import probit
 from . import layers, moments
+from .forward_trace import walkable_network
 from .posterior import FlatPosterior, SitePosterior, read_posterior
 
 
@@ -144,11 +146,7 @@ class AnalyticPredictive:
 
     def __init__(self, model, guide, covariance: str = "auto", batch_size: Union[int, str, None] = "auto",
                  activations: str = "moments", link: str = "gumbel_max", products="auto"):
-        if not hasattr(model, "network") or not hasattr(model, "layout"):
-            raise TypeError("AnalyticPredictive: model must be a pyro_subnet BayesianNet (with .network and .layout).")
-        if model.network.is_pyro:
-            raise TypeError("AnalyticPredictive: the network is a PyroModule; wrap a plain torch module with "
-                            "ps.nn.BayesianNet so that it can be walked layer by layer.")
+        check_model(model, "AnalyticPredictive")
         if covariance not in ("auto", "full", "diag"):
             raise ValueError(f"AnalyticPredictive: covariance must be 'auto', 'full' or 'diag', got {covariance!r}.")
         if activations not in ("moments", "linearise"):
@@ -171,14 +169,50 @@ class AnalyticPredictive:
         self.model = model
         self.guide = guide
         self.batch_size = batch_size
+        self.covariance = covariance
         self._cache = None
         self._modules = None
         self._widest = {}
-        net = model.network.module
-        self.full = covariance == "full" or (covariance == "auto" and not layers.prefers_diagonal(net))
-        if self.full and layers.prefers_diagonal(net, max_width=10 ** 9):
+        self.bridge = None
+        # The model is read now where the guide says on what inputs (a Laplace guide's bridge, or
+        # the inputs an AutoGuide was set up with), else on the first call.
+        bridge = getattr(guide, "bridge", None)
+        if bridge is None:
+            trace = getattr(guide, "prototype_trace", None)
+            args = trace.nodes["_INPUT"]["args"] if trace is not None and "_INPUT" in trace.nodes else ()
+            if args and torch.is_tensor(args[0]):
+                bridge = ModelBridge(model, args[0])
+        if bridge is not None:
+            self._read_model(bridge)
+
+    def prepare(self, x) -> torch.Tensor:
+        """Read the model on inputs like ``x`` if that is not done yet (the first call does it), and
+        return ``x`` checked against it."""
+        if self.bridge is None:
+            self._read_model(ModelBridge(self.model, x))
+        return self.bridge.check(x)[0]
+
+    def _read_model(self, bridge: ModelBridge) -> None:
+        """The walkable network of the model (its own plain module, or the layers its forward runs,
+        traced) and the covariance representation."""
+        self.bridge = bridge
+        self.net = walkable_network(bridge)
+        covariance = self.covariance
+        self.full = covariance == "full" or (covariance == "auto" and not layers.prefers_diagonal(self.net))
+        if self.full and layers.prefers_diagonal(self.net, max_width=10 ** 9):
             raise ValueError("AnalyticPredictive: covariance='full' supports MLPs only (Linear layers and "
                              "elementwise activations); use covariance='diag'.")
+        self._output_linear = None if self.full else layers.output_linear(self.net)
+
+    def _noise_var(self) -> float:
+        """The observation noise variance: a noise site at the guide's median (a Laplace guide
+        holds its tuned value), else the likelihood's noise scale."""
+        bridge = self.bridge
+        if bridge.noise_site is not None and callable(getattr(self.guide, "median", None)):
+            sigma = self.guide.median().get(bridge.noise_site)
+            if sigma is not None:
+                return float(sigma.reshape(())) ** 2
+        return float(bridge.likelihood.noise_scale) ** 2
 
     def _site_posterior(self, dtype, device) -> SitePosterior:
         """The per-site posterior, read from the guide again only when one of its tensors has changed
@@ -193,15 +227,14 @@ class AnalyticPredictive:
         if (cached is not None and cached[0] == key
                 and all(a is b and v == b._version for (a, v), b in zip(cached[1], tensors))):
             return cached[2]
-        post = SitePosterior(self.posterior(), self.model.layout, dtype, device, full=self.full,
-                             activations=self.activations, products=self.products,
-                             full_output_at=None if self.full else layers.output_linear(self.model.network.module))
+        post = SitePosterior(self.posterior(), self.bridge.layout, dtype, device, full=self.full,
+                             activations=self.activations, products=self.products, full_output_at=self._output_linear)
         self._cache = (key, [(t, t._version) for t in tensors], post)
         return post
 
     def posterior(self) -> FlatPosterior:
-        """The guide's Gaussian over the flat weights, in ``model.layout`` order."""
-        return read_posterior(self.guide, self.model.layout)
+        """The guide's Gaussian over the flat weights, in the bridge's layout order."""
+        return read_posterior(self.guide, self.bridge.layout)
 
     def _batch_rows(self, post: SitePosterior, x: torch.Tensor) -> int:
         """Examples per pass: ``batch_size``, or under ``"auto"`` (see the class docstring) enough for
@@ -214,7 +247,7 @@ class AnalyticPredictive:
         r = post.factor_width
         if not r or x.device.type != "cpu":   # (GPUs favour one large pass)
             return x.shape[0]
-        net = self.model.network.module
+        net = self.net
         key = (id(net), tuple(x.shape[1:]), x.dtype)
         if key not in self._widest:
             self._widest[key] = widest_activation(net, x.shape[1:], x.dtype)
@@ -224,9 +257,9 @@ class AnalyticPredictive:
     @torch.no_grad()
     def latent(self, x: torch.Tensor):
         """Mean ``(N, O)`` and variances ``(N, O)`` or covariance ``(N, O, O)`` of ``f(x)``."""
-        x = check_model_data(self.model, x)[0]
+        x = self.prepare(x)
         post = self._site_posterior(x.dtype, x.device)
-        net = self.model.network.module
+        net = self.net
         outs = []
         step = self._batch_rows(post, x)
         for start in range(0, x.shape[0], step):      # (step >= 1: check_model_data rejects an empty x)
@@ -249,14 +282,16 @@ class AnalyticPredictive:
         out = {"f_mean": mean, "f_var": var.diagonal(dim1=-2, dim2=-1) if full else var}
         if full:
             out["f_cov"] = var
-        lik = self.model.likelihood
+        lik = self.bridge.likelihood
         if lik.name == "classification":
             if self.link == "probit":
                 out["probs"] = moments.probit_softmax(mean, out["f_var"])
             else:
                 out["probs"] = moments.gumbel_max_softmax(mean, var)
+        elif lik.name == "binary":
+            out["probs"] = probit(mean, out["f_var"].sqrt().unsqueeze(-1), binary=True)
         elif lik.name == "regression":
-            m, v = mean, out["f_var"] + lik.noise_scale ** 2
+            m, v = mean, out["f_var"] + self._noise_var()
             if m.shape[-1] == 1:
                 m, v = m[..., 0], v[..., 0]
             out["mean"], out["var"] = m, v

@@ -32,7 +32,9 @@ import pyro.distributions as dist
 import torch
 from pyro.infer.autoguide import AutoGuide
 
-from ...nn.validation import check_model_data, check_positive_int
+from ...nn.bridge import ModelBridge, check_model
+from ...nn.functional import FunctionalNet
+from ...nn.validation import check_positive_int
 from .. import distributed
 from ..batches import iter_batches
 from ..map import fit_map
@@ -61,8 +63,11 @@ def collect(data) -> Tuple[torch.Tensor, torch.Tensor]:
 class LinearisedLaplaceGuide(AutoGuide):
     """Base class of the Laplace guides (see the module docstring).
 
-    :param model: a :class:`~pyro_subnet.nn.BayesianNet` (anything with ``network``,
-        ``layout``, ``likelihood``, ``log_likelihood`` and ``log_prior``).
+    :param model: a Pyro model whose weights are latent sites and whose likelihood is one
+        observed site in a data plate (a user's PyroModule, or :class:`~pyro_subnet.nn.BayesianNet`;
+        see :class:`~pyro_subnet.nn.ModelBridge`), with its own priors. A latent noise scale
+        (e.g. ``sigma = pyro.sample("sigma", dist.HalfNormal(1.))``) is not part of the Laplace
+        posterior: the guides tune it by the evidence (from its MAP) and hold it as a point.
     :param map_steps: Adam steps to find the MAP in :meth:`fit`; ``0`` takes the network's own
         weights as the MAP (an already trained network).
     :param map_lr: Adam learning rate.
@@ -74,12 +79,7 @@ class LinearisedLaplaceGuide(AutoGuide):
 
     def __init__(self, model, map_steps: int = 2000, map_lr: float = 1e-2, batch_size: int = 256,
                  progress: bool = True):
-        for attr in ("network", "layout", "likelihood", "log_likelihood", "log_prior"):
-            if not hasattr(model, attr):
-                raise TypeError(
-                    f"{type(self).__name__} needs a ps.nn.BayesianNet model (missing .{attr}); wrap a "
-                    "torch network with ps.nn.BayesianNet(net, likelihood=...)."
-                )
+        check_model(model, type(self).__name__)
         if not (isinstance(map_steps, int) and map_steps >= 0):
             raise ValueError(f"map_steps must be a non-negative integer, got {map_steps!r}.")
         batch_size = check_positive_int(batch_size, "batch_size")
@@ -93,6 +93,7 @@ class LinearisedLaplaceGuide(AutoGuide):
         # The Gaussian likelihood's noise scale at the end of fit: a learned one lives in the
         # model, so the guide keeps a copy that load_state_dict puts back into a fresh model.
         self.register_buffer("noise_scale", torch.empty(0))
+        self.bridge: Optional[ModelBridge] = None     # built from the model on the first data seen
 
     # ------------------------------------------------------------------------------------------
     # subclass hooks
@@ -121,20 +122,19 @@ class LinearisedLaplaceGuide(AutoGuide):
 
     def _prior_full(self, dtype, device) -> torch.Tensor:
         """Per-weight prior precision over all ``D`` weights (used by selection and as the
-        starting point of tuning)."""
+        starting point of tuning): a given number or dict, else the Gaussian of the model's own
+        prior (:meth:`~pyro_subnet.nn.ModelBridge.prior_precision`)."""
         spec = self.prior_precision_spec
         if isinstance(spec, (int, float)) and not isinstance(spec, bool):
             return torch.full((self.num_weights,), float(spec), dtype=dtype, device=device)
-        if getattr(self.model, "prior", None) is None:
-            return self.model.prior_precision(dtype=dtype, device=device)
         if isinstance(spec, dict):
             everything = torch.arange(self.num_weights, device=device)
-            return prior_lib.expand_prior_precision(spec, self.model.layout, everything,
+            return prior_lib.expand_prior_precision(spec, self.bridge.layout, everything,
                                                     torch.ones(self.num_weights, dtype=dtype, device=device))
-        raise ValueError(
-            f"{type(self).__name__}: the model has a non-Normal prior, so its precision is unknown; "
-            "pass prior_precision= as a number or a dict of site patterns to numbers."
-        )
+        try:
+            return self.bridge.prior_precision(dtype=dtype, device=device)
+        except ValueError as e:
+            raise ValueError(f"{type(self).__name__}: {e}") from None
 
     def _select(self, theta, data, prior_full) -> torch.Tensor:
         if distributed.is_active() and not isinstance(self.subnet, torch.Tensor):
@@ -157,7 +157,7 @@ class LinearisedLaplaceGuide(AutoGuide):
             return idx
         if not hasattr(subnet, "select"):
             raise TypeError(f"subnet must be a ps.subnet strategy or a LongTensor of indices, got {subnet!r}.")
-        return subnet.select(self.model, theta, data, prior_precision=prior_full,
+        return subnet.select(self.bridge, theta, data, prior_precision=prior_full,
                              progress=self._fit_progress).to(theta.device)
 
     # ------------------------------------------------------------------------------------------
@@ -171,7 +171,17 @@ class LinearisedLaplaceGuide(AutoGuide):
 
     @property
     def num_weights(self) -> int:
-        return self.model.layout.dim
+        return self.bridge.layout.dim
+
+    def _ensure_bridge(self, x) -> ModelBridge:
+        """The model's bridge, built on the first data the guide sees (a guide loaded from a state
+        dict gets its learned noise scale back then)."""
+        if self.bridge is None:
+            self.bridge = ModelBridge(self.model, x)
+            lik = self.bridge.likelihood
+            if self.noise_scale.numel() and getattr(lik, "learn_noise", False):
+                lik.set_noise_scale(float(self.noise_scale))
+        return self.bridge
 
     def fit(self, x, y=None, progress: Optional[bool] = None, map_theta: Optional[torch.Tensor] = None):
         """Fit the posterior: MAP (unless ``map_steps=0`` or ``map_theta`` is given), then the
@@ -186,7 +196,7 @@ class LinearisedLaplaceGuide(AutoGuide):
         if _is_array_data(x):
             if y is None:
                 raise ValueError("fit(x, y): the targets y are missing.")
-            x, y = check_model_data(self.model, x, y)
+            x, y = self._ensure_bridge(x).check(x, y)
             data = (x, y)
         else:
             if y is not None:
@@ -195,19 +205,20 @@ class LinearisedLaplaceGuide(AutoGuide):
                 raise ValueError("fit: under torch.distributed give every rank the whole data set (no "
                                  "DistributedSampler); the guide shards it between the ranks itself.")
             data = x
-            x, y = check_model_data(self.model, *collect(data))
+            x, y = collect(data)
+            x, y = self._ensure_bridge(x).check(x, y)
         if map_theta is not None:
             if map_theta.shape != (self.num_weights,):
                 raise ValueError(f"fit: map_theta must have shape ({self.num_weights},), got {tuple(map_theta.shape)}.")
             theta = map_theta.to(dtype=x.dtype, device=x.device)
         elif self.map_steps > 0:
-            theta = fit_map(self.model, x, y, num_steps=self.map_steps, lr=self.map_lr,
+            theta = fit_map(self.bridge, x, y, num_steps=self.map_steps, lr=self.map_lr,
                             batch_size=self.batch_size, progress=progress).theta
         else:
-            theta = self.model.initial_theta(dtype=x.dtype, device=x.device)
+            theta = self.bridge.initial_theta(dtype=x.dtype, device=x.device)
         self._fit_progress = progress
         self._fit_posterior(theta.detach(), data, x, y)
-        noise = getattr(self.model.likelihood, "noise_scale", None)
+        noise = getattr(self.bridge.likelihood, "noise_scale", None)
         if noise is not None:
             self.noise_scale = torch.tensor(float(noise), dtype=torch.float64, device=self.loc.device)
         if distributed.is_active():
@@ -224,7 +235,7 @@ class LinearisedLaplaceGuide(AutoGuide):
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
         latent = {n for n, _ in self.prototype_trace.iter_stochastic_nodes()}
-        missing = [n for n in self.model.layout.names if n not in latent]
+        missing = [n for n in self.bridge.layout.names if n not in latent]
         if missing:
             raise ValueError(
                 f"{type(self).__name__}: the model has no latent sample sites {missing}; the guide "
@@ -243,16 +254,27 @@ class LinearisedLaplaceGuide(AutoGuide):
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         theta = self._full_theta(self._sample_subnet())
+        layout = self.bridge.layout
         out = {}
-        for name, value in self.model.layout.unflatten(theta).items():
-            event_dim = len(self.model.layout.shapes[name])
-            out[name] = pyro.sample(name, dist.Delta(value, event_dim=event_dim))
+        for name, value in self.bridge.constrained(layout.unflatten(theta)).items():
+            out[name] = pyro.sample(name, dist.Delta(value, event_dim=len(layout.shapes[name])))
+        out.update({n: pyro.sample(n, dist.Delta(v, event_dim=v.dim())) for n, v in self._point_sites().items()})
         return out
 
+    def _point_sites(self) -> Dict[str, torch.Tensor]:
+        """Latent sites the guide holds at a point: the model's noise site, at its tuned value."""
+        bridge = self.bridge
+        if bridge.noise_site is None:
+            return {}
+        value = torch.full(bridge.noise.shape, float(bridge.likelihood.noise_scale), dtype=self.loc.dtype,
+                           device=self.loc.device)
+        return {bridge.noise_site: value}
+
     def median(self, *args, **kwargs) -> Dict[str, torch.Tensor]:
-        """The posterior median (= mean = MAP) of every weight site."""
+        """The posterior median (= mean = MAP) of every latent site (the model's own names)."""
         self._check_fitted()
-        return {n: v.clone() for n, v in self.model.layout.unflatten(self.loc).items()}
+        values = self.bridge.constrained(self.bridge.layout.unflatten(self.loc))
+        return {**{n: v.clone() for n, v in values.items()}, **self._point_sites()}
 
     def quantiles(self, quantiles, *args, **kwargs) -> Dict[str, torch.Tensor]:
         """Marginal quantiles of every weight site, shape ``(len(quantiles), *site_shape)``
@@ -264,7 +286,8 @@ class LinearisedLaplaceGuide(AutoGuide):
         std = torch.zeros_like(self.loc).index_copy(0, self.subnet_indices, self._marginal_std())
         z = torch.special.ndtri(q)
         flat = self.loc + z[:, None] * std
-        return self.model.layout.unflatten(flat)
+        points = {n: v.expand(len(q), *v.shape).clone() for n, v in self._point_sites().items()}
+        return {**self.bridge.constrained(self.bridge.layout.unflatten(flat)), **points}
 
     # ------------------------------------------------------------------------------------------
     # predictives
@@ -287,14 +310,15 @@ class LinearisedLaplaceGuide(AutoGuide):
             logit draws; safe with the singular softmax logit covariance).
         :param num_samples: draws for ``link="mc"`` and ``method="nn"``.
         :param observation_noise: regression: add the noise variance to the predictive variance.
-        :returns: classification: probabilities ``(N, C)``; regression: ``(mean, var)``, each
-            ``(N, O)``.
+        :returns: classification: probabilities ``(N, C)`` (a Bernoulli model: ``(N, 2)``, the
+            probabilities of 0 and 1); regression: ``(mean, var)``, each ``(N, O)``.
         """
         self._check_fitted()
-        x = check_model_data(self.model, x)[0].to(device=self.loc.device)
+        x = self._ensure_bridge(x).check(x)[0].to(device=self.loc.device)
         check_positive_int(num_samples, "num_samples")
-        lik = self.model.likelihood
-        classification = lik.name == "classification"
+        lik = self.bridge.likelihood
+        binary = lik.name == "binary"
+        classification = lik.name == "classification" or binary
         noise_var = float(getattr(lik, "noise_scale", 0.0)) ** 2 if observation_noise else 0.0
         if method == "glm":
             with torch.no_grad():
@@ -302,17 +326,17 @@ class LinearisedLaplaceGuide(AutoGuide):
             if not classification:
                 return glm.regression(f, F, noise_var)
             if link == "probit":
-                return glm.probit(f, F)
+                return glm.probit(f, F, binary)
             if link == "mc":
-                return glm.mc_logits(f, F, num_samples, generator)
+                return glm.mc_logits(f, F, num_samples, generator, binary=binary)
             raise ValueError(f"predict: link must be 'probit' or 'mc', got {link!r}.")
         if method == "nn":
             deltas = self._sample_deltas(num_samples, generator)
             thetas = self._full_theta(self.loc[self.subnet_indices] + deltas)
             with torch.no_grad():
-                f = self.model.network.flat_batched(thetas, x)          # (S, N, O)
+                f = self.bridge.network.flat_batched(thetas, x)          # (S, N, O)
             if classification:
-                return torch.softmax(f, -1).mean(0)
+                return glm.probabilities(f, binary).mean(0)
             return f.mean(0), f.var(0, unbiased=False) + noise_var
         raise ValueError(f"predict: method must be 'glm' or 'nn', got {method!r}.")
 
@@ -333,7 +357,9 @@ class LinearisedLaplaceGuide(AutoGuide):
     _NETWORK_BUFFERS = "network_buffers."
 
     def _network_buffers(self):
-        return dict(self.model.network.module.named_buffers())
+        own = getattr(self.model, "network", None)
+        module = own.module if isinstance(own, FunctionalNet) else self.model
+        return dict(module.named_buffers()) if isinstance(module, torch.nn.Module) else {}
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -358,6 +384,7 @@ class LinearisedLaplaceGuide(AutoGuide):
                                       unexpected_keys, error_msgs)
         ours = prefix + self._NETWORK_BUFFERS
         unexpected_keys[:] = [k for k in unexpected_keys if not (k.startswith(ours) and k[len(ours):] in network)]
-        lik = self.model.likelihood
-        if self.noise_scale.numel() and getattr(lik, "learn_noise", False):
-            lik.set_noise_scale(float(self.noise_scale))
+        if self.bridge is not None:
+            lik = self.bridge.likelihood
+            if self.noise_scale.numel() and getattr(lik, "learn_noise", False):
+                lik.set_noise_scale(float(self.noise_scale))

@@ -27,25 +27,36 @@ def function_variance(F: torch.Tensor) -> torch.Tensor:
     return F.pow(2).sum(-1)
 
 
-def probit(f: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
+def probabilities(logits: torch.Tensor, binary: bool = False) -> torch.Tensor:
+    """Class probabilities ``(..., C)`` from logits: ``softmax``, or for one Bernoulli logit
+    (``binary``, logits ``(..., 1)``) the two columns ``(1 - sigmoid, sigmoid)``."""
+    if binary:
+        p = torch.sigmoid(logits[..., 0])
+        return torch.stack([1 - p, p], -1)
+    return torch.softmax(logits, dim=-1)
+
+
+def probit(f: torch.Tensor, F: torch.Tensor, binary: bool = False) -> torch.Tensor:
     """Class probabilities by the probit (mean-field) approximation (MacKay, 1992):
-    :math:`\\mathrm{softmax}\\big(f / \\sqrt{1 + \\tfrac{\\pi}{8} \\mathrm{diag}(F F^\\top)}\\big)`."""
+    :math:`\\mathrm{softmax}\\big(f / \\sqrt{1 + \\tfrac{\\pi}{8} \\mathrm{diag}(F F^\\top)}\\big)`
+    (for a Bernoulli logit, ``binary``: :math:`\\sigma(f / \\sqrt{1 + \\tfrac{\\pi}{8} v})`)."""
     kappa = torch.rsqrt(1.0 + math.pi / 8.0 * function_variance(F))
-    return torch.softmax(kappa * f, dim=-1)
+    return probabilities(kappa * f, binary)
 
 
 def mc_logits(f: torch.Tensor, F: torch.Tensor, num_samples: int = 100,
-              generator: Optional[torch.Generator] = None, chunk: int = 64) -> torch.Tensor:
+              generator: Optional[torch.Generator] = None, chunk: int = 64, binary: bool = False) -> torch.Tensor:
     """Class probabilities averaged over ``num_samples`` logit draws ``f + F eps``."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
-    total = torch.zeros_like(f)
+    total = None
     done = 0
     while done < num_samples:
         s = min(chunk, num_samples - done)
         eps = torch.randn(s, F.shape[-1], dtype=F.dtype, device=F.device, generator=generator)
         logits = f + torch.einsum("nor,sr->sno", F, eps)
-        total = total + torch.softmax(logits, dim=-1).sum(0)
+        part = probabilities(logits, binary).sum(0)
+        total = part if total is None else total + part
         done += s
     return total / num_samples
 

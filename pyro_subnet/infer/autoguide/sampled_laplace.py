@@ -41,7 +41,8 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
     ``predict(x, method="glm")`` uses the function-space factor :math:`F = [J\\zeta_1, \\dots,
     J\\zeta_K] / \\sqrt K`, ``median``/``quantiles`` and ``state_dict`` work.
 
-    :param model: a :class:`~pyro_subnet.nn.BayesianNet`.
+    :param model: a Pyro model (a user's PyroModule or a :class:`~pyro_subnet.nn.BayesianNet`; see
+        :class:`~pyro_subnet.nn.ModelBridge`).
     :param subnet: a ``ps.subnet`` strategy or indices (default: all weights).
     :param num_posterior_samples: ``K``.
     :param prior_precision: ``None`` (the model's prior), a number, a dict of site patterns to
@@ -106,21 +107,21 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
     # ------------------------------------------------------------------------------------------
     def _solve(self, theta, data, a, b, x0, diag_g, idx):
         if self.solver == "cg":
-            return sto.solve_cg(self.model.network, self.model.likelihood, theta, data, a, b, x0, diag_g, idx,
+            return sto.solve_cg(self.bridge.network, self.bridge.likelihood, theta, data, a, b, x0, diag_g, idx,
                                 self.batch_size, self.tol, self.max_iter, self._fit_progress)
-        return sto.solve_sgd(self.model.network, self.model.likelihood, theta, data, a, b, x0, idx,
+        return sto.solve_sgd(self.bridge.network, self.bridge.likelihood, theta, data, a, b, x0, idx,
                              self.batch_size, self.sgd_lr, num_epochs=self.max_iter, tol=self.tol,
                              generator=torch.Generator().manual_seed(self._fit_seed + 1), progress=self._fit_progress)
 
     def _fit_posterior(self, theta, data, x, y) -> None:
-        net, lik = self.model.network, self.model.likelihood
+        net, lik = self.bridge.network, self.bridge.likelihood
         self._fit_seed = resolve_seed(self.seed)
         prior_full = self._prior_full(theta.dtype, theta.device)
         idx = self._select(theta, (x, y), prior_full)
         spec = None if self.prior_precision_spec == "em" else self.prior_precision_spec
-        a = prior_lib.expand_prior_precision(spec, self.model.layout, idx, prior_full[idx])
+        a = prior_lib.expand_prior_precision(spec, self.bridge.layout, idx, prior_full[idx])
         tune_prior = self.prior_precision_spec == "em"
-        groups = prior_lib.structure_groups(self.prior_structure, self.model.layout, idx)
+        groups = prior_lib.structure_groups(self.prior_structure, self.bridge.layout, idx)
         num_groups = int(groups.max()) + 1
         group_size = torch.bincount(groups, minlength=num_groups).to(a.dtype)
         if tune_prior:   # one precision per group (its mean over the group), as the MacKay update tunes
@@ -202,7 +203,7 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
         return self.samples[j.to(self.samples.device)]
 
     def _function_factor(self, x):
-        f, JZ = jvp(self.model.network, self.loc, x, self.samples, self.subnet_indices)   # (K, N, O)
+        f, JZ = jvp(self.bridge.network, self.loc, x, self.samples, self.subnet_indices)   # (K, N, O)
         return f, JZ.permute(1, 2, 0) / self.samples.shape[0] ** 0.5
 
     def _marginal_std(self):

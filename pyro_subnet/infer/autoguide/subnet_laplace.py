@@ -6,9 +6,9 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from ...nn.validation import check_model_data
 from .. import distributed
 from ..batches import iter_batches
+from . import glm
 from . import prior as prior_lib
 from .base import LinearisedLaplaceGuide
 from .curvature import ggn, jacobian
@@ -34,14 +34,18 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
     every weight site (``pyro.infer.Predictive`` works with ``parallel`` False or True), and
     :meth:`predict` gives the linearised (GLM) or sampled-network predictive.
 
-    :param model: a :class:`~pyro_subnet.nn.BayesianNet`.
+    :param model: a Pyro model: a user's PyroModule with PyroSample weights and an observed site
+        in a data plate, or a :class:`~pyro_subnet.nn.BayesianNet` (see
+        :class:`~pyro_subnet.nn.ModelBridge`).
     :param subnet: a selection strategy from :mod:`pyro_subnet.subnet` (default
         ``PredictiveVariance(min(1000, D))``) or a LongTensor of flat weight indices.
-    :param prior_precision: ``None`` (the model's prior), a number, a dict of site patterns to
+    :param prior_precision: ``None`` (the model's own prior, as a Gaussian:
+        :meth:`~pyro_subnet.nn.ModelBridge.prior_precision`), a number, a dict of site patterns to
         numbers (per layer), a tensor ``(k,)`` (per weight), or ``"marglik"`` / ``"em"`` to tune
-        it by the Laplace evidence / the EM (MacKay) update (see :mod:`.prior`). A regression
-        model with ``noise_scale=None`` also gets its noise scale tuned by the same rule (jointly
-        with the precision; :func:`.prior.tune_marglik_noise`), stored in its likelihood.
+        it by the Laplace evidence / the EM (MacKay) update (see :mod:`.prior`). A learned noise
+        scale (a noise site such as ``sigma``, or ``BayesianNet(noise_scale=None)``) is tuned by the
+        same rule from its MAP (jointly with the precision; :func:`.prior.tune_marglik_noise`;
+        the evidence alone, the noise site's prior is not used) and held at that value.
     :param prior_structure: what is tuned: ``"scalar"``, ``"layerwise"`` or ``"diag"``.
     :param hessian: the curvature, ``"ggn"`` (the generalised Gauss-Newton matrix).
     :param newton_step: after the MAP, take one Gauss-Newton step on the subnetwork, to the mode
@@ -87,12 +91,12 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         x, y, _ = distributed.local_share(x, y)
         with torch.no_grad():
             for xb, yb in iter_batches((x, y), self.batch_size, device=theta.device):
-                total = total + self.model.log_likelihood(theta, xb, yb).sum()
+                total = total + self.bridge.log_likelihood(theta, xb, yb).sum()
         return distributed.all_reduce_sum(total)
 
     def _ggn(self, theta, idx, x, y) -> torch.Tensor:
         x, y, _ = distributed.local_share(x, y)
-        G = ggn(self.model.network, self.model.likelihood, theta, (x, y), indices=idx, structure="dense",
+        G = ggn(self.bridge.network, self.bridge.likelihood, theta, (x, y), indices=idx, structure="dense",
                 batch_size=self.batch_size, progress=self._fit_progress) if x.shape[0] else None
         if G is None:
             G = theta.new_zeros(len(idx), len(idx))
@@ -102,7 +106,7 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         t = theta.clone().requires_grad_(True)
         x, y, _ = distributed.local_share(x, y)
         for xb, yb in iter_batches((x, y), self.batch_size, device=theta.device):
-            (-self.model.log_likelihood(t, xb, yb).sum()).backward()
+            (-self.bridge.log_likelihood(t, xb, yb).sum()).backward()
         grad_all = distributed.all_reduce_sum(torch.zeros_like(theta) if t.grad is None else t.grad)
         grad = grad_all[idx] + torch.diagonal(precision - self.ggn) * theta[idx]
         step = torch.cholesky_solve(grad[:, None], cholesky(precision))[:, 0]
@@ -113,11 +117,11 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         prior_full = self._prior_full(theta.dtype, theta.device)
         idx = self._select(theta, data, prior_full)
         G = self._ggn(theta, idx, x, y)
-        layout = self.model.layout
+        layout = self.bridge.layout
         spec = self.prior_precision_spec
         self.subnet_indices = idx
         self.ggn = G
-        lik = self.model.likelihood
+        lik = self.bridge.likelihood
         if getattr(lik, "learn_noise", False):
             # The noise is learned by the evidence, with the prior precision when that is tuned
             # too (G = G_1 / sigma^2 for a Gaussian likelihood, so G_1 is computed once).
@@ -127,7 +131,7 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
             tune = prior_lib.tune_em_noise if spec == "em" else prior_lib.tune_marglik_noise
             G1 = G * lik.noise_scale ** 2
             y2 = y.reshape(len(y), -1)
-            sse = prior_lib.residual_sum_of_squares(self.model.network, theta, (x, y), self.batch_size)
+            sse = prior_lib.residual_sum_of_squares(self.bridge.network, theta, (x, y), self.batch_size)
             p, scale = tune(G1, theta[idx], groups, init, sse, y2.numel(), lik.noise_scale, tune_prior=tune_prior)
             lik.set_noise_scale(scale)
             G = G1 / scale ** 2
@@ -157,7 +161,7 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         return eps @ self.scale_tril.T
 
     def _function_factor(self, x):
-        f, J = jacobian(self.model.network, self.loc, x, self.subnet_indices)
+        f, J = jacobian(self.bridge.network, self.loc, x, self.subnet_indices)
         return f, J @ self.scale_tril
 
     def _marginal_std(self):
@@ -201,23 +205,23 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         from ...diagnostics import metrics
 
         self._check_fitted()
-        x_val, y_val = check_model_data(self.model, x_val, y_val)
+        x_val, y_val = self.bridge.check(x_val, y_val)
         x_val, y_val = x_val.to(self.loc.device), y_val.to(self.loc.device)
         grid = torch.logspace(-3, 5, 49, dtype=torch.float64) if grid is None else torch.as_tensor(grid, dtype=torch.float64)
         e, Q = torch.linalg.eigh(self.ggn.double())
         e = e.clamp_min(0.0)
         fs, JQs = [], []
         for xb, _ in iter_batches(x_val, self.batch_size):
-            f, J = jacobian(self.model.network, self.loc, xb, self.subnet_indices)
+            f, J = jacobian(self.bridge.network, self.loc, xb, self.subnet_indices)
             fs.append(f.double())
             JQs.append(J.double() @ Q)
         f, JQ2 = torch.cat(fs), torch.cat(JQs).pow(2)
-        lik = self.model.likelihood
+        lik = self.bridge.likelihood
         best, best_p = float("inf"), None
         for p in grid.tolist():
             var = (JQ2 / (e + p)).sum(-1)
-            if lik.name == "classification":
-                probs = torch.softmax(f * torch.rsqrt(1.0 + torch.pi / 8.0 * var), -1)
+            if lik.name in ("classification", "binary"):
+                probs = glm.probabilities(f * torch.rsqrt(1.0 + torch.pi / 8.0 * var), lik.name == "binary")
                 score = metrics.nll(probs, y_val)
             else:
                 score = metrics.nll(f.reshape(-1), y_val.reshape(-1), var=var.reshape(-1) + lik.noise_scale ** 2)
@@ -232,5 +236,5 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         prior precision or at ``prior_precision`` (number, dict or ``(k,)`` tensor)."""
         self._check_fitted()
         p = self.prior_prec if prior_precision is None else prior_lib.expand_prior_precision(
-            prior_precision, self.model.layout, self.subnet_indices, self.prior_prec)
+            prior_precision, self.bridge.layout, self.subnet_indices, self.prior_prec)
         return prior_lib.log_evidence(self.log_lik, self.loc[self.subnet_indices], p, self.ggn)

@@ -3,9 +3,10 @@
 Pyro's ``initialize_model`` refuses models whose data plate subsamples, so the SG kernels set up
 the model themselves. Two routes:
 
-* :class:`NetPotential` for a :class:`~pyro_subnet.nn.BayesianNet`: the fast functional path with
-  no trace, ``U = -(N/B) sum_{n in batch} log p(y_n | theta) - log p(theta)`` on batches drawn by
-  the kernel (a fresh permutation every epoch, so every example is used once per epoch).
+* :class:`NetPotential` for any model the :class:`~pyro_subnet.nn.ModelBridge` reads (a Bayesian
+  network with one observed site in a data plate): ``U = -(N/B) sum_{n in batch} log p(y_n |
+  theta) - log p(theta)`` through the bridge's network function, on batches drawn by the kernel (a
+  fresh permutation every epoch, so every example is used once per epoch);
 * :class:`TracePotential` for any other Pyro model: ``U = -log p(x, theta)`` from
   ``trace(condition(model, theta))`` (the model's own ``pyro.plate(..., subsample_size=B)`` draws
   fresh indices and scales by ``N/B`` on every call), minus the log-Jacobians of the transforms to
@@ -22,31 +23,35 @@ from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample
 from pyro.poutine.util import site_is_subsample
 
-from ...nn import BayesianNet, SiteLayout
-from ...nn.validation import check_model_data
+from ...nn import SiteLayout
 
 
 class NetPotential:
-    """``U`` of a BayesianNet on kernel-drawn mini-batches.
+    """``U`` of a model through its :class:`~pyro_subnet.nn.ModelBridge`, on kernel-drawn
+    mini-batches.
 
-    :param model: the BayesianNet. :param x, y: the full training data.
+    :param bridge: the model's bridge. :param x, y: the full training data.
     :param batch_size: mini-batch size ``B`` (``None`` or ``>= N``: full batch).
-    :param log_prior: ``theta (D,) -> log p(theta)`` (default: the model's own prior); the
-        spike-and-slab kernel injects its EM prior here.
+    :param log_prior: ``theta (D,) -> log p(theta)`` of the weight sites (default: the model's
+        own prior); the spike-and-slab kernel injects its EM prior here.
+    :param sample_noise: the model's noise site is one more coordinate, ``log sigma``, last in
+        ``theta``, with the site's own prior (:meth:`~pyro_subnet.nn.ModelBridge.noise_log_prior`).
     """
 
-    def __init__(self, model: BayesianNet, x, y, batch_size: Optional[int] = None,
-                 log_prior: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
-        self.model = model
-        self.x, self.y = check_model_data(model, x, y)
+    def __init__(self, bridge, x, y, batch_size: Optional[int] = None,
+                 log_prior: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, sample_noise: bool = False):
+        self.bridge = bridge
+        self.x, self.y = bridge.check(x, y)
         if self.y is None:
             raise ValueError("SGHMC needs the observations: call mcmc.run(x, y).")
         self.num_data = self.x.shape[0]
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"subsample_size must be a positive integer or None, got {batch_size!r}.")
         self.batch_size = self.num_data if batch_size is None else min(batch_size, self.num_data)
-        self.log_prior = model.log_prior if log_prior is None else log_prior
-        self.network, self.likelihood = model.network, model.likelihood
+        self.log_prior = bridge.log_prior if log_prior is None else log_prior
+        self.network, self.likelihood = bridge.network, bridge.likelihood
+        self.num_weights = bridge.layout.dim
+        self.sample_noise = sample_noise
         self._perm, self._pos = None, self.num_data
         self.last_mse = None      # mean squared residual of the last batch (regression)
 
@@ -72,14 +77,21 @@ class NetPotential:
         xb, yb = self._next_batch()
         theta = theta.detach().requires_grad_(True)
         with torch.enable_grad():
+            w = theta[:self.num_weights] if self.sample_noise else theta
             # One weight vector: the unbatched network call (no vmap) is the fast path.
-            f = self.network.flat(theta, xb)
-            log_lik = self.likelihood.log_prob_sum(f, yb)
+            f = self.network.flat(w, xb)
+            if self.sample_noise:
+                log_noise = theta[self.num_weights]
+                log_lik = self.likelihood.distribution(f, noise_scale=log_noise.exp()).log_prob(yb).sum()
+                log_prior = self.log_prior(w) + self.bridge.noise_log_prior(log_noise)
+            else:
+                log_lik = self.likelihood.log_prob_sum(f, yb)
+                log_prior = self.log_prior(w)
             if self.likelihood.name == "regression":
-                # Kept for the samplers' EM update of a learned noise scale.
+                # Kept for the samplers' EM update of a noise hyperparameter.
                 r = f.detach().reshape(len(yb), -1) - yb.reshape(len(yb), -1)
                 self.last_mse = float(r.pow(2).mean())
-            u = -(self.num_data / xb.shape[0]) * log_lik - self.log_prior(theta)
+            u = -(self.num_data / xb.shape[0]) * log_lik - log_prior
             (grad,) = torch.autograd.grad(u, theta)
         return float(u.detach()), grad
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 from typing import Dict, Optional
 
@@ -10,7 +9,8 @@ import torch
 from pyro.infer.autoguide.initialization import init_to_sample
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 
-from ...nn import BayesianNet
+from ...nn import SiteLayout
+from ...nn.bridge import ModelBridge, UnsupportedModelError, check_model
 from . import integrator
 from .potential import NetPotential, TracePotential, setup_trace_model
 from .preconditioners import PreconditionerState, make_preconditioner
@@ -33,12 +33,15 @@ class SGHMC(MCMCKernel):
     is this SGHMC; ``"rmsprop"`` is pSGLD's (Li et al., 2016); ``None`` is ``G = I``. See
     :mod:`.integrator` and :mod:`.preconditioners` for the maths.
 
-    Models: a :class:`~pyro_subnet.nn.BayesianNet` runs on the fast functional path (batches of
-    ``subsample_size``, else the model's own ``subsample_size``, else all data); any other Pyro
-    model with continuous latent sites runs through traces, its mini-batches coming from its own
-    ``pyro.plate("data", N, subsample_size=B)``. ``kernel.model`` is a *full-data* view (for a
-    BayesianNet, a copy with ``subsample_size=None``) so that ``arviz.from_pyro(mcmc)`` computes the
-    log-likelihood of all ``N`` points.
+    Models: a Bayesian network (a user's PyroModule with PyroSample weights and one observed site in
+    a data plate, or a :class:`~pyro_subnet.nn.BayesianNet`; see :class:`~pyro_subnet.nn.ModelBridge`)
+    runs on the fast path, its network on mini-batches the kernel draws (of ``subsample_size``, else
+    the model's own plate's ``subsample_size``, else all data), with the model's own priors; a noise
+    site (``sigma = pyro.sample("sigma", ...)``) is sampled too, through its transform to the real
+    line. Any other Pyro model with continuous latent sites runs through traces, its mini-batches
+    coming from its own ``pyro.plate("data", N, subsample_size=B)``. ``kernel.model`` is a
+    *full-data* view where the model offers one (``with_subsample_size(None)``, as BayesianNet
+    does) so that ``arviz.from_pyro(mcmc)`` computes the log-likelihood of all ``N`` points.
 
     Warm-up: the preconditioner adapts during the ``warmup_steps`` calls only (``adapt_preconditioner
     ="warmup"``), then stays fixed so that the chain targets the posterior. ``MCMC`` never calls
@@ -51,23 +54,24 @@ class SGHMC(MCMCKernel):
     steps) per draw. :func:`~pyro_subnet.infer.mcmc.sample_stats` turns them into ArviZ
     ``sample_stats`` arrays of shape ``(chain, draw)``.
 
-    A regression BayesianNet with ``noise_scale=None`` gets its noise scale by Monte-Carlo EM
+    A noise hyperparameter (``BayesianNet(noise_scale=None)``) is learned by Monte-Carlo EM
     during warm-up (:meth:`_update_noise`), kept in ``model.likelihood.noise_scale``.
 
-    :param model: a BayesianNet or a Pyro model with continuous latent sites.
+    :param model: a Pyro model with continuous latent sites (see above).
     :param step_size: ``epsilon`` (the learning rate on the full-data potential ``U``; a stable
         value is below ``~alpha / lambda_max(G H)`` with ``H`` the posterior Hessian).
     :param friction: ``alpha`` in ``(0, 1]`` (``1 - momentum``; ``1`` gives SGLD).
     :param preconditioner: ``"vb"``, ``"rmsprop"`` or ``None``.
-    :param subsample_size: mini-batch size for a BayesianNet (overrides the model's).
+    :param subsample_size: mini-batch size of the fast path (overrides the model's own).
     :param steps_per_sample: SGHMC steps per returned draw.
     :param step_size_schedule: ``None``/``"constant"``, ``"polynomial"``, ``"cyclical"`` or a callable
         ``t -> epsilon_t`` of the global step ``t`` (warm-up included); options in
         ``schedule_options`` (``decay_steps``, ``power``; ``cycle_length``).
     :param adapt_preconditioner: ``"warmup"`` (default), ``"always"`` or ``"never"``.
     :param preconditioner_options: keyword arguments of the preconditioner (``beta``, ...).
-    :param init_strategy: Pyro init strategy for generic models (a BayesianNet starts from its
-        network's weights unless ``MCMC(initial_params=...)`` says otherwise).
+    :param init_strategy: Pyro init strategy for the trace path (the fast path starts from the
+        bridge's initial weights: a BayesianNet's own network weights, else the prior draw of the
+        model's trace, unless ``MCMC(initial_params=...)`` says otherwise).
 
     >>> import pyro, torch
     >>> from torch import nn
@@ -95,10 +99,9 @@ class SGHMC(MCMCKernel):
             raise ValueError(f"steps_per_sample must be a positive integer, got {steps_per_sample!r}.")
         if adapt_preconditioner not in ("warmup", "always", "never"):
             raise ValueError(f"adapt_preconditioner must be 'warmup', 'always' or 'never', got {adapt_preconditioner!r}.")
-        self._is_net = isinstance(model, BayesianNet)
-        if subsample_size is not None and not self._is_net:
-            raise ValueError("subsample_size is for BayesianNet models; a generic Pyro model subsamples through "
-                             "its own pyro.plate('data', N, subsample_size=B).")
+        check_model(model, type(self).__name__)
+        if subsample_size is not None and (not isinstance(subsample_size, int) or subsample_size < 1):
+            raise ValueError(f"subsample_size must be a positive integer or None, got {subsample_size!r}.")
         self.step_size = float(step_size)
         self.schedule = make_schedule(step_size, step_size_schedule, **(schedule_options or {}))
         self.friction = float(friction)
@@ -108,16 +111,13 @@ class SGHMC(MCMCKernel):
         self.adapt_preconditioner = adapt_preconditioner
         self.init_strategy = init_strategy
         self._model = model
-        if self._is_net:
-            # A full-data view for arviz.from_pyro / Predictive: same weights, no subsampling.
-            self.model = copy.deepcopy(model)
-            self.model.subsample_size = None
-            self.transforms = {}     # all weight sites are real-valued: identity
-            self.layout = model.layout
-        else:
-            self.model = model
-            self.transforms = None   # found in setup (MCMC calls setup(0, ...) to get them)
-            self.layout = None
+        # A full-data view for arviz.from_pyro / Predictive where the model offers one (same
+        # weights and likelihood, no subsampling).
+        view = getattr(model, "with_subsample_size", None)
+        self.model = view(None) if callable(view) else model
+        self.bridge = None        # the model's bridge (None: a model it cannot read, the trace path)
+        self.transforms = None    # found in setup (MCMC calls setup(0, ...) to get them)
+        self.layout = None
         self._user_initial = None
         self._initial = None
         self._resume = None
@@ -148,14 +148,18 @@ class SGHMC(MCMCKernel):
     def setup(self, warmup_steps, *args, **kwargs):
         self._reset()
         self._warmup_steps = warmup_steps
-        if self._is_net:
-            x = args[0] if args else kwargs.get("x")
-            y = args[1] if len(args) > 1 else kwargs.get("y")
-            batch = self.subsample_size if self.subsample_size is not None else self._model.subsample_size
-            self.potential = NetPotential(self._model, x, y, batch, log_prior=self._log_prior())
-            theta0 = self._model.initial_theta(dtype=self.potential.x.dtype, device=self.potential.x.device)
-            self._initial = self.layout.unflatten(theta0)
-        else:
+        x = args[0] if args else kwargs.get("x")
+        y = args[1] if len(args) > 1 else kwargs.get("y")
+        try:
+            self.bridge = ModelBridge(self._model, x)
+        except UnsupportedModelError:
+            if self.subsample_size is not None:
+                raise
+            self.bridge = None    # any other model with continuous latents: through its traces
+        if self.bridge is not None:
+            self._setup_bridge(x, y)
+        self._after_bridge()
+        if self.bridge is None:
             self._initial, self.transforms, self.layout = setup_trace_model(self._model, args, kwargs,
                                                                             self.init_strategy)
             self.potential = TracePotential(self._model, args, kwargs, self.transforms, self.layout)
@@ -163,6 +167,29 @@ class SGHMC(MCMCKernel):
         if self._resume is not None:
             self._restore(self._resume)
             self._resume = None
+
+    def _after_bridge(self):
+        """Hook for subclasses, once the model is read (before a saved chain is restored)."""
+
+    def _setup_bridge(self, x, y):
+        """The fast path: the bridge's network on kernel-drawn mini-batches (of ``subsample_size``,
+        else the model's own plate's, else all data). A noise site is one more coordinate, its
+        unconstrained value last in ``theta``."""
+        bridge = self.bridge
+        batch = self.subsample_size if self.subsample_size is not None else bridge.subsample_size
+        sample_noise = bridge.noise_site is not None
+        self.potential = NetPotential(bridge, x, y, batch, log_prior=self._log_prior(), sample_noise=sample_noise)
+        ref = self.potential.x
+        self.transforms = bridge.transforms()
+        initial = {n: v.to(dtype=ref.dtype, device=ref.device) for n, v in bridge.initial_values().items()}
+        sites = list(bridge.layout.shapes.items())
+        if sample_noise:
+            noise = bridge.noise
+            sites.append((bridge.noise_site, noise.shape))
+            sigma = torch.full(noise.shape, float(bridge.likelihood.noise_scale), dtype=ref.dtype, device=ref.device)
+            initial[bridge.noise_site] = self.transforms[bridge.noise_site](sigma)
+        self.layout = SiteLayout(sites)
+        self._initial = initial
 
     def _flatten(self, params) -> torch.Tensor:
         ref = next(iter(self._initial.values()))
@@ -207,7 +234,9 @@ class SGHMC(MCMCKernel):
         return {**{k: v for k, v in params.items() if k not in out}, **out}
 
     def _learns_noise(self) -> bool:
-        return self._is_net and getattr(self._model.likelihood, "learn_noise", False)
+        """A noise hyperparameter (no noise site) is learned by EM during warm-up."""
+        bridge = self.bridge
+        return bridge is not None and bridge.noise_site is None and getattr(bridge.likelihood, "learn_noise", False)
 
     def _update_noise(self):
         """Monte-Carlo EM for a learned noise scale (``noise_scale=None``), during warm-up only:
@@ -221,9 +250,7 @@ class SGHMC(MCMCKernel):
         # A running mean over roughly the last ``noise_window`` steps (an epoch or more).
         rate = max(1.0 / (self._k + 1), 1.0 / self.noise_window)
         self._noise_var = mse if self._noise_var is None else (1 - rate) * self._noise_var + rate * mse
-        scale = max(self._noise_var, 1e-12) ** 0.5
-        self._model.likelihood.set_noise_scale(scale)
-        self.model.likelihood.set_noise_scale(scale)   # the full-data view used by ArviZ
+        self.bridge.likelihood.set_noise_scale(max(self._noise_var, 1e-12) ** 0.5)
 
     def _record(self, eps, lp):
         self._stats["step_size"].append(eps)
@@ -254,7 +281,7 @@ class SGHMC(MCMCKernel):
         out = {"theta": s.theta, "velocity": s.velocity, "precond_scale": s.precond.scale,
                "precond_curvature": s.precond.curvature, "precond_count": s.precond.count,
                "step_size": s.step_size, "noise": s.noise, "num_steps": self._k, "noise_var": self._noise_var,
-               "noise_scale": getattr(self._model.likelihood, "noise_scale", None) if self._is_net else None}
+               "noise_scale": getattr(self.bridge.likelihood, "noise_scale", None) if self.bridge is not None else None}
         order = getattr(self.potential, "batch_order", None)
         if order is not None:
             out["batch_order"] = order()
@@ -265,9 +292,6 @@ class SGHMC(MCMCKernel):
         missing = [k for k in ("theta", "velocity", "precond_scale", "num_steps") if k not in state]
         if missing:
             raise ValueError(f"{type(self).__name__}.load_state_dict: not a kernel state (missing {missing}).")
-        if self.layout is not None and state["theta"].shape != (self.layout.dim,):
-            raise ValueError(f"{type(self).__name__}.load_state_dict: the saved chain has {state['theta'].shape[-1]} "
-                             f"weights, this model {self.layout.dim}; build the kernel on the same model.")
         self._resume = dict(state)
 
     def _restore(self, state) -> None:
@@ -285,8 +309,7 @@ class SGHMC(MCMCKernel):
         self._k = int(state["num_steps"])
         self._noise_var = state["noise_var"]
         if state.get("noise_scale") is not None and self._learns_noise():
-            self._model.likelihood.set_noise_scale(state["noise_scale"])
-            self.model.likelihood.set_noise_scale(state["noise_scale"])
+            self.bridge.likelihood.set_noise_scale(state["noise_scale"])
         if "batch_order" in state and hasattr(self.potential, "set_batch_order"):
             self.potential.set_batch_order(state["batch_order"])
 

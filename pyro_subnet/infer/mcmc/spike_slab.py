@@ -39,7 +39,7 @@ from typing import Dict, NamedTuple, Optional, Sequence
 import torch
 
 from ...distributions import SpikeSlab
-from ...nn import BayesianNet
+from ...nn.bridge import _base
 from .sghmc import SGHMC
 
 
@@ -68,9 +68,11 @@ class SpikeSlabSGHMC(SGHMC):
     """SGHMC with EM over a spike-and-slab prior and pruning to a target sparsity (see the module
     docstring for the maths). Takes every argument of :class:`SGHMC`, and:
 
-    :param model: a :class:`~pyro_subnet.nn.BayesianNet` (its own prior is used for the sites that
-        are not sparse; if it is a :class:`~pyro_subnet.distributions.SpikeSlab` its scales and
-        inclusion probability are the defaults below).
+    :param model: a Bayesian network model (a user's PyroModule or a
+        :class:`~pyro_subnet.nn.BayesianNet`; see :class:`~pyro_subnet.nn.ModelBridge`): its own
+        prior is used for the weight sites that are not sparse; where a sparse site's prior is a
+        :class:`~pyro_subnet.distributions.SpikeSlab`, its scales and inclusion probability are the
+        defaults below. A noise site is sampled as by :class:`SGHMC`.
     :param spike_scale: ``sigma_0`` (default: the model's SpikeSlab, else 0.01).
     :param slab_scale: initial ``sigma_1`` (default: the model's SpikeSlab, else 1.0).
     :param inclusion_prior: initial inclusion rate ``delta`` (default: the model's SpikeSlab,
@@ -117,19 +119,17 @@ class SpikeSlabSGHMC(SGHMC):
                  target_sparsity: Optional[float] = None, prune_start: Optional[int] = None,
                  prune_end: Optional[int] = None, learn_slab_scale: bool = False, learn_spike_scale: bool = False,
                  sa_c: float = 1.0, sa_A: float = 10.0, sa_alpha: float = 0.7, **sghmc_options):
-        if not isinstance(model, BayesianNet):
-            raise ValueError("SpikeSlabSGHMC needs a pyro_subnet.nn.BayesianNet (it works on the weight sites).")
         super().__init__(model, step_size, friction, **sghmc_options)
-        prior = model.prior if isinstance(model.prior, SpikeSlab) else None
-        default = lambda v, attr, d: float(v) if v is not None else (float(getattr(prior, attr).flatten()[0])
-                                                                      if prior is not None else d)
-        self.spike_scale = default(spike_scale, "spike_scale", 0.01)
-        self.slab_scale = default(slab_scale, "slab_scale", 1.0)
-        self.inclusion_prior = default(inclusion_prior, "inclusion_prob", 0.5)
-        if not 0 < self.spike_scale < self.slab_scale:
-            raise ValueError(f"Need 0 < spike_scale < slab_scale, got {self.spike_scale} and {self.slab_scale}.")
-        if not 0 < self.inclusion_prior < 1:
-            raise ValueError(f"inclusion_prior must lie in (0, 1), got {self.inclusion_prior}.")
+        # Given values, else (at setup) the model's own SpikeSlab prior's, else the defaults.
+        self._given = {"spike_scale": spike_scale, "slab_scale": slab_scale, "inclusion_prob": inclusion_prior}
+        for name, value in (("spike_scale", spike_scale), ("slab_scale", slab_scale)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value!r}.")
+        if spike_scale is not None and slab_scale is not None:
+            self._check_scales(spike_scale, slab_scale, 0.5)
+        if inclusion_prior is not None:
+            self._check_scales(0.0, 1.0, inclusion_prior, check_scales=False)
+        self.spike_scale, self.slab_scale, self.inclusion_prior = spike_scale, slab_scale, inclusion_prior
         if group not in ("weight", "neuron", "filter"):
             raise ValueError(f"group must be 'weight' or 'neuron' (alias 'filter'), got {group!r}.")
         self.group = "weight" if group == "weight" else "neuron"
@@ -140,14 +140,41 @@ class SpikeSlabSGHMC(SGHMC):
         self.inclusion_beta = None if inclusion_beta is None else tuple(float(v) for v in inclusion_beta)
         self.learn_slab_scale, self.learn_spike_scale = learn_slab_scale, learn_spike_scale
         self.sa_c, self.sa_A, self.sa_alpha = sa_c, sa_A, sa_alpha
-        shapes = self.layout.shapes
-        if sites is None:
-            self.sparse_sites = [n for n in self.layout.names if len(shapes[n]) >= 2]
-        else:
-            self.sparse_sites = [n for n in self.layout.names if any(fnmatch.fnmatchcase(n, p) for p in sites)]
-        if not self.sparse_sites:
-            raise ValueError(f"No sparse sites: sites={sites!r} matches none of {self.layout.names}.")
+        self.sites = sites
+        self.sparse_sites = None      # the model's weight sites that the patterns name (at setup)
         self._em = None
+
+    @staticmethod
+    def _check_scales(spike, slab, inclusion, check_scales=True):
+        if check_scales and not 0 < spike < slab:
+            raise ValueError(f"Need 0 < spike_scale < slab_scale, got {spike} and {slab}.")
+        if not 0 < inclusion < 1:
+            raise ValueError(f"inclusion_prior must lie in (0, 1), got {inclusion}.")
+
+    def _after_bridge(self):
+        """The sparse sites among the model's weight sites, and the scales: as given, else the
+        model's own SpikeSlab prior's (the first sparse site that has one), else 0.01, 1, 0.5."""
+        bridge = self.bridge
+        if bridge is None:
+            raise ValueError("SpikeSlabSGHMC needs a Bayesian network model: a PyroModule (or BayesianNet) whose "
+                             "weights are latent sites and whose likelihood is one observed site in a data plate.")
+        layout = bridge.layout
+        shapes = layout.shapes
+        if self.sites is None:
+            self.sparse_sites = [n for n in layout.names if len(shapes[n]) >= 2]
+        else:
+            self.sparse_sites = [n for n in layout.names if any(fnmatch.fnmatchcase(n, p) for p in self.sites)]
+        if not self.sparse_sites:
+            raise ValueError(f"No sparse sites: sites={self.sites!r} matches none of the weight sites {layout.names}.")
+        own = next((bridge.site_prior(n) for n in self.sparse_sites
+                    if isinstance(_base(bridge.site_prior(n)), SpikeSlab)), None) if bridge._static else None
+        own = None if own is None else _base(own)
+        for attr, default in (("spike_scale", 0.01), ("slab_scale", 1.0), ("inclusion_prob", 0.5)):
+            value = self._given[attr]
+            if value is None:
+                value = float(getattr(own, attr).flatten()[0]) if own is not None else default
+            setattr(self, "inclusion_prior" if attr == "inclusion_prob" else attr, float(value))
+        self._check_scales(self.spike_scale, self.slab_scale, self.inclusion_prior)
 
     # --------------------------------------------------------------------------------------------
     def _reset(self):
@@ -167,8 +194,7 @@ class SpikeSlabSGHMC(SGHMC):
         self._prune_start = self.prune_start if self.prune_start is not None else warmup_steps // 2
         self._prune_end = self.prune_end if self.prune_end is not None else warmup_steps
         ref = self.potential.x
-        theta = self.layout.flatten({n: v for n, v in self._initial.items()}).to(ref)
-        values = self.layout.unflatten(theta)
+        values = {n: v.to(ref) for n, v in self._initial.items()}
         rho, keep = {}, {}
         s1, s0 = self.slab_scale ** 2, self.spike_scale ** 2
         for n in self.sparse_sites:
@@ -186,32 +212,36 @@ class SpikeSlabSGHMC(SGHMC):
         return self._em_log_prior
 
     def _em_log_prior(self, theta: torch.Tensor) -> torch.Tensor:
-        """Model prior on the other sites + expected complete-data log prior on the sparse ones:
-        ``-1/2 sum_j kappa_j theta_j^2`` with ``kappa`` cached after each EM update (the default
-        Normal prior of the other sites is folded into ``kappa`` too)."""
+        """The model's prior on the other weight sites + the expected complete-data log prior on
+        the sparse ones, ``-1/2 sum_j kappa_j theta_j^2``, with ``kappa`` cached after each EM update
+        (a zero-mean Normal prior of another site is folded into ``kappa`` too; any other prior is
+        the site's own, from the bridge)."""
         if self._kappa is None:
             self._kappa = self._build_kappa(theta)
         lp = -0.5 * (self._kappa * theta * theta).sum()
         if self._other_sites:
-            values = self.layout.unflatten(theta)
+            values = self.bridge.layout.unflatten(theta)
             for n in self._other_sites:
-                lp = lp + self._model.site_prior(n, theta).log_prob(values[n])
+                lp = lp + self.bridge.site_log_prior(n, values[n])
         return lp
 
     def _build_kappa(self, ref: torch.Tensor) -> torch.Tensor:
-        em, parts = self._em, {}
-        normal = self._model.prior is None
-        self._other_sites = [] if normal else [n for n in self.layout.names if n not in em.rho]
-        for n in self.layout.names:
-            shape = self.layout.shapes[n]
+        em, parts, layout = self._em, {}, self.bridge.layout
+        self._other_sites = []
+        for n in layout.names:
+            shape = layout.shapes[n]
             if n in em.rho:
                 rho = em.rho[n]
                 kappa = rho / em.slab_var[n] + (1 - rho) / em.spike_var[n]
                 parts[n] = kappa[:, None].expand(-1, shape.numel() // rho.numel()).reshape(shape)
+                continue
+            normal = self.bridge.site_normal(n)
+            if normal is not None and not normal[0].any():
+                parts[n] = normal[1].pow(-2).to(ref)
             else:
-                scale = self._model._scales[n] if normal else math.inf
-                parts[n] = torch.full(shape, scale ** -2, dtype=ref.dtype, device=ref.device)
-        return self.layout.flatten(parts).detach()
+                parts[n] = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
+                self._other_sites.append(n)
+        return layout.flatten(parts).detach()
 
     def _mask(self):
         if self._mask_flat is None:

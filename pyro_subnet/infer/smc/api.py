@@ -8,7 +8,8 @@ from typing import Dict, List, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from ...nn.validation import check_model_data
+from ...nn import SiteLayout
+from ...nn.bridge import ModelBridge, check_model
 from .. import distributed
 from ..randomness import resolve_seed
 from . import annealed
@@ -109,10 +110,7 @@ class AnnealedSMC:
                  num_leapfrog_steps: int = 5, step_size: float = 0.5, target_accept: Optional[float] = None,
                  batches_per_step: int = 1, batch_growth: float = 1.0, max_steps: int = 10000,
                  seed: Optional[int] = None, progress: bool = True):
-        for attr in ("log_likelihood", "log_prior", "layout", "site_prior"):
-            if not hasattr(model, attr):
-                raise TypeError(f"AnnealedSMC needs a pyro_subnet BayesianNet (missing .{attr}); wrap your "
-                                "network with pyro_subnet.nn.BayesianNet(net, likelihood=...).")
+        check_model(model, 'AnnealedSMC')
         if not isinstance(num_particles, int) or num_particles < 2:
             raise ValueError(f"num_particles must be an integer >= 2, got {num_particles!r}.")
         if not isinstance(num_chains, int) or num_chains < 1:
@@ -151,6 +149,7 @@ class AnnealedSMC:
         self.log_evidence: Optional[torch.Tensor] = None
         self.noise_samples: Optional[torch.Tensor] = None
         self._run: Optional[dict] = None       # seed, data checksum, finished chains, an unfinished one
+        self.bridge = None                      # the model's bridge, from the data of run()
 
     @property
     def model(self):
@@ -177,8 +176,8 @@ class AnnealedSMC:
             raise TypeError(f"AnnealedSMC.run takes (x, y) only, got keyword arguments {sorted(kwargs)}.")
         if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
             raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}.")
-        model = self.model
-        x, y = check_model_data(model, x, y)
+        self.bridge = bridge = ModelBridge(self.model, x)
+        x, y = bridge.check(x, y)
         if y is None:
             raise ValueError("AnnealedSMC.run needs targets y: the likelihood brings the data in.")
         self._args, self._kwargs = (x, y), {}
@@ -193,8 +192,11 @@ class AnnealedSMC:
                                  f"on (N={x.shape[0]} and checksum differ from the checkpoint's); pass the same x, y.")
         else:
             seed = resolve_seed(self.seed)     # one shared stream for all ranks
-            noise_loc = math.log(model.likelihood.noise_scale) if self._learns_noise() else None
-            run = {"seed": seed, "data": fingerprint, "noise_loc": noise_loc, "finished": [], "current": None}
+            learned = getattr(bridge.likelihood, "learn_noise", False)
+            noise = "site" if bridge.noise_site is not None else ("hyper" if learned else None)
+            run = {"seed": seed, "data": fingerprint, "noise": noise, "noise_site": bridge.noise_site,
+                   "noise_loc": math.log(bridge.likelihood.noise_scale) if noise == "hyper" else None,
+                   "layout": list(bridge.layout.shapes.items()), "finished": [], "current": None}
         self._run = run
         self._checkpoint_path = checkpoint
         for chain in range(len(run["finished"]), self.num_chains):
@@ -204,22 +206,24 @@ class AnnealedSMC:
             self._save_checkpoint()
         self._finish(x.dtype)
 
-    def _learns_noise(self) -> bool:
-        return bool(getattr(self.model.likelihood, "learn_noise", False))
-
     def _noise_prior(self, like: torch.Tensor):
+        """The prior of the noise column ``log sigma``: ``(log_prob, sample)``. A noise site has its
+        own prior (through the log transform); a noise hyperparameter gets
+        :math:`\\mathcal{N}(\\log\\sigma_0, 1)` around the likelihood's value at the start."""
+        if self._run["noise"] == "site":
+            bridge = self.bridge
+            return bridge.noise_log_prior, lambda n: bridge.noise.fn.sample((n,)).reshape(n).log().to(like)
         loc = torch.tensor(self._run["noise_loc"], dtype=like.dtype, device=like.device)
-        return torch.distributions.Normal(loc, torch.ones_like(loc))
+        normal = torch.distributions.Normal(loc, torch.ones_like(loc))
+        return normal.log_prob, lambda n: normal.sample((n,))
 
     def _run_chain(self, chain: int, x, y, current: Optional[dict], checkpoint_every: int) -> dict:
         """One SMC sampler from the prior (or from ``current``, a saved unfinished chain) to all data."""
-        model, run = self.model, self._run
-        layout = model.layout
+        bridge, run = self.bridge, self._run
         part = distributed.shard(self.num_particles)
-        # A learned noise scale (noise_scale=None) is one more latent per particle, log sigma,
-        # with a Normal(log sigma_0, 1) prior around the likelihood's value sigma_0 at the start.
-        learn_noise = self._learns_noise()
-        noise_prior = self._noise_prior(x) if learn_noise else None
+        # A learned noise scale is one more latent per particle, log sigma (see _noise_prior).
+        learn_noise = run["noise"] is not None
+        noise_log_prob, noise_sample = self._noise_prior(x) if learn_noise else (None, None)
         gen = torch.Generator(device=x.device).manual_seed(run["seed"] + chain)
         if current is None:
             perm = torch.randperm(x.shape[0], generator=gen, device=x.device)
@@ -229,19 +233,19 @@ class AnnealedSMC:
         bs = None if self.schedule == "full" else self.batch_size
         path = DataPath(x.shape[0], bs, self.batch_growth)
         if learn_noise:
-            target = AnnealedTarget(self._noise_log_prior(model, noise_prior), self._noise_log_lik(model, xs, ys), path)
+            target = AnnealedTarget(self._noise_log_prior(bridge, noise_log_prob), self._noise_log_lik(bridge, xs, ys),
+                                    path)
         else:
-            log_lik = particle_log_lik(model)   # all particles at once, one GEMM per layer for MLPs
-            target = AnnealedTarget(model.log_prior, lambda t, a, b: log_lik(t, xs[a:b], ys[a:b]), path)
+            log_lik = particle_log_lik(bridge)   # all particles at once, one GEMM per layer for MLPs
+            target = AnnealedTarget(bridge.log_prior, lambda t, a, b: log_lik(t, xs[a:b], ys[a:b]), path)
         if current is None:
             # The prior draws come from the chain's own seed too (a forked global stream: torch's
             # distributions take no generator), so a chain is a function of the seed alone.
             with torch.no_grad(), torch.random.fork_rng():
                 torch.manual_seed(run["seed"] + chain)
-                prior = {n: model.site_prior(n, x).sample((self.num_particles,)) for n in layout.names}
-                particles = layout.flatten(prior).to(dtype=x.dtype)
+                particles = bridge.sample_prior(self.num_particles, dtype=x.dtype, device=x.device)
                 if learn_noise:
-                    particles = torch.cat([particles, noise_prior.sample((self.num_particles, 1)).to(particles)], -1)
+                    particles = torch.cat([particles, noise_sample(self.num_particles)[:, None].to(particles)], -1)
             # Rank 0's prior draws for everyone; each rank keeps its share of the particles.
             theta0 = distributed.broadcast(particles.contiguous())
             state = annealed.init(theta0, self.step_size)
@@ -285,15 +289,18 @@ class AnnealedSMC:
         states = [annealed.SMCState(**c["state"]) for c in finished]
         self._infos = [[annealed.SMCInfo(**i) for i in c["infos"]] for c in finished]
         theta = torch.stack([s.particles for s in states])          # (C, P, D) (+1: log sigma)
+        layout = SiteLayout(self._run["layout"])
         self.noise_samples = None
-        if self._learns_noise():
+        if self._run["noise"] is not None:
             self.noise_samples = theta[..., -1].exp().detach()        # (C, P)
             theta = theta[..., :-1]
             # The likelihood keeps the posterior root-mean-square noise (for log-likelihoods of
             # the draws, e.g. in ArviZ); the draws themselves are in noise_samples.
-            self.model.likelihood.set_noise_scale(float(self.noise_samples.pow(2).mean().sqrt()))
+            self._set_noise(float(self.noise_samples.pow(2).mean().sqrt()))
             states = [s._replace(particles=s.particles[:, :-1]) for s in states]
-        self._samples = {k: v.detach() for k, v in self.model.layout.unflatten(theta).items()}
+        self._samples = {k: v.detach() for k, v in layout.unflatten(theta).items()}
+        if self._run["noise"] == "site":     # a model's noise site is a posterior site like the weights
+            self._samples[self._run["noise_site"]] = self.noise_samples
         self.log_evidence = torch.tensor([s.log_evidence for s in states], dtype=dtype)
         self._states = states
 
@@ -307,15 +314,13 @@ class AnnealedSMC:
         gives the same draws; ``run(x, y, resume=True)`` then continues an unfinished run."""
         if self._run is None:
             raise RuntimeError("AnnealedSMC.state_dict(): call run(x, y) first.")
-        return {"run": self._run, "num_particles": self.num_particles, "num_chains": self.num_chains,
-                "dim": self.model.layout.dim}
+        return {"run": self._run, "num_particles": self.num_particles, "num_chains": self.num_chains}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict` (see there)."""
         if not isinstance(state, dict) or "run" not in state:
             raise ValueError("AnnealedSMC.load_state_dict: not an AnnealedSMC state (no 'run' entry).")
-        for key, mine in (("num_particles", self.num_particles), ("num_chains", self.num_chains),
-                          ("dim", self.model.layout.dim)):
+        for key, mine in (("num_particles", self.num_particles), ("num_chains", self.num_chains)):
             if state[key] != mine:
                 raise ValueError(f"AnnealedSMC.load_state_dict: the saved run has {key}={state[key]}, this sampler "
                                  f"{mine}; build it with the same settings and model.")
@@ -333,10 +338,17 @@ class AnnealedSMC:
             path = f"{path}.rank{distributed.rank()}"
         torch.save(self.state_dict(), path)
 
+    def _set_noise(self, scale: float) -> None:
+        """Put the posterior root-mean-square noise in the likelihood (the bridge's; the model's own
+        for a noise hyperparameter, also when a run is loaded before the bridge exists)."""
+        lik = self.bridge.likelihood if self.bridge is not None else getattr(self.model, "likelihood", None)
+        if getattr(lik, "learn_noise", False):
+            lik.set_noise_scale(scale)
+
     @staticmethod
-    def _noise_log_prior(model, noise_prior):
+    def _noise_log_prior(bridge, noise_log_prob):
         def log_prior(t):
-            return model.log_prior(t[:, :-1]) + noise_prior.log_prob(t[:, -1])
+            return bridge.log_prior(t[:, :-1]) + noise_log_prob(t[:, -1])
         return log_prior
 
     @staticmethod

@@ -24,11 +24,11 @@ Every other network or likelihood falls back to the model's own ``vmap`` path, s
 never depend on which path ran (the tests compare them).
 
 >>> from torch import nn
->>> from pyro_subnet.nn import BayesianNet
->>> model = BayesianNet(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), "classification")
+>>> from pyro_subnet.nn import BayesianNet, ModelBridge
 >>> x, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
->>> theta = torch.randn(7, model.layout.dim)
->>> torch.allclose(particle_log_lik(model)(theta, x, y), model.log_likelihood(theta, x, y), atol=1e-5)
+>>> bridge = ModelBridge(BayesianNet(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), "classification"), x)
+>>> theta = torch.randn(7, bridge.layout.dim)
+>>> torch.allclose(particle_log_lik(bridge)(theta, x, y), bridge.log_likelihood(theta, x, y), atol=1e-5)
 True
 """
 
@@ -99,8 +99,8 @@ def mlp_outputs(network, plan: Plan, theta: torch.Tensor, x: torch.Tensor) -> to
 
 
 def particle_log_lik(model) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``(theta (P, D), x (n, ...), y (n, ...)) -> (P, n)`` pointwise log-likelihoods of a
-    :class:`~pyro_subnet.nn.BayesianNet`, the same values as ``model.log_likelihood``, through
+    """``(theta (P, D), x (n, ...), y (n, ...)) -> (P, n)`` pointwise log-likelihoods of a model's
+    :class:`~pyro_subnet.nn.ModelBridge`, the same values as ``bridge.log_likelihood``, through
     the particles-x-features-x-examples MLP path when the network allows it."""
     plan = mlp_plan(model.network)
     classification = model.likelihood.name == "classification"
