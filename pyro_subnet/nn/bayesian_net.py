@@ -12,7 +12,7 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
-from .functional import FunctionalNet
+from .functional import FunctionalNet, _has_pyro_samples
 from .likelihoods import Likelihood, make_likelihood
 from .validation import check_model_data
 
@@ -40,7 +40,9 @@ class BayesianNet(PyroModule):
     ``(N, O)``. Global weights sit outside the data plate (dim ``-1``), so a weight batch shape
     ``(S, 1)`` means ``S`` draws.
 
-    :param net: a plain ``nn.Module`` mapping ``x`` of shape ``(N, ...)`` to ``(N, O)``.
+    :param net: an ``nn.Module`` mapping ``x`` of shape ``(N, ...)`` to ``(N, O)``: a plain one (its
+        parameters get the prior below), or a ``PyroModule`` network whose weights are
+        ``PyroSample`` sites with priors of their own (found by tracing it on the first input).
     :param likelihood: ``"classification"``, ``"regression"`` or a :class:`~pyro_subnet.nn.Likelihood`.
     :param prior_scale: standard deviation of the default Normal prior; a number, or a dict from
         site-name patterns (``fnmatch``) to numbers, e.g. ``{"*.bias": 10.0, "*": 1.0}``.
@@ -64,16 +66,37 @@ class BayesianNet(PyroModule):
                  prior_scale: Union[float, Mapping[str, float]] = 1.0, noise_scale: Optional[float] = 0.1,
                  subsample_size: Optional[int] = None, prior: PriorSpec = None):
         super().__init__()
-        self.network = FunctionalNet(net)
+        pyro_net = _has_pyro_samples(net)
+        if pyro_net and (prior is not None or prior_scale != 1.0):
+            raise ValueError("BayesianNet: this PyroModule network has PyroSample priors of its own, which are "
+                             "used; prior= and prior_scale= are for plain torch networks.")
+        # A PyroModule network's sites are found by tracing it, on the first input it sees.
+        self._network = None if pyro_net else FunctionalNet(net)
+        self._pyro_net = (net,) if pyro_net else None
         self.likelihood = make_likelihood(likelihood, noise_scale)
         if subsample_size is not None and (not isinstance(subsample_size, int) or subsample_size < 1):
             raise ValueError(f"subsample_size must be a positive integer or None, got {subsample_size!r}.")
         self.subsample_size = subsample_size
         self.prior_scale = prior_scale
         self.prior = prior
-        self._scales = {n: self._scale_for(n) for n in self.layout.names}
+        self._scales = {} if pyro_net else {n: self._scale_for(n) for n in self.layout.names}
 
     # ----------------------------------------------------------------------------------------
+    @property
+    def network(self) -> FunctionalNet:
+        """The network as a function of its weight sites (:class:`~pyro_subnet.nn.FunctionalNet`)."""
+        if self._network is None:
+            raise RuntimeError("BayesianNet: the PyroModule network's weight sites are found on its first input; "
+                               "call the model once (model(x)) or hand it to a method first.")
+        return self._network
+
+    def _discover(self, x: torch.Tensor) -> None:
+        if self._network is None:
+            if not torch.is_tensor(x):
+                x = torch.as_tensor(x, dtype=torch.get_default_dtype())
+            with torch.random.fork_rng(), pyro.poutine.block():   # a look at the net, not part of any trace
+                self._network = FunctionalNet(self._pyro_net[0], example_input=x)
+
     @property
     def layout(self):
         """The :class:`~pyro_subnet.nn.SiteLayout` of the weight sites."""
@@ -104,7 +127,7 @@ class BayesianNet(PyroModule):
         """Per-weight prior precision ``1 / prior_scale^2`` of the Normal prior, shape ``(D,)``.
 
         Only defined for the default Normal prior (the Laplace guides start from it)."""
-        if self.prior is not None:
+        if self.prior is not None or self._pyro_net is not None:
             raise ValueError("prior_precision() is defined for the default Normal prior only.")
         parts = [torch.full((self.layout.shapes[n].numel(),), self._scales[n] ** -2, dtype=dtype, device=device)
                  for n in self.layout.names]
@@ -113,6 +136,8 @@ class BayesianNet(PyroModule):
     def site_prior(self, name: str, like: torch.Tensor) -> dist.Distribution:
         """The prior distribution of weight site ``name`` (event shape = the site's shape)."""
         shape = self.layout.shapes[name]
+        if self._pyro_net is not None:
+            return self.network.priors()[name]
         if self.prior is None:
             zero = torch.zeros((), dtype=like.dtype, device=like.device)
             return dist.Normal(zero, zero + self._scales[name]).expand(shape).to_event(len(shape))
@@ -137,6 +162,7 @@ class BayesianNet(PyroModule):
 
     # ----------------------------------------------------------------------------------------
     def forward(self, x, y=None):
+        self._discover(x)
         x, y = check_model_data(self, x, y)
         params = {n: pyro.sample(n, self.site_prior(n, x)) for n in self.layout.names}
         sample_shape = self._sample_shape(params)

@@ -56,8 +56,8 @@ example: the model is run on windows of ``B`` examples with the plate's indices 
 
 from __future__ import annotations
 
+import copy
 import math
-import warnings
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import pyro
@@ -155,6 +155,18 @@ def _is_real(support) -> bool:
     return support is constraints.real
 
 
+def _unchecked(fn):
+    """A copy of a traced distribution that does not check its arguments: the methods evaluate the
+    prior at proposals that may be rejected for being NaN or out of the support (the user's own
+    distribution objects, e.g. a PyroSample prior, are left as they are)."""
+    fn = copy.deepcopy(fn)
+    d = fn
+    while d is not None:
+        d._validate_args = False
+        d = getattr(d, "base_dist", None)
+    return fn
+
+
 def _latent_sites(trace, exclude) -> List[_Site]:
     sites = []
     for name, node in trace.nodes.items():
@@ -166,7 +178,7 @@ def _latent_sites(trace, exclude) -> List[_Site]:
                                       "pyro_subnet's methods need continuous latent sites.")
         value = node["value"].detach()
         shape = value.shape[len(value.shape) - len(fn.batch_shape + fn.event_shape):]
-        sites.append(_Site(name, shape, fn, biject_to(fn.support), value))
+        sites.append(_Site(name, shape, _unchecked(fn), biject_to(fn.support), value))
     return sites
 
 
@@ -283,9 +295,18 @@ class ModelNetwork(NetworkFunction):
         return observed_parameter(catch.fn)
 
 
+def _own_network(model) -> Optional[FunctionalNet]:
+    """``model.network`` where the model offers a FunctionalNet (one that exists already)."""
+    try:
+        net = model.network
+    except (AttributeError, RuntimeError):
+        return None
+    return net if isinstance(net, FunctionalNet) else None
+
+
 def _reference_tensor(model) -> Optional[torch.Tensor]:
     """A floating tensor of the model, for the dtype and device of converted arrays."""
-    net = getattr(model, "network", None)
+    net = _own_network(model)
     if isinstance(net, FunctionalNet):
         for v in net.initial_values().values():
             if v.is_floating_point():
@@ -406,7 +427,7 @@ class ModelBridge:
         return Gaussian(fixed_noise)
 
     def _make_network(self, kind: str, trace, x) -> NetworkFunction:
-        own = getattr(self.model, "network", None)
+        own = _own_network(self.model)
         shapes = {s.name: s.shape for s in self.sites}
         if (isinstance(own, FunctionalNet) and own.layout.shapes == shapes
                 and all(_is_real(s.fn.support) for s in self.sites)):
@@ -519,7 +540,7 @@ class ModelBridge:
         of the unconstrained ``log sigma``), elementwise."""
         site = self.noise
         sigma = log_noise.exp()
-        return site.fn.log_prob(sigma.reshape(*sigma.shape, *site.shape)).reshape(sigma.shape) + log_noise
+        return site.fn.log_prob(sigma.reshape(sigma.shape + site.shape)).reshape(sigma.shape) + log_noise
 
     def _traced_sites(self, values: Dict[str, torch.Tensor]):
         """One trace of the model with the weight sites (constrained ``values``) and the noise set."""
@@ -601,6 +622,59 @@ class ModelBridge:
         noise = f", noise site {self.noise_site!r}" if self.noise_site else ""
         return (f"ModelBridge({type(self.model).__name__}: {len(self.sites)} weight sites, D={self.layout.dim}, "
                 f"{self.likelihood!r} at {self.obs_name!r}{noise})")
+
+
+class BatchAwareModel:
+    """A model as its bridge reads it, written so that its latent sites may carry leading sample
+    dimensions: each site drawn from its own (traced) prior, the network evaluated for every draw
+    at once (:meth:`~pyro_subnet.nn.functional.NetworkFunction.batched`), the observation from the
+    likelihood, in a data plate over all examples. The same density as the model, so
+    ``pyro.infer.Predictive(..., parallel=True)`` and ``arviz.from_pyro`` can vectorise over draws
+    even where the user's own forward cannot (``nn.Linear`` takes no batched weights). The bridge is
+    built on the first call; a model it cannot read, or whose priors depend on other latents, is
+    called as it is.
+
+    :param model: the Pyro model.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.bridge = None
+        self._direct = False
+
+    def __call__(self, x, y=None):
+        if self.bridge is None and not self._direct:
+            try:
+                self.bridge = ModelBridge(self.model, x)
+                self._direct = not self.bridge._static
+            except UnsupportedModelError:
+                self._direct = True
+        if self._direct:
+            return self.model(x, y)
+        b = self.bridge
+        x, y = b.check(x, y)
+        values = {s.name: pyro.sample(s.name, s.fn) for s in b.sites}
+        params = {s.name: _to_unconstrained(s, values[s.name]) for s in b.sites}
+        shapes = b.layout.shapes
+        batch = torch.broadcast_shapes(*(v.shape[: v.dim() - len(shapes[n])] for n, v in params.items()))
+        if len(batch) and batch[-1] == 1:      # the data plate's slot (global sites sit outside it)
+            batch = batch[:-1]
+        noise = None
+        if b.noise_site is not None:
+            noise = pyro.sample(b.noise_site, b.noise.fn)
+            noise = noise.reshape(noise.shape[:noise.dim() - len(b.noise.shape)])
+        f = b.network.batched(params, x, batch)
+        with pyro.plate(b.data_plate or "data", x.shape[0]):
+            if noise is not None:
+                pad = [1] * (f.dim() - 1 - noise.dim())
+                fn = b.likelihood.distribution(f, noise_scale=noise.reshape(*noise.shape, *pad))
+            else:
+                fn = b.likelihood.distribution(f)
+            pyro.sample(b.obs_name, fn, obs=y)
+        return f
+
+    def __repr__(self):
+        return f"BatchAwareModel({type(self.bridge.model).__name__})"
 
 
 def check_model(model, who: str) -> None:

@@ -125,9 +125,12 @@ class Gaussian(Likelihood):
 
     def distribution(self, f, noise_scale=None):
         scale = self.noise_scale if noise_scale is None else noise_scale
+        # A scale passed in comes from a sampler's or optimiser's proposal: no argument checks
+        # there (a rejected proposal may hold NaN), the model's own distribution keeps Pyro's.
+        validate = None if noise_scale is None else False
         if f.shape[-1] == 1:
-            return dist.Normal(f[..., 0], scale)
-        return dist.Normal(f, scale).to_event(1)
+            return dist.Normal(f[..., 0], scale, validate_args=validate)
+        return dist.Normal(f, scale, validate_args=validate).to_event(1)
 
     def log_prob_sum(self, f, y):
         r = (f[..., 0] if f.shape[-1] == 1 and y.dim() == f.dim() - 1 else f) - y

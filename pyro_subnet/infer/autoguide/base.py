@@ -32,8 +32,7 @@ import pyro.distributions as dist
 import torch
 from pyro.infer.autoguide import AutoGuide
 
-from ...nn.bridge import ModelBridge, check_model
-from ...nn.functional import FunctionalNet
+from ...nn.bridge import ModelBridge, _own_network, check_model
 from ...nn.validation import check_positive_int
 from .. import distributed
 from ..batches import iter_batches
@@ -211,6 +210,12 @@ class LinearisedLaplaceGuide(AutoGuide):
             if map_theta.shape != (self.num_weights,):
                 raise ValueError(f"fit: map_theta must have shape ({self.num_weights},), got {tuple(map_theta.shape)}.")
             theta = map_theta.to(dtype=x.dtype, device=x.device)
+            lik = self.bridge.likelihood
+            if getattr(lik, "learn_noise", False) and self.bridge.noise_site is not None:
+                # The noise that goes with given weights: its maximum-likelihood value, the root
+                # mean squared residual (the guide then tunes it by the evidence from there).
+                sse = prior_lib.residual_sum_of_squares(self.bridge.network, theta, data, self.batch_size)
+                lik.set_noise_scale(max((sse / y.numel()) ** 0.5, 1e-6))
         elif self.map_steps > 0:
             theta = fit_map(self.bridge, x, y, num_steps=self.map_steps, lr=self.map_lr,
                             batch_size=self.batch_size, progress=progress).theta
@@ -357,8 +362,8 @@ class LinearisedLaplaceGuide(AutoGuide):
     _NETWORK_BUFFERS = "network_buffers."
 
     def _network_buffers(self):
-        own = getattr(self.model, "network", None)
-        module = own.module if isinstance(own, FunctionalNet) else self.model
+        own = _own_network(self.model)
+        module = own.module if own is not None else self.model
         return dict(module.named_buffers()) if isinstance(module, torch.nn.Module) else {}
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -108,8 +108,14 @@ def log_evidence(log_lik: torch.Tensor, theta_s: torch.Tensor, prior_prec: torch
     if ggn.dim() == 1:
         logdet_post = torch.log(ggn + prior_prec).sum()
     else:
-        L = cholesky(ggn + torch.diag(prior_prec))
-        logdet_post = 2.0 * torch.log(torch.diagonal(L)).sum()
+        precision = ggn + torch.diag(prior_prec)
+        L, info = torch.linalg.cholesky_ex(precision)
+        if int(info) == 0:
+            logdet_post = 2.0 * torch.log(torch.diagonal(L)).sum()
+        else:    # too ill-conditioned to factorise (a tuner probing extreme values): LU instead
+            sign, logdet_post = torch.linalg.slogdet(precision)
+            if float(sign) <= 0:
+                return torch.full((), -math.inf, dtype=precision.dtype, device=precision.device)
     return log_lik - 0.5 * (prior_prec * theta_s ** 2).sum() + 0.5 * torch.log(prior_prec).sum() - 0.5 * logdet_post
 
 

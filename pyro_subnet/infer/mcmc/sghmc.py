@@ -10,7 +10,7 @@ from pyro.infer.autoguide.initialization import init_to_sample
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 
 from ...nn import SiteLayout
-from ...nn.bridge import ModelBridge, UnsupportedModelError, check_model
+from ...nn.bridge import BatchAwareModel, ModelBridge, UnsupportedModelError, check_model
 from . import integrator
 from .potential import NetPotential, TracePotential, setup_trace_model
 from .preconditioners import PreconditionerState, make_preconditioner
@@ -39,9 +39,11 @@ class SGHMC(MCMCKernel):
     the model's own plate's ``subsample_size``, else all data), with the model's own priors; a noise
     site (``sigma = pyro.sample("sigma", ...)``) is sampled too, through its transform to the real
     line. Any other Pyro model with continuous latent sites runs through traces, its mini-batches
-    coming from its own ``pyro.plate("data", N, subsample_size=B)``. ``kernel.model`` is a
-    *full-data* view where the model offers one (``with_subsample_size(None)``, as BayesianNet
-    does) so that ``arviz.from_pyro(mcmc)`` computes the log-likelihood of all ``N`` points.
+    coming from its own ``pyro.plate("data", N, subsample_size=B)``. ``kernel.model`` (what
+    ``arviz.from_pyro(mcmc)`` evaluates) is a *full-data*, batch-aware view: the model's own
+    ``with_subsample_size(None)`` where it offers one (BayesianNet), else a
+    :class:`~pyro_subnet.nn.bridge.BatchAwareModel`, so ArviZ gets the log-likelihood of all ``N``
+    points at every draw.
 
     Warm-up: the preconditioner adapts during the ``warmup_steps`` calls only (``adapt_preconditioner
     ="warmup"``), then stays fixed so that the chain targets the posterior. ``MCMC`` never calls
@@ -114,7 +116,7 @@ class SGHMC(MCMCKernel):
         # A full-data view for arviz.from_pyro / Predictive where the model offers one (same
         # weights and likelihood, no subsampling).
         view = getattr(model, "with_subsample_size", None)
-        self.model = view(None) if callable(view) else model
+        self.model = view(None) if callable(view) else BatchAwareModel(model)
         self.bridge = None        # the model's bridge (None: a model it cannot read, the trace path)
         self.transforms = None    # found in setup (MCMC calls setup(0, ...) to get them)
         self.layout = None

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...nn import SiteLayout
-from ...nn.bridge import ModelBridge, check_model
+from ...nn.bridge import BatchAwareModel, ModelBridge, check_model
 from .. import distributed
 from ..randomness import resolve_seed
 from . import annealed
@@ -128,7 +128,10 @@ class AnnealedSMC:
         if batch_growth != 1 and schedule != "adaptive":
             raise ValueError(f"batch_growth applies to schedule='adaptive' only (got schedule={schedule!r}).")
         get_resampler(resampling)  # fail early on an unknown scheme
-        self.kernel = SMCKernel(model, Move(move, num_mcmc_steps, num_leapfrog_steps, target_accept))
+        self._model = model
+        # What arviz.from_pyro evaluates: a batch-aware view unless the model is one itself.
+        view = model if hasattr(model, "with_subsample_size") else BatchAwareModel(model)
+        self.kernel = SMCKernel(view, Move(move, num_mcmc_steps, num_leapfrog_steps, target_accept))
         self.num_particles = num_particles
         self.num_samples = num_particles      # draws per chain, as MCMC.num_samples
         self.num_chains = num_chains
@@ -153,7 +156,7 @@ class AnnealedSMC:
 
     @property
     def model(self):
-        return self.kernel.model
+        return self._model
 
     # ----------------------------------------------------------------------------------------
     def run(self, x, y, *, checkpoint: Optional[str] = None, checkpoint_every: int = 10, resume: bool = False,
