@@ -164,3 +164,33 @@ def test_models_the_bridge_cannot_read_get_clear_errors():
         ModelBridge(Poisson(), torch.randn(4, 1))
     with pytest.raises(TypeError, match="plain torch module, not a Pyro model.*BayesianNet"):
         ps.infer.AutoSubnetLaplace(nn.Linear(2, 1))
+
+
+def test_the_analytic_predictive_walks_a_traced_forward_or_names_what_it_cannot():
+    torch.manual_seed(0)
+    model, x = RegressionBNN(h=6, sigma=0.2), torch.randn(10, 1)
+    bridge = ModelBridge(model, x)
+    theta = bridge.initial_theta()
+    post = ps.infer.analytic.FlatPosterior(theta, torch.zeros_like(theta))       # a point: the exact network
+    out = ps.infer.AnalyticPredictive(model, post)(x)
+    assert torch.allclose(out["mean"], bridge.network.flat(theta, x)[:, 0], atol=1e-6)
+    assert torch.allclose(out["var"], torch.full((10,), 0.04), atol=1e-6)           # the noise alone
+
+    class Residual(RegressionBNN):
+        def forward(self, x, y=None):
+            h = torch.tanh(self.fc1(x))
+            mu = (self.fc2(h) + x).squeeze(-1)
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("obs", dist.Normal(mu, 0.2), obs=y)
+
+    with pytest.raises(NotImplementedError, match="uses TensorBase.add on values computed from x.*branch, residual sum"):
+        ps.infer.AnalyticPredictive(Residual(h=6), post)(x)
+
+    class Cumulative(RegressionBNN):
+        def forward(self, x, y=None):
+            mu = torch.cumsum(self.fc2(torch.tanh(self.fc1(x))), 0).squeeze(-1)
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("obs", dist.Normal(mu, 0.2), obs=y)
+
+    with pytest.raises(NotImplementedError, match="applies cumsum"):
+        ps.infer.AnalyticPredictive(Cumulative(h=6), post)(x)

@@ -52,6 +52,10 @@ RESHAPES = {torch.Tensor.squeeze, torch.squeeze, torch.Tensor.unsqueeze, torch.u
             torch.Tensor.reshape, torch.reshape, torch.flatten, torch.Tensor.flatten, torch.Tensor.contiguous}
 
 
+def _rule_names() -> str:
+    return ", ".join(sorted(t.__name__ for t in layers.RULES if t is not TracedNetwork))
+
+
 def _name(func) -> str:
     return getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
 
@@ -196,7 +200,7 @@ def walkable_network(bridge: ModelBridge) -> nn.Module:
             raise NotImplementedError(
                 f"AnalyticPredictive: the model's forward uses {name} on values computed from x in a way the layer "
                 "rules cannot follow (a branch, residual sum or concatenation). Supported: a chain of layers "
-                f"({', '.join(sorted(t.__name__ for t in layers.RULES))}), elementwise activations and reshapes; "
+                f"({_rule_names()}), elementwise activations and reshapes; "
                 "or walk an nn.Sequential network through ps.nn.BayesianNet.")
         if what == "module":
             steps.append(("module", f"{where}." if where else "", op))
@@ -207,7 +211,7 @@ def walkable_network(bridge: ModelBridge) -> nn.Module:
         else:
             raise NotImplementedError(
                 f"AnalyticPredictive: the model's forward applies {name} to values computed from x; the layer rules "
-                f"know submodules ({', '.join(sorted(t.__name__ for t in layers.RULES))}), the elementwise "
+                f"know submodules ({_rule_names()}), the elementwise "
                 f"functions {', '.join(sorted({_name(f) for f in FUNCTIONS}))} and reshapes. Use a module for it, "
                 "or register a rule with pyro_subnet.infer.analytic.layers.register.")
         cur = out
