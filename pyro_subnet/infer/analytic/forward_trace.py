@@ -57,7 +57,16 @@ def _rule_names() -> str:
 
 
 def _name(func) -> str:
-    return getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+    """``torch.tanh``, ``Tensor.add``, ``F.gelu``: how the function reads in user code."""
+    name = getattr(func, "__name__", repr(func))
+    qual = getattr(func, "__qualname__", name)
+    if qual.startswith("_VariableFunctionsClass."):
+        return f"torch.{name}"
+    if qual.startswith(("TensorBase.", "Tensor.")):
+        return f"Tensor.{name}"
+    if getattr(func, "__module__", "") == "torch.nn.functional":
+        return f"F.{name}"
+    return qual
 
 
 class _Recorder(TorchFunctionMode):
