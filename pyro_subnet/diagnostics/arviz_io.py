@@ -180,7 +180,9 @@ def to_inference_data(obj, *args, num_samples: int = 100, num_chains: int = 2, m
         num_chains = obj.num_chains
         draws = obj.get_samples(group_by_chain=False)
     else:
-        model = model or getattr(obj, "model", None)
+        # A guide whose predictive is not the model's own (a Laplace guide's linearised network)
+        # says so with ``predictive_model``; the log-likelihood and LOO use it.
+        model = model or getattr(obj, "predictive_model", None) or getattr(obj, "model", None)
         if model is None:
             raise ValueError("to_inference_data: pass model= for a guide that does not carry its model.")
         if not (isinstance(num_chains, int) and num_chains >= 1 and isinstance(num_samples, int)

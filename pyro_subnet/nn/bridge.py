@@ -635,11 +635,12 @@ class BatchAwareModel:
     called as it is.
 
     :param model: the Pyro model.
+    :param bridge: its bridge, where one is built already.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, bridge: Optional["ModelBridge"] = None):
         self.model = model
-        self.bridge = None
+        self.bridge = bridge
         self._direct = False
 
     def __call__(self, x, y=None):
@@ -663,7 +664,7 @@ class BatchAwareModel:
         if b.noise_site is not None:
             noise = pyro.sample(b.noise_site, b.noise.fn)
             noise = noise.reshape(noise.shape[:noise.dim() - len(b.noise.shape)])
-        f = b.network.batched(params, x, batch)
+        f = self._outputs(params, x, batch)
         with pyro.plate(b.data_plate or "data", x.shape[0]):
             if noise is not None:
                 pad = [1] * (f.dim() - 1 - noise.dim())
@@ -673,8 +674,12 @@ class BatchAwareModel:
             pyro.sample(b.obs_name, fn, obs=y)
         return f
 
+    def _outputs(self, params, x, batch) -> torch.Tensor:
+        """``f`` of shape ``(*batch, N, O)`` for the (unconstrained) site values ``params``."""
+        return self.bridge.network.batched(params, x, batch)
+
     def __repr__(self):
-        return f"BatchAwareModel({type(self.bridge.model).__name__})"
+        return f"{type(self).__name__}({type(self.model).__name__})"
 
 
 def check_model(model, who: str) -> None:

@@ -83,8 +83,9 @@ def test_pyro_predictive_and_state_dict():
     for parallel in (False, True):
         out = Predictive(model, guide=guide, num_samples=50, parallel=parallel)(x)
         w = out["weight"].reshape(50, -1)
-        allowed = (guide.loc[:4] + guide.samples[:, :4])                      # (K, 4)
-        assert (w[:, None] - allowed[None]).abs().amax(-1).min(1).values.max() < 1e-12            # every draw is a stored sample
+        # every draw is a stored sample or its mirror image about the MAP (antithetic pairs)
+        allowed = guide.loc[:4] + torch.cat([guide.samples[:, :4], -guide.samples[:, :4]])       # (2K, 4)
+        assert (w[:, None] - allowed[None]).abs().amax(-1).min(1).values.max() < 1e-12
     fresh = AutoSampledLaplace(model, num_posterior_samples=32, progress=False)
     fresh.load_state_dict(guide.state_dict())
     m1, v1 = guide.predict(x)

@@ -32,18 +32,39 @@ import pyro.distributions as dist
 import torch
 from pyro.infer.autoguide import AutoGuide
 
-from ...nn.bridge import ModelBridge, _own_network, check_model
+from ...nn.bridge import BatchAwareModel, ModelBridge, _own_network, check_model
 from ...nn.validation import check_positive_int
 from .. import distributed
 from ..batches import iter_batches
 from ..map import fit_map
 from . import glm
 from . import prior as prior_lib
+from .curvature import jvp
 
 
 def _is_array_data(x) -> bool:
     """Inputs given as one array (tensor, NumPy array or list) rather than a DataLoader."""
     return isinstance(x, (torch.Tensor, np.ndarray, list))
+
+
+class LinearisedModel(BatchAwareModel):
+    """The model with its network linearised at a Laplace guide's MAP: the same latent sites and
+    priors, the observation from :math:`f(x; \hat\theta) + J_S(x)(\theta_S - \hat\theta_S)`: the
+    generalised linear model whose posterior the guide holds (Immer et al., 2021), batch-aware
+    over draws.
+
+    :param guide: a fitted :class:`LinearisedLaplaceGuide`.
+    """
+
+    def __init__(self, guide: "LinearisedLaplaceGuide"):
+        super().__init__(guide.model, guide.bridge)
+        self.guide = guide
+
+    def _outputs(self, params, x, batch):
+        guide = self.guide
+        theta = self.bridge.layout.flatten(params)                   # (*batch, [1,] D)
+        delta = theta[..., guide.subnet_indices] - guide.loc[guide.subnet_indices]
+        return guide.linearised_output(delta.reshape(*batch, delta.shape[-1]), x.to(guide.loc.device))
 
 
 def collect(data) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -72,17 +93,22 @@ class LinearisedLaplaceGuide(AutoGuide):
     :param map_lr: Adam learning rate.
     :param batch_size: mini-batch size for the MAP and for curvature accumulation.
     :param progress: show progress bars.
+    :param predictive: ``"glm"`` or ``"nn"``: what :meth:`forward` gives ``pyro.infer.Predictive``.
     """
 
     _state_buffers: Sequence[str] = ("loc", "subnet_indices")
 
     def __init__(self, model, map_steps: int = 2000, map_lr: float = 1e-2, batch_size: int = 256,
-                 progress: bool = True):
+                 progress: bool = True, predictive: str = "glm"):
         check_model(model, type(self).__name__)
+        if predictive not in ("glm", "nn"):
+            raise ValueError(f"predictive must be 'glm' (the linearised network) or 'nn' (the network at sampled "
+                             f"weights), got {predictive!r}.")
         if not (isinstance(map_steps, int) and map_steps >= 0):
             raise ValueError(f"map_steps must be a non-negative integer, got {map_steps!r}.")
         batch_size = check_positive_int(batch_size, "batch_size")
         super().__init__(model)
+        self.predictive = predictive
         self.map_steps = map_steps
         self.map_lr = map_lr
         self.batch_size = batch_size
@@ -254,17 +280,59 @@ class LinearisedLaplaceGuide(AutoGuide):
         return theta.index_copy(-1, self.subnet_indices, sub_values)
 
     def forward(self, *args, **kwargs) -> Dict[str, torch.Tensor]:
-        """Draw every weight site: subnetwork coordinates from the posterior, the rest at the MAP."""
+        """Draw every latent site: subnetwork coordinates from the posterior, the rest at the MAP
+        (a noise site at its tuned value). Given the model's inputs (as ``pyro.infer.Predictive``
+        passes them) and ``predictive="glm"``, also draw the observed site from the linearised
+        network, :math:`y \sim p(y \mid f(x; \hat\theta) + J_S(x)(\theta_S - \hat\theta_S))` (a JVP for
+        every draw at once), so that ``Predictive(model, guide=guide)`` returns the GLM predictive
+        (the site is auxiliary: Predictive conditions the model on it; ArviZ conversions skip it).
+        ``predictive="nn"`` leaves the observation to the model: its network at the sampled weights."""
         self._check_fitted()
+        x = args[0] if args else kwargs.get("x")
+        if self.bridge is None:
+            if x is None:
+                raise ValueError(f"{type(self).__name__}: call the guide with the model's inputs the first time.")
+            self._ensure_bridge(x)
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        theta = self._full_theta(self._sample_subnet())
+        sub = self._sample_subnet()
+        theta = self._full_theta(sub)
         layout = self.bridge.layout
         out = {}
         for name, value in self.bridge.constrained(layout.unflatten(theta)).items():
             out[name] = pyro.sample(name, dist.Delta(value, event_dim=len(layout.shapes[name])))
         out.update({n: pyro.sample(n, dist.Delta(v, event_dim=v.dim())) for n, v in self._point_sites().items()})
+        if self.predictive == "glm" and x is not None:
+            self._sample_observation(sub, x)
         return out
+
+    def _sample_observation(self, sub: torch.Tensor, x) -> None:
+        bridge = self.bridge
+        if bridge.subsample_size is not None:
+            raise ValueError(f"{type(self).__name__}: the model's data plate subsamples; pass pyro.infer.Predictive a "
+                             "version of the model over all data (e.g. model.with_subsample_size(None)).")
+        x = bridge.check(x)[0].to(self.loc.device)
+        f = self.linearised_output(sub - self.loc[self.subnet_indices], x)
+        # The examples are one event (no plate in the guide: Predictive then shapes the weight
+        # sites as the model's own draws, for models that are not batch-aware too).
+        fn = bridge.likelihood.distribution(f).to_event(1)
+        pyro.sample(bridge.obs_name, fn, infer={"is_auxiliary": True})
+
+    def linearised_output(self, delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The linearised network :math:`f(x; \hat\theta) + J_S(x)\,\delta` for subnetwork offsets
+        ``delta`` of shape ``(*batch, k)``: ``(*batch, N, O)``, one JVP for every offset at once."""
+        lead = delta.shape[:-1]
+        f, Jv = jvp(self.bridge.network, self.loc, x, delta.reshape(-1, delta.shape[-1]), self.subnet_indices)
+        return (f + Jv).reshape(*lead, *f.shape)
+
+    @property
+    def predictive_model(self):
+        """The model whose observations the guide's draws predict: with ``predictive="glm"`` the
+        network linearised at the MAP (:class:`LinearisedModel`, the same sites and priors as the
+        model), else the model itself. :func:`pyro_subnet.to_inference_data` evaluates the
+        pointwise log-likelihood (hence LOO) through it."""
+        self._check_fitted()
+        return LinearisedModel(self) if self.predictive == "glm" else self.model
 
     def _point_sites(self) -> Dict[str, torch.Tensor]:
         """Latent sites the guide holds at a point: the model's noise site, at its tuned value."""

@@ -37,7 +37,9 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
     by less than ``em_tol`` (relative).
 
     The guide then behaves like :class:`~pyro_subnet.infer.AutoSubnetLaplace`: ``guide(*args)``
-    draws one of the ``K`` samples (so ``pyro.infer.Predictive`` works, sequential or parallel),
+    draws one of the ``K`` samples or its mirror image about the MAP (antithetic pairs: the draws
+    then have the GLM predictive's mean exactly), so ``pyro.infer.Predictive`` works, sequential
+    or parallel;
     ``predict(x, method="glm")`` uses the function-space factor :math:`F = [J\\zeta_1, \\dots,
     J\\zeta_K] / \\sqrt K`, ``median``/``quantiles`` and ``state_dict`` work.
 
@@ -65,6 +67,9 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
     :param seed: seed of the random draws (the same on every rank under ``torch.distributed``);
         ``None`` (default): drawn from torch's global generator at :meth:`fit`, so
         ``pyro.set_rng_seed`` governs it.
+    :param predictive: what ``pyro.infer.Predictive(model, guide=guide)`` draws (``"glm"``, default,
+        or ``"nn"``; see :class:`~pyro_subnet.infer.AutoSubnetLaplace`).
+    :param map_steps, map_lr, batch_size, progress: see :class:`.LinearisedLaplaceGuide`.
 
     >>> import pyro_subnet as ps
     >>> from torch import nn
@@ -83,8 +88,9 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
                  num_em_steps: int = 10, em_tol: float = 1e-3, solver: str = "cg", tol: float = 1e-4,
                  max_iter: int = 500, sgd_lr: float = 1e-3, newton_step: bool = False,
                  prior_structure: str = "scalar", seed: Optional[int] = None, map_steps: int = 2000,
-                 map_lr: float = 1e-2, batch_size: int = 256, progress: bool = True):
-        super().__init__(model, map_steps=map_steps, map_lr=map_lr, batch_size=batch_size, progress=progress)
+                 map_lr: float = 1e-2, batch_size: int = 256, progress: bool = True, predictive: str = "glm"):
+        super().__init__(model, map_steps=map_steps, map_lr=map_lr, batch_size=batch_size, progress=progress,
+                         predictive=predictive)
         if not (isinstance(num_posterior_samples, int) and num_posterior_samples >= 2):
             raise ValueError(f"num_posterior_samples must be an integer >= 2, got {num_posterior_samples!r}.")
         if solver not in ("cg", "sgd"):
@@ -192,15 +198,22 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
         self.em_trace = torch.tensor(trace, dtype=torch.float64)
 
     # ------------------------------------------------------------------------------------------
+    def _antithetic(self) -> torch.Tensor:
+        """The ``2K`` offsets ``(+zeta_1, ..., +zeta_K, -zeta_1, ..., -zeta_K)``: the draws are
+        zero-mean Gaussian, so the pairs keep their covariance and make the empirical mean exactly
+        the MAP, as the GLM predictive (mean ``f(x; MAP)``, covariance from ``F``) says."""
+        return torch.cat([self.samples, -self.samples])
+
     def _sample_subnet(self):
-        k = self.samples.shape[0]
-        j = pyro.sample(f"_{self._pyro_name}_draw", dist.Categorical(logits=self.samples.new_zeros(k)),
+        draws = self._antithetic()
+        j = pyro.sample(f"_{self._pyro_name}_draw", dist.Categorical(logits=draws.new_zeros(draws.shape[0])),
                         infer={"is_auxiliary": True})
-        return self.loc[self.subnet_indices] + self.samples[j]
+        return self.loc[self.subnet_indices] + draws[j]
 
     def _sample_deltas(self, num_samples, generator=None):
-        j = torch.randint(self.samples.shape[0], (num_samples,), generator=generator, device="cpu")
-        return self.samples[j.to(self.samples.device)]
+        draws = self._antithetic()
+        j = torch.randint(draws.shape[0], (num_samples,), generator=generator, device="cpu")
+        return draws[j.to(draws.device)]
 
     def _function_factor(self, x):
         f, JZ = jvp(self.bridge.network, self.loc, x, self.samples, self.subnet_indices)   # (K, N, O)
@@ -210,9 +223,10 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
         return self.samples.pow(2).mean(0).sqrt()
 
     def get_posterior(self, *args, **kwargs) -> dist.Empirical:
-        """The ``K`` posterior samples of the subnetwork weights as an empirical distribution."""
+        """The posterior samples of the subnetwork weights and their mirror images about the MAP
+        (``2K``, see :meth:`_antithetic`) as an empirical distribution."""
         self._check_fitted()
-        values = self.loc[self.subnet_indices] + self.samples
+        values = self.loc[self.subnet_indices] + self._antithetic()
         return dist.Empirical(values, torch.zeros(values.shape[0], dtype=values.dtype, device=values.device))
 
     def effective_dimension(self) -> float:

@@ -50,6 +50,10 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
     :param hessian: the curvature, ``"ggn"`` (the generalised Gauss-Newton matrix).
     :param newton_step: after the MAP, take one Gauss-Newton step on the subnetwork, to the mode
         of the linearised model (exact for linear-Gaussian models; Antorán et al., ICML 2022).
+    :param predictive: what ``pyro.infer.Predictive(model, guide=guide)`` draws: ``"glm"`` (default)
+        the observation from the network linearised at the MAP, the predictive of the Laplace
+        posterior; ``"nn"`` (an explicit opt-in) the model's own network at the sampled weights,
+        which for a nonlinear network is a different predictive (often much wider).
     :param map_steps, map_lr, batch_size, progress: see :class:`.LinearisedLaplaceGuide`.
 
     >>> import pyro_subnet as ps
@@ -66,8 +70,9 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
 
     def __init__(self, model, subnet=None, prior_precision=None, hessian: str = "ggn",
                  prior_structure: str = "scalar", newton_step: bool = False, map_steps: int = 2000,
-                 map_lr: float = 1e-2, batch_size: int = 256, progress: bool = True):
-        super().__init__(model, map_steps=map_steps, map_lr=map_lr, batch_size=batch_size, progress=progress)
+                 map_lr: float = 1e-2, batch_size: int = 256, progress: bool = True, predictive: str = "glm"):
+        super().__init__(model, map_steps=map_steps, map_lr=map_lr, batch_size=batch_size, progress=progress,
+                         predictive=predictive)
         if hessian != "ggn":
             raise ValueError(f"AutoSubnetLaplace: hessian must be 'ggn', got {hessian!r}.")
         if prior_structure not in prior_lib.STRUCTURES:
