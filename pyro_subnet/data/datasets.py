@@ -8,7 +8,7 @@ that metrics can be reported in the original units).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -27,6 +27,8 @@ class Dataset:
     num_outputs: int                # classes, or 1 for regression
     y_mean: float = 0.0             # regression: y_original = y * y_std + y_mean
     y_std: float = 1.0
+    x_mean: Optional[torch.Tensor] = None   # x_original = x * x_std + x_mean (per feature)
+    x_std: Optional[torch.Tensor] = None
 
     @property
     def num_features(self) -> int:
@@ -50,17 +52,18 @@ def _make(name, X, y, likelihood, test_fraction, seed, dtype) -> Dataset:
     mu, sd = X[tr].mean(0), X[tr].std(0)
     sd[sd == 0] = 1.0  # constant pixels in digits
     Xs = (X - mu) / sd
+    stats = dict(x_mean=torch.as_tensor(mu, dtype=dtype), x_std=torch.as_tensor(sd, dtype=dtype))
     if likelihood == "classification":
         y = np.asarray(y, dtype=np.int64)
         yt = torch.as_tensor(y)
         return Dataset(name, torch.as_tensor(Xs[tr], dtype=dtype), yt[tr], torch.as_tensor(Xs[te], dtype=dtype),
-                       yt[te], likelihood, int(y.max()) + 1)
+                       yt[te], likelihood, int(y.max()) + 1, **stats)
     y = np.asarray(y, dtype=np.float64)
     ym, ys = float(y[tr].mean()), float(y[tr].std())
     ysd = (y - ym) / ys
     return Dataset(name, torch.as_tensor(Xs[tr], dtype=dtype), torch.as_tensor(ysd[tr], dtype=dtype),
                    torch.as_tensor(Xs[te], dtype=dtype), torch.as_tensor(ysd[te], dtype=dtype),
-                   likelihood, 1, ym, ys)
+                   likelihood, 1, ym, ys, **stats)
 
 
 def load_digits(test_fraction: float = 0.3, seed: int = 0, dtype=torch.float32) -> Dataset:

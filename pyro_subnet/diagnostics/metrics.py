@@ -10,6 +10,10 @@ All take tensors (or arrays) and return Python floats, averaged over examples.
   :math:`\\sum_b \\frac{|B_b|}{N} |\\mathrm{acc}(B_b) - \\mathrm{conf}(B_b)|` (Guo et al., 2017).
 * ``brier(probs, y)``: :math:`\\frac1N\\sum_n \\sum_c (p_{nc} - [y_n = c])^2`.
 * ``rmse(mean, y)``: :math:`\\sqrt{\\frac1N \\sum_n (y_n - \\mu_n)^2}`.
+* ``entropy(probs)``: the predictive entropy :math:`-\\sum_c p_{nc} \\log p_{nc}` per example.
+* ``auroc(score_in, score_out)``: the area under the ROC curve of telling ``out`` from ``in`` by a
+  score that should be larger out of distribution, :math:`P(s_{out} > s_{in}) + \\tfrac12
+  P(s_{out} = s_{in})` (the Mann-Whitney statistic; 0.5 is chance, 1 is perfect).
 """
 
 from __future__ import annotations
@@ -74,4 +78,27 @@ def rmse(mean, y) -> float:
     return float(((mean - y) ** 2).mean().sqrt())
 
 
-__all__ = ["nll", "accuracy", "ece", "brier", "rmse"]
+def entropy(probs) -> torch.Tensor:
+    """Predictive entropy per example, ``(N, C) -> (N,)`` (nats)."""
+    p = _t(probs, torch.float64)
+    return -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
+
+
+def auroc(score_in, score_out) -> float:
+    """AUROC of separating ``score_out`` (positives) from ``score_in`` by the score (see the module
+    docstring), from the ranks of the pooled scores (ties get their average rank)."""
+    a, b = _t(score_in, torch.float64).reshape(-1), _t(score_out, torch.float64).reshape(-1)
+    if a.numel() == 0 or b.numel() == 0:
+        raise ValueError("auroc: both score sets need at least one value.")
+    pooled = torch.cat([a, b])
+    order = torch.argsort(pooled)
+    ranks = torch.empty_like(pooled)
+    ranks[order] = torch.arange(1, len(pooled) + 1, dtype=torch.float64)
+    _, inverse, counts = torch.unique(pooled, return_inverse=True, return_counts=True)
+    sums = torch.zeros(len(counts), dtype=torch.float64).index_add_(0, inverse, ranks)
+    ranks = (sums / counts)[inverse]                        # average rank within ties
+    r_out = ranks[len(a):].sum()
+    return float((r_out - len(b) * (len(b) + 1) / 2) / (len(a) * len(b)))
+
+
+__all__ = ["nll", "accuracy", "ece", "brier", "rmse", "entropy", "auroc"]

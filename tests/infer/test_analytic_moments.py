@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from pyro_subnet.infer import links
 from pyro_subnet.infer.analytic import moments
 
 
@@ -59,11 +60,11 @@ def test_relu_moments_closed_form():
 @pytest.mark.parametrize("scale", [0.3, 3.0])
 def test_gumbel_max_softmax_matches_gaussian_integral(scale):
     mean, cov = _gaussian(N=300, F=5, scale=scale, seed=2)
-    p = moments.gumbel_max_softmax(mean, cov)
+    p = links.gumbel_max_softmax(mean, cov)
     assert torch.allclose(p.sum(-1), torch.ones(300, dtype=torch.float64))
     z = torch.randn(40000, *mean.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     mc = torch.softmax(mean + torch.einsum("nkl,snl->snk", torch.linalg.cholesky(cov), z), -1).mean(0)
-    probit = moments.probit_softmax(mean, cov.diagonal(dim1=-2, dim2=-1))
+    probit = links.probit(mean, cov.diagonal(dim1=-2, dim2=-1))
     nll = lambda q: -torch.log(q).mean()  # noqa: E731  (expected NLL of every class as a proxy)
     err, err_probit = (p - mc).abs().mean(), (probit - mc).abs().mean()
     assert err < 0.02
@@ -107,10 +108,10 @@ def test_win_probabilities_match_plain_leave_one_out_maxima(C):
     p = torch.stack(p, -1)
     p = p / p.sum(-1, keepdim=True)
     independent = 0.5 + torch.rand(N, C, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
-    got, got_independent = moments._win_probabilities(mean, cov, independent=independent)
+    got, got_independent = links._win_probabilities(mean, cov, independent=independent)
     assert torch.allclose(got, p, atol=1e-12)
-    assert torch.allclose(moments._win_probabilities(mean, cov), p, atol=1e-12)
-    assert torch.allclose(got_independent, moments._win_probabilities(mean, torch.diag_embed(independent)), atol=1e-12)
+    assert torch.allclose(links._win_probabilities(mean, cov), p, atol=1e-12)
+    assert torch.allclose(got_independent, links._win_probabilities(mean, torch.diag_embed(independent)), atol=1e-12)
 
 
 def test_product_covariance_matches_the_quadratic_forms():
@@ -172,13 +173,13 @@ def test_sparse_factor_path_matches_dense():
 def test_gumbel_max_link_is_the_softmax_for_a_point_posterior(order):
     mean, cov = _gaussian(N=200, F=10, scale=1.0, seed=5)
     mean = 3 * mean
-    p = moments.gumbel_max_softmax(mean, torch.zeros_like(mean), order)
+    p = links.gumbel_max_softmax(mean, torch.zeros_like(mean), order)
     assert torch.allclose(p, torch.softmax(mean, -1), atol=1e-12)
     # independent logits: the covariance-free recursion equals the general one
     var = cov.diagonal(dim1=-2, dim2=-1)
-    assert torch.allclose(moments.gumbel_max_softmax(mean, var, order),
-                          moments.gumbel_max_softmax(mean, torch.diag_embed(var), order), atol=1e-12)
-    raw = moments.gumbel_max_softmax(mean, torch.zeros_like(mean), exact_at_zero=False)
+    assert torch.allclose(links.gumbel_max_softmax(mean, var, order),
+                          links.gumbel_max_softmax(mean, torch.diag_embed(var), order), atol=1e-12)
+    raw = links.gumbel_max_softmax(mean, torch.zeros_like(mean), exact_at_zero=False)
     assert (raw - torch.softmax(mean, -1)).abs().max() > 1e-3     # what the correction removes
 
 
@@ -221,4 +222,4 @@ def test_layer_norm_diagonal_path_matches_the_matrix_form(shared):
 
 def test_softmax_is_torch_softmax():
     x = torch.randn(5, 3, 8, generator=torch.Generator().manual_seed(1)) * 30
-    assert torch.allclose(moments.softmax(x), torch.softmax(x, -1), atol=1e-7)
+    assert torch.allclose(links.softmax(x), torch.softmax(x, -1), atol=1e-7)

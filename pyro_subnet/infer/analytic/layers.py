@@ -60,6 +60,7 @@ from typing import Callable, Dict, Optional, Type
 import torch
 from torch import nn
 
+from .. import links
 from . import moments
 from .posterior import SitePosterior
 
@@ -242,7 +243,7 @@ def _self_attention(module, prefix, x, post):
     k = mean @ Wm[E:2 * E].T + (0 if bm is None else bm[E:2 * E])
     N, T = mean.shape[:2]
     heads = lambda t: t.reshape(N, T, H, d).transpose(1, 2)  # noqa: E731  (N, H, T, d)
-    attn = moments.softmax(heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(d))
+    attn = links.softmax(heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(d))
     lw = post.cached(("values", prefix), lambda: moments.prepare_linear(
         *_linear_params(post, w, b, has_bias, rows=slice(2 * E, 3 * E)), products=post.products))
     v = moments.linear(x, lw, products=post.products is not False)

@@ -9,7 +9,7 @@ import pyro
 import torch
 
 from ...nn.bridge import ModelBridge, check_model
-from ..autoguide.glm import probit
+from .. import links
 from . import layers, moments
 from .forward_trace import walkable_network
 from .posterior import FlatPosterior, SitePosterior, read_posterior
@@ -74,7 +74,7 @@ class AnalyticPredictive:
     output, with latent function :math:`f \\sim \\mathcal N(\\mu, \\Sigma)`:
 
     * classification, ``link="gumbel_max"`` (default): :math:`\\mathbb E[\\mathrm{softmax}(f)]` as a
-      multinomial probit with Clark's maximum (:func:`~.moments.gumbel_max_softmax`; uses the
+      multinomial probit with Clark's maximum (:func:`~pyro_subnet.infer.links.gumbel_max_softmax`; uses the
       covariance between the logits); ``link="probit"``:
       :math:`p(y \\mid x) \\approx \\mathrm{softmax}(\\mu / \\sqrt{1 + \\tfrac{\\pi}{8} v})` (the paper's
       link; it uses the variances only and misses the tails when they are large);
@@ -285,11 +285,11 @@ class AnalyticPredictive:
         lik = self.bridge.likelihood
         if lik.name == "classification":
             if self.link == "probit":
-                out["probs"] = moments.probit_softmax(mean, out["f_var"])
+                out["probs"] = links.probit(mean, out["f_var"])
             else:
-                out["probs"] = moments.gumbel_max_softmax(mean, var)
+                out["probs"] = links.gumbel_max_softmax(mean, var)
         elif lik.name == "binary":
-            out["probs"] = probit(mean, out["f_var"].sqrt().unsqueeze(-1), binary=True)
+            out["probs"] = links.probit(mean, out["f_var"], binary=True)
         elif lik.name == "regression":
             m, v = mean, out["f_var"] + self._noise_var()
             if m.shape[-1] == 1:

@@ -37,6 +37,7 @@ from ...nn.validation import check_positive_int
 from .. import distributed
 from ..batches import iter_batches
 from ..map import fit_map
+from .. import links
 from . import glm
 from . import prior as prior_lib
 from .curvature import jvp
@@ -409,7 +410,7 @@ class LinearisedLaplaceGuide(AutoGuide):
             with torch.no_grad():
                 f = self.bridge.network.flat_batched(thetas, x)          # (S, N, O)
             if classification:
-                return glm.probabilities(f, binary).mean(0)
+                return links.probabilities(f, binary).mean(0)
             return f.mean(0), f.var(0, unbiased=False) + noise_var
         raise ValueError(f"predict: method must be 'glm' or 'nn', got {method!r}.")
 

@@ -16,10 +16,11 @@ covariance is singular (softmax logits: it always is, along the all-ones directi
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
+
+from .. import links
 
 
 def function_variance(F: torch.Tensor) -> torch.Tensor:
@@ -27,21 +28,22 @@ def function_variance(F: torch.Tensor) -> torch.Tensor:
     return F.pow(2).sum(-1)
 
 
-def probabilities(logits: torch.Tensor, binary: bool = False) -> torch.Tensor:
-    """Class probabilities ``(..., C)`` from logits: ``softmax``, or for one Bernoulli logit
-    (``binary``, logits ``(..., 1)``) the two columns ``(1 - sigmoid, sigmoid)``."""
-    if binary:
-        p = torch.sigmoid(logits[..., 0])
-        return torch.stack([1 - p, p], -1)
-    return torch.softmax(logits, dim=-1)
-
-
 def probit(f: torch.Tensor, F: torch.Tensor, binary: bool = False) -> torch.Tensor:
-    """Class probabilities by the probit (mean-field) approximation (MacKay, 1992):
-    :math:`\\mathrm{softmax}\\big(f / \\sqrt{1 + \\tfrac{\\pi}{8} \\mathrm{diag}(F F^\\top)}\\big)`
-    (for a Bernoulli logit, ``binary``: :math:`\\sigma(f / \\sqrt{1 + \\tfrac{\\pi}{8} v})`)."""
-    kappa = torch.rsqrt(1.0 + math.pi / 8.0 * function_variance(F))
-    return probabilities(kappa * f, binary)
+    """Class probabilities by the probit approximation (:func:`~pyro_subnet.infer.links.probit`)
+    from the function-space factor: variances :math:`\\mathrm{diag}(F F^\\top)`."""
+    return links.probit(f, function_variance(F), binary)
+
+
+def gumbel_max(f: torch.Tensor, F: torch.Tensor, binary: bool = False) -> torch.Tensor:
+    """Class probabilities :math:`\\mathbb E[\\mathrm{softmax}(f)]` under :math:`f \\sim \\mathcal N(\\mu,
+    F F^\\top)` by the Gumbel-max identity with Clark's moments of a maximum
+    (:func:`~pyro_subnet.infer.links.gumbel_max_softmax`): it uses the covariance between the
+    logits, so a common shift of the logits (raw or normalised) changes nothing, as for Monte
+    Carlo, where the per-class probit changes. A Bernoulli logit (``binary``) takes the probit, the
+    standard approximation of the two-class integral."""
+    if binary:
+        return probit(f, F, binary=True)
+    return links.gumbel_max_softmax(f, F @ F.transpose(-1, -2))
 
 
 def mc_logits(f: torch.Tensor, F: torch.Tensor, num_samples: int = 100,
@@ -55,7 +57,7 @@ def mc_logits(f: torch.Tensor, F: torch.Tensor, num_samples: int = 100,
         s = min(chunk, num_samples - done)
         eps = torch.randn(s, F.shape[-1], dtype=F.dtype, device=F.device, generator=generator)
         logits = f + torch.einsum("nor,sr->sno", F, eps)
-        part = probabilities(logits, binary).sum(0)
+        part = links.probabilities(logits, binary).sum(0)
         total = part if total is None else total + part
         done += s
     return total / num_samples

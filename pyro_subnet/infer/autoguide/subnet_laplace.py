@@ -8,7 +8,7 @@ import torch
 
 from .. import distributed
 from ..batches import iter_batches
-from . import glm
+from .. import links
 from . import prior as prior_lib
 from .base import LinearisedLaplaceGuide
 from .curvature import ggn, jacobian
@@ -226,7 +226,7 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         for p in grid.tolist():
             var = (JQ2 / (e + p)).sum(-1)
             if lik.name in ("classification", "binary"):
-                probs = glm.probabilities(f * torch.rsqrt(1.0 + torch.pi / 8.0 * var), lik.name == "binary")
+                probs = links.probabilities(f * torch.rsqrt(1.0 + torch.pi / 8.0 * var), lik.name == "binary")
                 score = metrics.nll(probs, y_val)
             else:
                 score = metrics.nll(f.reshape(-1), y_val.reshape(-1), var=var.reshape(-1) + lik.noise_scale ** 2)
