@@ -4,8 +4,8 @@
 >>> model = ps.nn.BayesianNet(net, likelihood="classification")      # doctest: +SKIP
 """
 
-from . import data, diagnostics, distributions, infer, nn, subnet
-from .diagnostics import metrics, plots, to_inference_data
+from . import data, diagnostics, distributions, infer, metrics, nn, subnet
+from .diagnostics import plots, to_inference_data
 
 __version__ = "0.1.0"
 __all__ = ["nn", "infer", "subnet", "data", "diagnostics", "distributions", "metrics", "plots",

@@ -1,8 +1,16 @@
-"""The main job's methods: each fits one posterior on a data set and predicts the test split.
+"""The main job's methods: each fits one posterior on a data set and predicts from it.
 
 A method is a function ``run(ctx) -> MethodResult`` registered in :data:`METHODS` under the name
 the ``--methods`` option uses. The :class:`Context` carries the data, the network, the MAP
 weights (fitted once and shared, since every Laplace method starts from them) and the settings.
+A :class:`MethodResult` holds the method's test-set predictions and a ``predict`` function, which
+:meth:`MethodResult.evaluate` applies to the test inputs under shift and out of distribution
+(:mod:`pyro_subnet.data.shift`).
+
+Beside the Bayesian methods stand the two baselines a user would otherwise pick, at the same
+architecture: ``deep_ensemble`` (5 MAP networks from different initialisations, Lakshminarayanan
+et al., 2017) and ``mc_dropout`` (dropout after every hidden layer, kept on at prediction, 100
+passes; Gal & Ghahramani, 2016).
 """
 
 from __future__ import annotations
@@ -10,49 +18,118 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
+import pyro
 import torch
+from pyro.infer import MCMC
 from torch import nn
 
 from . import metrics
 from .data import Dataset
+from .data.shift import ood_inputs, shifted_inputs
+from .diagnostics import to_inference_data
+from .diagnostics.arviz_io import summary_numbers
+from .infer import AnalyticPredictive, AutoSampledLaplace, AutoSubnetLaplace
+from .infer.analytic import FlatPosterior
+from .infer.autoguide import curvature
+from .infer.autoguide import prior as prior_lib
 from .infer.map import fit_map
+from .infer.mcmc import SGHMC, SpikeSlabSGHMC
+from .infer.smc import AnnealedSMC
 from .nn import BayesianNet
+from .subnet import PredictiveVariance
+
+#: classification: probabilities ``(N, C)``; regression: ``(mean, var)``, each ``(N,)``
+Prediction = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
 class MethodResult:
-    """Test-set predictions of one method and what it cost."""
+    """One method's predictions and what it cost.
+
+    ``predict(x)`` gives the method's predictive at any inputs (classification: probabilities;
+    regression: ``(mean, var)`` in standardised units, the noise included); ``probs`` or
+    ``mean``/``var`` hold it at the test inputs. ``seconds`` is the time to fit and predict the
+    test set (the shared MAP included where the method starts from it)."""
 
     name: str
     seconds: float
-    probs: Optional[torch.Tensor] = None   # classification: (N, C)
-    mean: Optional[torch.Tensor] = None    # regression: (N,)
-    var: Optional[torch.Tensor] = None     # regression: predictive variance, noise included
+    predict: Callable[[torch.Tensor], Prediction]
+    probs: Optional[torch.Tensor] = None
+    mean: Optional[torch.Tensor] = None
+    var: Optional[torch.Tensor] = None
     diagnostics: Dict[str, float] = field(default_factory=dict)  # printed and saved, e.g. ESS, R-hat
     plots: Dict[str, object] = field(default_factory=dict)       # data for figures, e.g. SMC traces
 
+    @classmethod
+    def timed(cls, name: str, ctx: "Context", fit_seconds: float, predict: Callable[[torch.Tensor], Prediction],
+              **kwargs) -> "MethodResult":
+        """A result whose test-set prediction is made (and timed) here."""
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            pred = predict(ctx.ds.x_test)
+        seconds = fit_seconds + time.perf_counter() - t0
+        if ctx.ds.likelihood == "classification":
+            return cls(name, seconds, predict, probs=pred, **kwargs)
+        return cls(name, seconds, predict, mean=pred[0], var=pred[1], **kwargs)
+
     def scores(self, ds: Dataset) -> Dict[str, float]:
+        """In-distribution test scores (regression in the target's original units), the time and
+        the method's diagnostics."""
         out = {"time_s": self.seconds}
         if ds.likelihood == "classification":
-            out.update(accuracy=metrics.accuracy(self.probs, ds.y_test), nll=metrics.nll(self.probs, ds.y_test),
-                       ece=metrics.ece(self.probs, ds.y_test), brier=metrics.brier(self.probs, ds.y_test))
+            out.update(_class_scores(self.probs, ds.y_test, brier=True))
         else:
-            # Report in the original units of the target.
-            mean = self.mean * ds.y_std + ds.y_mean
-            var = self.var * ds.y_std ** 2
-            y = ds.y_test * ds.y_std + ds.y_mean
-            out.update(rmse=metrics.rmse(mean, y), nll=metrics.nll(mean, y, var=var))
+            out.update(_regression_scores(ds, self.mean, self.var))
         out.update(self.diagnostics)
         return out
 
+    def evaluate(self, ds: Dataset) -> Dict[str, object]:
+        """:meth:`scores`, then ``shift`` -> ``{shift name: scores}`` on the shifted test inputs and
+        ``ood`` -> ``{"auroc": ...}``: the AUROC of telling the OOD inputs from the test inputs by
+        the predictive entropy (regression: the predictive variance), averaged over the OOD sets,
+        with each set's own (``auroc_<set>``)."""
+        out = self.scores(ds)
+        shift = {}
+        with torch.no_grad():
+            for name, x in shifted_inputs(ds).items():
+                pred = self.predict(x)
+                shift[name] = (_class_scores(pred, ds.y_test) if ds.likelihood == "classification"
+                               else _regression_scores(ds, *pred))
+            test = self.probs if ds.likelihood == "classification" else (self.mean, self.var)
+            u_test = _uncertainty(test)
+            per_set = {name: metrics.auroc(u_test, _uncertainty(self.predict(x))) for name, x in ood_inputs(ds).items()}
+        out["shift"] = shift
+        out["ood"] = {"auroc": sum(per_set.values()) / len(per_set), **{f"auroc_{k}": v for k, v in per_set.items()}}
+        return out
 
-def mlp(num_in: int, num_out: int, hidden=(100, 100), activation=nn.Tanh) -> nn.Sequential:
-    """The multilayer perceptron the main job uses (tanh, as in the subnetwork-inference paper)."""
+
+def _class_scores(probs, y, brier: bool = False) -> Dict[str, float]:
+    out = {"accuracy": metrics.accuracy(probs, y), "nll": metrics.nll(probs, y), "ece": metrics.ece(probs, y)}
+    if brier:
+        out["brier"] = metrics.brier(probs, y)
+    return out
+
+
+def _regression_scores(ds: Dataset, mean, var) -> Dict[str, float]:
+    """RMSE and NLL in the original units of the target."""
+    y = ds.y_test * ds.y_std + ds.y_mean
+    m, v = mean * ds.y_std + ds.y_mean, var * ds.y_std ** 2
+    return {"rmse": metrics.rmse(m, y), "nll": metrics.nll(m, y, var=v)}
+
+
+def _uncertainty(pred: Prediction) -> torch.Tensor:
+    """What an OOD detector reads: the entropy of the class probabilities, or the predictive variance."""
+    return pred[1] if isinstance(pred, tuple) else metrics.entropy(pred)
+
+
+def mlp(num_in: int, num_out: int, hidden=(100, 100), activation=nn.Tanh, dropout: float = 0.0) -> nn.Sequential:
+    """The multilayer perceptron the main job uses (tanh, as in the subnetwork-inference paper);
+    ``dropout``: a dropout layer after every hidden activation (the MC dropout baseline)."""
     layers, width = [], num_in
     for h in hidden:
-        layers += [nn.Linear(width, h), activation()]
+        layers += [nn.Linear(width, h), activation()] + ([nn.Dropout(dropout)] if dropout else [])
         width = h
     layers.append(nn.Linear(width, num_out))
     return nn.Sequential(*layers)
@@ -81,6 +158,7 @@ class Context:
     diagnostics: bool = True
     options: Dict[str, Dict[str, object]] = field(default_factory=dict)
     validation: Optional[Tuple[torch.Tensor, torch.Tensor]] = None   # held out of ds.x_train, for tuning
+    hidden: Tuple[int, ...] = (100, 100)
     _map: Optional[torch.Tensor] = None
     _map_seconds: float = 0.0
     _map_noise: Optional[float] = None
@@ -122,6 +200,15 @@ class Context:
         self._fit_map()
         return self._map_seconds
 
+    def fresh_model(self, seed: int, dropout: float = 0.0) -> BayesianNet:
+        """A model like :attr:`model` (same architecture, prior and likelihood) with a new
+        initialisation (``seed``) and, for MC dropout, dropout layers."""
+        torch.manual_seed(seed)
+        net = mlp(self.ds.num_features, self.ds.num_outputs, self.hidden, dropout=dropout)
+        lik = self.model.likelihood
+        noise = None if self.learns_noise else getattr(lik, "noise_scale", 0.1)
+        return BayesianNet(net, likelihood=self.ds.likelihood, prior_scale=self.model.prior_scale, noise_scale=noise)
+
 
 def make_context(ds: Dataset, quick: bool = False, seed: int = 0, progress: bool = True,
                  validation_fraction: float = 0.1, hidden=None) -> Context:
@@ -137,45 +224,106 @@ def make_context(ds: Dataset, quick: bool = False, seed: int = 0, progress: bool
         val, fit = perm[:n_val], perm[n_val:]
         validation = (ds.x_train[val], ds.y_train[val])
         ds = dataclasses.replace(ds, x_train=ds.x_train[fit], y_train=ds.y_train[fit])
-    hidden = hidden or ((50,) if quick else (100, 100))
+    hidden = tuple(hidden or ((50,) if quick else (100, 100)))
     net = mlp(ds.num_features, ds.num_outputs, hidden)
     noise = 0.5 if ds.likelihood == "regression" else 0.1
     model = BayesianNet(net, likelihood=ds.likelihood, prior_scale=1.0, noise_scale=noise)
     return Context(ds, model, quick=quick, seed=seed, progress=progress, map_steps=600 if quick else 2000,
-                   validation=validation)
+                   validation=validation, hidden=hidden)
+
+
+# ------------------------------------------------------------------------------------------------
+def _draws_predictive(ctx: Context, model: BayesianNet, theta: torch.Tensor,
+                      noise_var=None) -> Callable[[torch.Tensor], Prediction]:
+    """The Bayesian model average of the networks at weight draws ``theta (S, D)``: mean class
+    probabilities; regression: the mixture's mean and variance (``noise_var``: the noise
+    variance, a number or ``(S,)`` per draw; default the likelihood's)."""
+    def predict(x):
+        f = model.network.flat_batched(theta, x)                   # (S, N, O)
+        if ctx.ds.likelihood == "classification":
+            return torch.softmax(f, -1).mean(0)
+        nv = model.noise_scale ** 2 if noise_var is None else float(torch.as_tensor(noise_var).mean())
+        return f[..., 0].mean(0), f[..., 0].var(0) + nv
+    return predict
+
+
+def _map_noise_var(ctx: Context, model: BayesianNet, theta: torch.Tensor) -> float:
+    """The noise variance at a MAP: the jointly fitted one if learned, else the training residuals'."""
+    if ctx.learns_noise:
+        return model.noise_scale ** 2
+    with torch.no_grad():
+        resid = model.network.flat(theta, ctx.ds.x_train)[:, 0] - ctx.ds.y_train
+    return float(resid.pow(2).mean())
 
 
 def run_map(ctx: Context) -> MethodResult:
     """The MAP network alone: no uncertainty over the weights."""
-    theta = ctx.theta_map
+    theta, model = ctx.theta_map, ctx.model
+    noise_var = _map_noise_var(ctx, model, theta) if ctx.ds.likelihood == "regression" else None
+
+    def predict(x):
+        f = model.network.flat(theta, x)
+        if ctx.ds.likelihood == "classification":
+            return torch.softmax(f, -1)
+        return f[:, 0], torch.full((len(f),), noise_var, dtype=f.dtype)
+    return MethodResult.timed("MAP", ctx, ctx.map_seconds, predict)
+
+
+def run_deep_ensemble(ctx: Context) -> MethodResult:
+    """Deep ensemble: ``size`` (default 5) MAP networks of the same architecture and prior from
+    different initialisations (the shared MAP is the first), averaged (Lakshminarayanan et al.,
+    2017, without adversarial training)."""
+    size = ctx.option("deep_ensemble", "size", 3 if ctx.quick else 5)
+    members, seconds = [(ctx.model, ctx.theta_map)], ctx.map_seconds
     t0 = time.perf_counter()
-    with torch.no_grad():
-        f = ctx.model.network.flat(theta, ctx.ds.x_test)
-    predict_s = time.perf_counter() - t0
-    seconds = ctx.map_seconds + predict_s
-    if ctx.ds.likelihood == "classification":
-        return MethodResult("MAP", seconds, probs=torch.softmax(f, -1))
-    # The noise scale at the MAP: the jointly fitted one if learned, else the training residual
-    # standard deviation.
-    with torch.no_grad():
-        resid = ctx.model.network.flat(theta, ctx.ds.x_train)[:, 0] - ctx.ds.y_train
-    noise_var = ctx.model.noise_scale ** 2 if ctx.learns_noise else resid.pow(2).mean()
-    var = torch.as_tensor(noise_var, dtype=f.dtype).expand(len(f))
-    return MethodResult("MAP", seconds, mean=f[:, 0], var=var)
+    for i in range(1, size):
+        model = ctx.fresh_model(ctx.seed + 1000 * i)
+        members.append((model, fit_map(model, ctx.ds.x_train, ctx.ds.y_train, num_steps=ctx.map_steps, lr=ctx.map_lr,
+                                       batch_size=ctx.map_batch_size, progress=ctx.progress,
+                                       seed=ctx.seed + 1000 * i).theta))
+    seconds += time.perf_counter() - t0
+    noise = [(_map_noise_var(ctx, m, t) if ctx.ds.likelihood == "regression" else None) for m, t in members]
+
+    def predict(x):
+        preds = [_draws_predictive(ctx, m, t[None], nv)(x) for (m, t), nv in zip(members, noise)]
+        if ctx.ds.likelihood == "classification":
+            return torch.stack(preds).mean(0)
+        means, variances = torch.stack([p[0] for p in preds]), torch.stack([p[1] for p in preds])
+        mean = means.mean(0)
+        return mean, (variances + means ** 2).mean(0) - mean ** 2     # the mixture's variance
+    return MethodResult.timed("DeepEnsemble", ctx, seconds, predict, diagnostics={"members": float(size)})
+
+
+def run_mc_dropout(ctx: Context) -> MethodResult:
+    """MC dropout: the architecture with dropout (rate 0.1 by default) after every hidden layer,
+    fitted as a MAP with dropout on, and predicted with dropout kept on, averaging 100 passes
+    (Gal & Ghahramani, 2016)."""
+    rate = ctx.option("mc_dropout", "rate", 0.1)
+    passes = ctx.option("mc_dropout", "passes", 100)
+    model = ctx.fresh_model(ctx.seed, dropout=rate)
+    t0 = time.perf_counter()
+    theta = fit_map(model, ctx.ds.x_train, ctx.ds.y_train, num_steps=ctx.map_steps, lr=ctx.map_lr,
+                    batch_size=ctx.map_batch_size, progress=ctx.progress, seed=ctx.seed).theta
+    seconds = time.perf_counter() - t0
+    draws = theta.expand(passes, -1)
+    noise_var = _map_noise_var(ctx, model, theta) if ctx.ds.likelihood == "regression" else None
+    bma = _draws_predictive(ctx, model, draws, noise_var)
+
+    def predict(x):
+        with model.network.training():          # dropout on: every pass its own mask
+            return bma(x)
+    return MethodResult.timed("MCDropout", ctx, seconds, predict, diagnostics={"dropout": rate})
 
 
 def arviz_diagnostics(obj) -> Dict[str, float]:
     """ArviZ's view of a sampler's draws (min bulk ESS, max R-hat with several chains, elpd_loo,
     share of Pareto k > 0.7), from :func:`~pyro_subnet.to_inference_data` on the training data."""
-    from .diagnostics.arviz_io import summary_numbers
-    from .diagnostics import to_inference_data
     return summary_numbers(to_inference_data(obj))
 
 
 def run_annealed_smc(ctx: Context) -> MethodResult:
     """Data-annealed SMC (adaptive schedule over stages that double the data, MALA moves) from
     the prior; no MAP needed."""
-    from .infer.smc import AnnealedSMC
     ctx.reset_noise()
     torch.manual_seed(ctx.seed)
     opt = lambda k, d: ctx.option("annealed_smc", k, d)  # noqa: E731
@@ -185,24 +333,18 @@ def run_annealed_smc(ctx: Context) -> MethodResult:
                       seed=ctx.seed, progress=ctx.progress)
     t0 = time.perf_counter()
     smc.run(ctx.ds.x_train, ctx.ds.y_train)
-    theta = smc.particles()[0]
-    with torch.no_grad():
-        f = ctx.model.network.flat_batched(theta, ctx.ds.x_test)          # (P, N, O)
     seconds = time.perf_counter() - t0
     d = smc.diagnostics()
     diag = {"log_evidence": float(smc.log_evidence[0]), "smc_steps": d["num_steps"]["chain 0"],
             "grad_passes": d["grad_evals"]["chain 0"], **(arviz_diagnostics(smc) if ctx.diagnostics else {})}
     plots = {"smc": {k: d[k]["chain 0"] for k in ("ess", "acceptance_rate", "num_data", "step_size", "resampled")}}
-    if ctx.ds.likelihood == "classification":
-        return MethodResult("AnnealedSMC", seconds, probs=torch.softmax(f, -1).mean(0), diagnostics=diag,
-                            plots=plots)
-    mean = f[..., 0]
     # A learned noise is a latent per particle: the mixture's variance has its mean square.
-    noise_var = smc.noise_samples[0].pow(2).mean() if smc.noise_samples is not None else ctx.model.noise_scale ** 2
+    noise_var = None
     if smc.noise_samples is not None:
-        diag["noise_scale"] = float(noise_var.sqrt())
-    return MethodResult("AnnealedSMC", seconds, mean=mean.mean(0),
-                        var=mean.var(0) + noise_var, diagnostics=diag, plots=plots)
+        noise_var = smc.noise_samples[0].pow(2)
+        diag["noise_scale"] = float(noise_var.mean().sqrt())
+    predict = _draws_predictive(ctx, ctx.model, smc.particles()[0], noise_var)
+    return MethodResult.timed("AnnealedSMC", ctx, seconds, predict, diagnostics=diag, plots=plots)
 
 
 def sgmcmc_posterior(ctx: Context, target_sparsity: Optional[float] = None, num_samples: Optional[int] = None,
@@ -212,10 +354,6 @@ def sgmcmc_posterior(ctx: Context, target_sparsity: Optional[float] = None, num_
     ``pyro.infer.MCMC``; returns ``(mcmc, kernel, seconds)``. The step size is ``epoch_lr / N``
     (a per-example learning rate on the full-data potential; times the MAP's sigma^2 for a learned
     noise scale, since the curvature grows as 1 / sigma^2); the preconditioner is "vb"."""
-    import pyro
-    from pyro.infer import MCMC
-
-    from .infer.mcmc import SGHMC, SpikeSlabSGHMC
     ds, model = ctx.ds, ctx.model
     n = ds.x_train.shape[0]
     name = "sghmc" if target_sparsity is None else "spike_slab_sghmc"
@@ -244,18 +382,12 @@ def sgmcmc_posterior(ctx: Context, target_sparsity: Optional[float] = None, num_
 
 
 def _sgmcmc_result(name: str, ctx: Context, mcmc, seconds: float, extra: Dict[str, float]) -> MethodResult:
-    model, ds = ctx.model, ctx.ds
+    model = ctx.model
     theta = model.layout.flatten(mcmc.get_samples())          # (S, D)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        f = model.network.flat_batched(theta, ds.x_test)      # (S, N, O)
-    seconds += ctx.map_seconds + time.perf_counter() - t0
-    if ds.likelihood == "classification":
-        return MethodResult(name, seconds, probs=torch.softmax(f, -1).mean(0), diagnostics=extra)
-    noise = model.noise_scale ** 2   # learned: the EM value at the end of warm-up
-    if ctx.learns_noise:
+    if ctx.learns_noise:      # the EM value at the end of warm-up
         extra = {**extra, "noise_scale": model.noise_scale}
-    return MethodResult(name, seconds, mean=f[..., 0].mean(0), var=f[..., 0].var(0) + noise, diagnostics=extra)
+    return MethodResult.timed(name, ctx, ctx.map_seconds + seconds, _draws_predictive(ctx, model, theta),
+                              diagnostics=extra)
 
 
 def run_sghmc(ctx: Context) -> MethodResult:
@@ -277,8 +409,6 @@ def run_spike_slab_sghmc(ctx: Context) -> MethodResult:
 def _tune_on_validation(ctx: Context, theta: torch.Tensor, ggn_diag: torch.Tensor, grid=None) -> torch.Tensor:
     """The prior precision (one scalar, from ``grid``) of a diagonal Laplace whose analytic
     predictive has the lowest NLL on ``ctx.validation``."""
-    from .infer.analytic import AnalyticPredictive, FlatPosterior
-
     x_val, y_val = ctx.validation
     grid = torch.logspace(-2, 4, 25).tolist() if grid is None else grid
     best, best_nll = None, float("inf")
@@ -295,15 +425,11 @@ def run_analytic(ctx: Context) -> MethodResult:
     """MAP + diagonal (GGN) Laplace, predicted in one pass by
     :class:`~pyro_subnet.infer.AnalyticPredictive`; its prior precision is tuned on the held-out
     split (or, without one, by the diagonal evidence; a learned noise always by the evidence)."""
-    from .infer.analytic import AnalyticPredictive, FlatPosterior
-    from .infer.autoguide import curvature
-
     theta = ctx.theta_map
     t0 = time.perf_counter()
     lik = ctx.model.likelihood
     ggn = curvature.ggn(ctx.model.network, lik, theta, (ctx.ds.x_train, ctx.ds.y_train), structure="diag")
     prior = ctx.model.prior_precision(dtype=theta.dtype, device=theta.device)
-    from .infer.autoguide import prior as prior_lib
     one_group = torch.zeros(len(theta), dtype=torch.long, device=theta.device)
     if ctx.learns_noise:
         # Noise scale and one prior precision by the diagonal Laplace evidence.
@@ -324,63 +450,67 @@ def run_analytic(ctx: Context) -> MethodResult:
     # A Laplace posterior belongs to the network linearised at the MAP: activations linearised
     # at the mean give exactly that model's predictive (moment matching would instead push the
     # Gaussian through the nonlinear network, whose mean drifts away from the MAP's).
-    out = AnalyticPredictive(ctx.model, FlatPosterior(theta, 1.0 / (ggn + prior)), covariance="diag",
-                             activations="linearise")(ctx.ds.x_test)
-    seconds = ctx.map_seconds + time.perf_counter() - t0
-    if ctx.ds.likelihood == "classification":
-        return MethodResult("AnalyticPredictive", seconds, probs=out["probs"], diagnostics=diag)
-    return MethodResult("AnalyticPredictive", seconds, mean=out["mean"], var=out["var"], diagnostics=diag)
+    predictor = AnalyticPredictive(ctx.model, FlatPosterior(theta, 1.0 / (ggn + prior)), covariance="diag",
+                                   activations="linearise")
+
+    def predict(x):
+        out = predictor(x)
+        return out["probs"] if "probs" in out else (out["mean"], out["var"])
+    return MethodResult.timed("AnalyticPredictive", ctx, ctx.map_seconds + time.perf_counter() - t0, predict,
+                              diagnostics=diag)
 
 
-def _guide_result(name: str, ctx: Context, pred, seconds: float, diag: Dict[str, float]) -> MethodResult:
-    """A Laplace guide's ``predict`` output (probabilities, or ``(mean, var)`` of shape ``(N, 1)``)
-    as a :class:`MethodResult`, with a learned noise scale among the diagnostics."""
+def _laplace_result(name: str, ctx: Context, guide, fit_seconds: float, diag: Dict[str, float]) -> MethodResult:
+    """A Laplace guide's GLM predictive as a :class:`MethodResult`, with a learned noise scale
+    among the diagnostics."""
     if ctx.learns_noise:
         diag = {**diag, "noise_scale": ctx.model.noise_scale}
-    if ctx.ds.likelihood == "classification":
-        return MethodResult(name, seconds, probs=pred, diagnostics=diag)
-    mean, var = pred
-    return MethodResult(name, seconds, mean=mean[:, 0], var=var[:, 0], diagnostics=diag)
+
+    def predict(x):
+        pred = guide.predict(x)
+        return pred if ctx.ds.likelihood == "classification" else (pred[0][:, 0], pred[1][:, 0])
+    return MethodResult.timed(name, ctx, ctx.map_seconds + fit_seconds, predict, diagnostics=diag)
+
+
+def _laplace_prior(ctx: Context, evidence: str):
+    """The main job's prior tuning: by the GLM predictive's NLL on the held-out split (it keeps the
+    in-distribution NLL at the MAP's, where the evidence's prior is much wider), else ``evidence``."""
+    return ("validation", ctx.validation) if ctx.validation is not None else (evidence, None)
 
 
 def run_subnet_laplace(ctx: Context) -> MethodResult:
     """AutoSubnetLaplace: full-covariance linearised Laplace over a greedy predictive-variance
-    subnetwork of up to 1000 weights, the rest at the shared MAP; GLM predictive (probit)."""
-    from .infer import AutoSubnetLaplace
-    from .subnet import PredictiveVariance
-
+    subnetwork of up to 1000 weights, the rest at the shared MAP; GLM predictive, prior precision
+    by the held-out NLL."""
     theta = ctx.theta_map
     ds = ctx.ds
     t0 = time.perf_counter()
     k = min(ctx.option("subnet_laplace", "k", min(1000, ctx.model.layout.dim // 2)), ctx.model.layout.dim)
-    guide = AutoSubnetLaplace(ctx.model, subnet=PredictiveVariance(k), prior_precision="marglik",
-                              progress=ctx.progress).fit(ds.x_train, ds.y_train, map_theta=theta)
-    pred = guide.predict(ds.x_test)
-    seconds = ctx.map_seconds + time.perf_counter() - t0
+    spec, validation = _laplace_prior(ctx, "marglik")
+    guide = AutoSubnetLaplace(ctx.model, subnet=PredictiveVariance(k), prior_precision=spec,
+                              progress=ctx.progress).fit(ds.x_train, ds.y_train, map_theta=theta, validation=validation)
     diag = {"k": float(k), "log_evidence": float(guide.log_marginal_likelihood()),
             "prior_precision": float(guide.prior_prec.mean())}
-    return _guide_result("AutoSubnetLaplace", ctx, pred, seconds, diag)
+    return _laplace_result("AutoSubnetLaplace", ctx, guide, time.perf_counter() - t0, diag)
 
 
 def run_sampled_laplace(ctx: Context) -> MethodResult:
     """AutoSampledLaplace: linearised Laplace over all weights by sample-then-optimise (batched
-    CG), prior precision (and a learned noise) by EM; GLM predictive."""
-    from .infer import AutoSampledLaplace
-
+    CG), prior precision by the held-out NLL (else by EM), a learned noise by EM; GLM predictive."""
     theta = ctx.theta_map
     ds = ctx.ds
     opt = lambda k, d: ctx.option("sampled_laplace", k, d)  # noqa: E731
+    spec, validation = _laplace_prior(ctx, "em")
     t0 = time.perf_counter()
     guide = AutoSampledLaplace(ctx.model, num_posterior_samples=opt("num_posterior_samples", 16 if ctx.quick else 32),
-                               prior_precision="em", num_em_steps=opt("num_em_steps", 3 if ctx.quick else 5), em_tol=1e-2,
+                               prior_precision=spec, num_em_steps=opt("num_em_steps", 3 if ctx.quick else 5), em_tol=1e-2,
                                tol=opt("tol", 1e-3), max_iter=opt("max_iter", 100 if ctx.quick else 200),
-                               seed=ctx.seed, progress=ctx.progress).fit(ds.x_train, ds.y_train, map_theta=theta)
-    pred = guide.predict(ds.x_test)
-    seconds = ctx.map_seconds + time.perf_counter() - t0
+                               seed=ctx.seed, progress=ctx.progress).fit(ds.x_train, ds.y_train, map_theta=theta,
+                                                                         validation=validation)
     diag = {"k": float(len(guide.subnet_indices)), "prior_precision": float(guide.prior_prec.mean()),
             "effective_dim": guide.effective_dimension(), "em_steps": float(len(guide.em_trace)),
             "cg_residual": float(guide.em_trace[-1, 3])}
-    return _guide_result("AutoSampledLaplace", ctx, pred, seconds, diag)
+    return _laplace_result("AutoSampledLaplace", ctx, guide, time.perf_counter() - t0, diag)
 
 
 METHODS: Dict[str, Callable[[Context], MethodResult]] = {
@@ -391,4 +521,6 @@ METHODS: Dict[str, Callable[[Context], MethodResult]] = {
     "spike_slab_sghmc": run_spike_slab_sghmc,
     "annealed_smc": run_annealed_smc,
     "analytic": run_analytic,
+    "deep_ensemble": run_deep_ensemble,
+    "mc_dropout": run_mc_dropout,
 }

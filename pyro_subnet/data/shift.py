@@ -18,7 +18,7 @@ embedded data set this module gives
     training data (whose features have unit spread) in most directions.
 
 A method's OOD score is the AUROC of telling the OOD inputs from the in-distribution test inputs
-by its predictive uncertainty (:func:`~pyro_subnet.diagnostics.metrics.auroc`): the entropy of the
+by its predictive uncertainty (:func:`~pyro_subnet.metrics.auroc`): the entropy of the
 class probabilities, or the predictive variance for regression.
 """
 

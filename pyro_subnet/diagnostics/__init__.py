@@ -1,6 +1,5 @@
 """Diagnostics: predictive metrics, ArviZ conversion, pointwise log-likelihoods."""
 
-from . import metrics
 from .arviz_io import to_inference_data
 from .pointwise import full_data, pointwise
 

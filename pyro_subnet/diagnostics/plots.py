@@ -40,18 +40,52 @@ def reliability_bins(probs, y, num_bins: int = 15):
     return mean_conf, acc, count
 
 
-def reliability_diagram(results: Dict[str, object], y, num_bins: int = 15, path: Optional[str] = None,
-                        ax=None):
-    """Accuracy against confidence for each method (``{name: probs}``); the diagonal is perfect
-    calibration and the gap to it is what ECE averages."""
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 5))
-    ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=1, label="perfect calibration")
-    for name, probs in results.items():
-        conf, acc, count = reliability_bins(probs, y, num_bins)
+def reliability_diagram(results: Dict[str, object], y, num_bins: int = 10, path: Optional[str] = None,
+                        columns: int = 4):
+    """One small panel per method (``{name: probs}``): accuracy against confidence in equal-width
+    bins, each bar's count written above it, the diagonal (perfect calibration) dashed and the ECE
+    in the title. Bins with few examples are drawn pale: their accuracy is noisy."""
+    names = list(results)
+    rows = max(1, -(-len(names) // columns))
+    cols = min(columns, max(1, len(names)))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), squeeze=False, sharex=True, sharey=True)
+    edges = np.linspace(0, 1, num_bins + 1)
+    width = 1.0 / num_bins
+    total = len(_np(y))
+    for ax, name in zip(axes.flat, names):
+        conf, acc, count = reliability_bins(results[name], y, num_bins)
         keep = count > 0
-        ax.plot(conf[keep], acc[keep], marker="o", ms=4, label=name)
-    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="Reliability diagram")
-    ax.legend(fontsize=8, loc="upper left")
+        alpha = np.where(count >= 0.02 * total, 0.9, 0.35)
+        for b in np.nonzero(keep)[0]:
+            ax.bar(edges[b], acc[b], width=width, align="edge", color="C0", alpha=alpha[b], edgecolor="white")
+            ax.text(edges[b] + width / 2, min(acc[b] + 0.03, 0.97), str(int(count[b])), ha="center", va="bottom",
+                    fontsize=6)
+        ax.plot([0, 1], [0, 1], color="0.4", ls="--", lw=1)
+        gap = float(np.nansum(count[keep] / total * np.abs(acc[keep] - conf[keep])))
+        ax.set_title(f"{name}\nECE {gap:.3f}", fontsize=8)
+        ax.set(xlim=(0, 1), ylim=(0, 1))
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("confidence", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("accuracy", fontsize=8)
+    return _finish(fig, path)
+
+
+def shift_curve(curves: Dict[str, Dict[float, float]], xlabel: str = "rotation (degrees)", ylabel: str = "test NLL",
+                path: Optional[str] = None, ax=None):
+    """One line per method: a score against the strength of the shift (``{name: {level: score}}``,
+    level 0 the unshifted test set)."""
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.5, 4))
+    for i, (name, points) in enumerate(curves.items()):
+        levels = sorted(points)
+        ax.plot(levels, [points[v] for v in levels], marker="o", ms=3, lw=1.5, label=name,
+                ls="-" if i < 10 else "--")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{ylabel} under shift")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
     return _finish(fig, path)
 
 
@@ -124,4 +158,5 @@ def inclusion_histogram(inclusion: Dict[str, object], path: Optional[str] = None
     return _finish(fig, path)
 
 
-__all__ = ["reliability_diagram", "reliability_bins", "predictive_band", "smc_traces", "inclusion_histogram"]
+__all__ = ["reliability_diagram", "reliability_bins", "shift_curve", "predictive_band", "smc_traces",
+           "inclusion_histogram"]

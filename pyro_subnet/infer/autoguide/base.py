@@ -33,6 +33,7 @@ import torch
 from pyro.infer.autoguide import AutoGuide
 
 from ...nn.bridge import BatchAwareModel, ModelBridge, _own_network, check_model
+from ... import metrics
 from ...nn.validation import check_positive_int
 from .. import distributed
 from ..batches import iter_batches
@@ -209,16 +210,23 @@ class LinearisedLaplaceGuide(AutoGuide):
                 lik.set_noise_scale(float(self.noise_scale))
         return self.bridge
 
-    def fit(self, x, y=None, progress: Optional[bool] = None, map_theta: Optional[torch.Tensor] = None):
+    def fit(self, x, y=None, progress: Optional[bool] = None, map_theta: Optional[torch.Tensor] = None,
+            validation=None):
         """Fit the posterior: MAP (unless ``map_steps=0`` or ``map_theta`` is given), then the
         guide's own steps.
 
         :param x: training inputs (a tensor, NumPy array or list) or a DataLoader of ``(x, y)`` batches.
         :param y: training targets (omit with a DataLoader).
         :param map_theta: flat MAP weights ``(D,)`` found elsewhere (skips the MAP fit).
+        :param validation: held-out ``(x_val, y_val)``, not part of the training data, for
+            ``prior_precision="validation"`` (the precision whose GLM predictive has the lowest
+            NLL there).
         :returns: ``self``.
         """
         progress = self.progress if progress is None else progress
+        if self.prior_precision_spec == "validation" and validation is None:
+            raise ValueError(f"{type(self).__name__}: prior_precision='validation' tunes the prior on held-out data; "
+                             "pass fit(x, y, validation=(x_val, y_val)).")
         if _is_array_data(x):
             if y is None:
                 raise ValueError("fit(x, y): the targets y are missing.")
@@ -249,6 +257,8 @@ class LinearisedLaplaceGuide(AutoGuide):
         else:
             theta = self.bridge.initial_theta(dtype=x.dtype, device=x.device)
         self._fit_progress = progress
+        self._validation = None if validation is None else tuple(
+            t.to(theta.device) for t in self.bridge.check(*validation))
         self._fit_posterior(theta.detach(), data, x, y)
         noise = getattr(self.bridge.likelihood, "noise_scale", None)
         if noise is not None:
@@ -374,14 +384,42 @@ class LinearisedLaplaceGuide(AutoGuide):
             Fs.append(F)
         return torch.cat(fs), torch.cat(Fs)
 
-    def predict(self, x: torch.Tensor, method: str = "glm", link: str = "probit", num_samples: int = 100,
+    def _glm_classes(self, f: torch.Tensor, F: torch.Tensor, link: str = "gumbel_max", num_samples: int = 100,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Class probabilities of the GLM predictive ``f ~ N(f, F F^T)`` by ``link``."""
+        binary = self.bridge.likelihood.name == "binary"
+        if link == "gumbel_max":
+            return glm.gumbel_max(f, F, binary)
+        if link == "probit":
+            return glm.probit(f, F, binary)
+        if link == "mc":
+            return glm.mc_logits(f, F, num_samples, generator, binary=binary)
+        raise ValueError(f"predict: link must be 'gumbel_max', 'probit' or 'mc', got {link!r}.")
+
+    def _glm_nll(self, f: torch.Tensor, F: torch.Tensor, y: torch.Tensor) -> float:
+        """Mean NLL of the GLM predictive ``N(f, F F^T)`` (the default link; regression: noise
+        included) on targets ``y``: the score of ``prior_precision="validation"``."""
+        lik = self.bridge.likelihood
+        if lik.name == "regression":
+            mean, var = glm.regression(f, F, float(lik.noise_scale) ** 2)
+            return metrics.nll(mean.reshape(-1), y.reshape(-1), var=var.reshape(-1))
+        return metrics.nll(self._glm_classes(f, F), y)
+
+    def _validation_data(self):
+        if self._validation is None:
+            raise ValueError(f"{type(self).__name__}: prior_precision='validation' needs fit(..., validation=(x_val, y_val)).")
+        return self._validation
+
+    def predict(self, x: torch.Tensor, method: str = "glm", link: str = "gumbel_max", num_samples: int = 100,
                 observation_noise: bool = True, generator: Optional[torch.Generator] = None):
         """Posterior predictive at ``x``.
 
         :param method: ``"glm"`` (the linearised network, :math:`f \\sim \\mathcal{N}(f_{MAP},
             J_S \\Sigma_S J_S^\\top)`) or ``"nn"`` (sample weights, run the network).
-        :param link: classification with ``"glm"``: ``"probit"`` or ``"mc"`` (``num_samples``
-            logit draws; safe with the singular softmax logit covariance).
+        :param link: classification with ``"glm"``: ``"gumbel_max"`` (default: from the covariance
+            between the logits, close to Monte Carlo; :func:`.glm.gumbel_max`), ``"probit"`` (the
+            variances only) or ``"mc"`` (``num_samples`` logit draws; safe with the singular softmax
+            logit covariance).
         :param num_samples: draws for ``link="mc"`` and ``method="nn"``.
         :param observation_noise: regression: add the noise variance to the predictive variance.
         :returns: classification: probabilities ``(N, C)`` (a Bernoulli model: ``(N, 2)``, the
@@ -399,11 +437,7 @@ class LinearisedLaplaceGuide(AutoGuide):
                 f, F = self._glm_factor(x)
             if not classification:
                 return glm.regression(f, F, noise_var)
-            if link == "probit":
-                return glm.probit(f, F, binary)
-            if link == "mc":
-                return glm.mc_logits(f, F, num_samples, generator, binary=binary)
-            raise ValueError(f"predict: link must be 'probit' or 'mc', got {link!r}.")
+            return self._glm_classes(f, F, link, num_samples, generator)
         if method == "nn":
             deltas = self._sample_deltas(num_samples, generator)
             thetas = self._full_theta(self.loc[self.subnet_indices] + deltas)

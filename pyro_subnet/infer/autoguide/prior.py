@@ -33,7 +33,7 @@ from ..batches import iter_batches
 from .gaussian import cholesky
 
 STRUCTURES = ("scalar", "layerwise", "diag")
-TUNERS = ("marglik", "em")
+TUNERS = ("marglik", "em", "validation")   # validation: the guides' grid search on held-out data
 _LOG_MIN, _LOG_MAX = math.log(1e-8), math.log(1e8)
 
 

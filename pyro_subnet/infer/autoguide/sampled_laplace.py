@@ -13,6 +13,10 @@ from ..randomness import resolve_seed
 from . import prior as prior_lib
 from . import sample_then_optimise as sto
 from .base import LinearisedLaplaceGuide
+
+#: Candidate prior precisions of ``prior_precision="validation"``: 0.1 to 10^4, 2 a decade (each
+#: costs a warm-started solve for the samples).
+VALIDATION_GRID = torch.logspace(-1, 4, 11, dtype=torch.float64)
 from .curvature import jvp
 
 
@@ -48,7 +52,9 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
     :param subnet: a ``ps.subnet`` strategy or indices (default: all weights).
     :param num_posterior_samples: ``K``.
     :param prior_precision: ``None`` (the model's prior), a number, a dict of site patterns to
-        numbers, a tensor ``(k,)``, or ``"em"`` (tuned by EM, see ``prior_structure``). A regression
+        numbers, a tensor ``(k,)``, ``"em"`` (tuned by EM, see ``prior_structure``), or
+        ``"validation"``: one number from :data:`VALIDATION_GRID` by the GLM predictive's NLL on the
+        held-out data given to ``fit(..., validation=(x_val, y_val))``. A regression
         model with ``noise_scale=None`` also gets its noise scale by EM,
         :math:`\\sigma^2 = \\mathrm{SSE}/(M - \\gamma)` (MacKay, 1992), stored in its likelihood.
     :param prior_structure: what EM tunes: ``"scalar"`` (one precision) or ``"layerwise"`` (one per
@@ -95,8 +101,8 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
             raise ValueError(f"num_posterior_samples must be an integer >= 2, got {num_posterior_samples!r}.")
         if solver not in ("cg", "sgd"):
             raise ValueError(f"solver must be 'cg' or 'sgd', got {solver!r}.")
-        if isinstance(prior_precision, str) and prior_precision != "em":
-            raise ValueError(f"prior_precision: the only tuning rule here is 'em', got {prior_precision!r}.")
+        if isinstance(prior_precision, str) and prior_precision not in ("em", "validation"):
+            raise ValueError(f"prior_precision: a string must be 'em' or 'validation', got {prior_precision!r}.")
         self.subnet = subnet
         if prior_structure not in ("scalar", "layerwise"):
             raise ValueError(f"prior_structure must be 'scalar' or 'layerwise', got {prior_structure!r}.")
@@ -124,7 +130,7 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
         self._fit_seed = resolve_seed(self.seed)
         prior_full = self._prior_full(theta.dtype, theta.device)
         idx = self._select(theta, (x, y), prior_full)
-        spec = None if self.prior_precision_spec == "em" else self.prior_precision_spec
+        spec = None if isinstance(self.prior_precision_spec, str) else self.prior_precision_spec
         a = prior_lib.expand_prior_precision(spec, self.bridge.layout, idx, prior_full[idx])
         tune_prior = self.prior_precision_spec == "em"
         groups = prior_lib.structure_groups(self.prior_structure, self.bridge.layout, idx)
@@ -155,6 +161,8 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
             b = torch.cat([(grad_term - a * theta_s)[None], a * draws.targets(a)])
             return self._solve(theta, (x, y), a, b, start, diag_g, idx)
 
+        if self.prior_precision_spec == "validation":
+            a, solution = self._validation_search(solve_at, a, solution, theta, idx)
         for _ in bar:
             sol = solve_at(a, solution)
             solution = sol.samples
@@ -198,6 +206,26 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
         self.em_trace = torch.tensor(trace, dtype=torch.float64)
 
     # ------------------------------------------------------------------------------------------
+    def _validation_search(self, solve_at, a, start, theta, idx):
+        """``prior_precision="validation"``: one precision, from :data:`VALIDATION_GRID` walked down
+        from its MAP end, whose GLM predictive (from the samples solved at it, each solve warm-started
+        from the last) has the lowest NLL on the held-out data; the walk stops once the NLL has risen
+        twice in a row. Returns the precision ``(k,)`` and its solution."""
+        x_val, y_val = self._validation_data()
+        best, prev, rises = (float("inf"), None, None), float("inf"), 0
+        for p in reversed(VALIDATION_GRID.tolist()):
+            a = torch.full_like(a, p)
+            start = solve_at(a, start).samples
+            f, JZ = jvp(self.bridge.network, theta, x_val, start[1:], idx)            # (K, N, O)
+            score = self._glm_nll(f, JZ.permute(1, 2, 0) / (start.shape[0] - 1) ** 0.5, y_val)
+            if score < best[0]:
+                best = (score, a, start)
+            rises = rises + 1 if score > prev else 0
+            prev = score
+            if rises == 2:
+                break
+        return best[1], best[2]
+
     def _antithetic(self) -> torch.Tensor:
         """The ``2K`` offsets ``(+zeta_1, ..., +zeta_K, -zeta_1, ..., -zeta_K)``: the draws are
         zero-mean Gaussian, so the pairs keep their covariance and make the empirical mean exactly
