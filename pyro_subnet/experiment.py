@@ -61,6 +61,7 @@ class MethodResult:
     var: Optional[torch.Tensor] = None
     diagnostics: Dict[str, float] = field(default_factory=dict)  # printed and saved, e.g. ESS, R-hat
     plots: Dict[str, object] = field(default_factory=dict)       # data for figures, e.g. SMC traces
+    guide: Optional[object] = None   # a fitted Pyro guide, for pyro.infer.Predictive (the Laplace guides)
 
     @classmethod
     def timed(cls, name: str, ctx: "Context", fit_seconds: float, predict: Callable[[torch.Tensor], Prediction],
@@ -469,7 +470,7 @@ def _laplace_result(name: str, ctx: Context, guide, fit_seconds: float, diag: Di
     def predict(x):
         pred = guide.predict(x)
         return pred if ctx.ds.likelihood == "classification" else (pred[0][:, 0], pred[1][:, 0])
-    return MethodResult.timed(name, ctx, ctx.map_seconds + fit_seconds, predict, diagnostics=diag)
+    return MethodResult.timed(name, ctx, ctx.map_seconds + fit_seconds, predict, diagnostics=diag, guide=guide)
 
 
 def _laplace_prior(ctx: Context, evidence: str):

@@ -89,7 +89,7 @@ def test_one_split_per_data_set_all_methods(capsys):
     for name in DATASETS:
         ds = load_uci(name, 0)
         out = bench.run_split(name, 0, bench.DEFAULT_METHODS, quick=True)
-        assert set(out) == set(bench.DEFAULT_METHODS)
+        assert set(out) == set(bench.DEFAULT_METHODS) | set(bench.PREDICTIVE_ROUTE.values())
         for m, r in out.items():
             assert math.isfinite(r["ll"]) and math.isfinite(r["rmse"]) and r["rmse"] > 0, (name, m, r)
         y = (ds.y_test * ds.y_std + ds.y_mean).double()
@@ -99,10 +99,14 @@ def test_one_split_per_data_set_all_methods(capsys):
         assert out["subnet_laplace"]["ll"] > trivial_ll + 0.3, (name, out["subnet_laplace"], trivial_ll)
         # The Laplace guide's noise was learned (moved away from the start value 1 and the MAP's).
         assert 0 < out["subnet_laplace"]["noise_scale"] < 0.9
+        # pyro.infer.Predictive through each Laplace guide is its GLM predictive (2000 draws).
+        for m, route in bench.PREDICTIVE_ROUTE.items():
+            assert out[route]["ll"] == pytest.approx(out[m]["ll"], abs=0.05), (name, m, out[route], out[m])
+            assert out[route]["rmse"] == pytest.approx(out[m]["rmse"], rel=0.03), (name, m)
         records.append({"dataset": name, "split": 0, "methods": out})
     table = bench.format_table(records, bench.DEFAULT_METHODS, DATASETS)
     assert table.count("MC dropout (publ.)") == 4 and table.count("deep ensemble (publ.)") == 4
-    assert "AutoSubnetLaplace" in table
+    assert "AutoSubnetLaplace" in table and table.count("\n    via Predictive") == 8
     assert "-2.40 ± 0.04" in table
 
 

@@ -4,6 +4,7 @@ import math
 
 import pyro
 import pytest
+from pyro_subnet.infer.autoguide.base import broadest_within
 import torch
 from torch import nn
 
@@ -195,6 +196,20 @@ def test_digits_glm_nll_no_worse_than_map():
     # Large grid values recover the MAP network, so "no worse" holds up to rounding.
     assert ps.metrics.nll(probs, ds.y_test) <= ps.metrics.nll(p_map, ds.y_test) + 1e-4
     assert abs(ps.metrics.accuracy(probs, ds.y_test) - ps.metrics.accuracy(p_map, ds.y_test)) < 0.01
+    # validation_tolerance: the broadest posterior within 20% of the best held-out NLL, checked
+    # against the scores of every grid value computed one at a time.
+    x_val, y_val = ds.x_train[n_fit:], ds.y_train[n_fit:]
+    grid = torch.logspace(-1, 4, 11).tolist()
+    scores = []
+    for p in grid:
+        guide.tune_prior_precision(x_val, y_val, grid=[p])
+        scores.append(ps.metrics.nll(guide.predict(x_val), y_val))
+    guide.validation_tolerance = 0.2
+    broad = guide.tune_prior_precision(x_val, y_val, grid=grid)
+    admissible = [p for p, s in zip(grid, scores) if s <= min(scores) * 1.2]
+    assert broad == pytest.approx(min(admissible)) and broad < chosen
+    assert broadest_within([3.0, 1.0, 2.0], [0.5, 0.59, 0.7], 0.2) == 1
+    assert broadest_within([3.0, 1.0, 2.0], [0.5, 0.59, 0.7], 0.0) == 0
 
 
 def test_errors_and_flat_subnetwork_warning():

@@ -12,7 +12,7 @@ from tqdm.auto import trange
 from ..randomness import resolve_seed
 from . import prior as prior_lib
 from . import sample_then_optimise as sto
-from .base import LinearisedLaplaceGuide
+from .base import LinearisedLaplaceGuide, broadest_within
 
 #: Candidate prior precisions of ``prior_precision="validation"``: 0.1 to 10^4, 2 a decade (each
 #: costs a warm-started solve for the samples).
@@ -54,7 +54,8 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
     :param prior_precision: ``None`` (the model's prior), a number, a dict of site patterns to
         numbers, a tensor ``(k,)``, ``"em"`` (tuned by EM, see ``prior_structure``), or
         ``"validation"``: one number from :data:`VALIDATION_GRID` by the GLM predictive's NLL on the
-        held-out data given to ``fit(..., validation=(x_val, y_val))``. A regression
+        held-out data given to ``fit(..., validation=(x_val, y_val))``: the broadest posterior
+        within ``validation_tolerance`` of the best (:func:`.base.broadest_within`). A regression
         model with ``noise_scale=None`` also gets its noise scale by EM,
         :math:`\\sigma^2 = \\mathrm{SSE}/(M - \\gamma)` (MacKay, 1992), stored in its likelihood.
     :param prior_structure: what EM tunes: ``"scalar"`` (one precision) or ``"layerwise"`` (one per
@@ -75,7 +76,8 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
         ``pyro.set_rng_seed`` governs it.
     :param predictive: what ``pyro.infer.Predictive(model, guide=guide)`` draws (``"glm"``, default,
         or ``"nn"``; see :class:`~pyro_subnet.infer.AutoSubnetLaplace`).
-    :param map_steps, map_lr, batch_size, progress: see :class:`.LinearisedLaplaceGuide`.
+    :param map_steps, map_lr, batch_size, progress, validation_tolerance: see
+        :class:`.LinearisedLaplaceGuide`.
 
     >>> import pyro_subnet as ps
     >>> from torch import nn
@@ -94,9 +96,10 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
                  num_em_steps: int = 10, em_tol: float = 1e-3, solver: str = "cg", tol: float = 1e-4,
                  max_iter: int = 500, sgd_lr: float = 1e-3, newton_step: bool = False,
                  prior_structure: str = "scalar", seed: Optional[int] = None, map_steps: int = 2000,
-                 map_lr: float = 1e-2, batch_size: int = 256, progress: bool = True, predictive: str = "glm"):
+                 map_lr: float = 1e-2, batch_size: int = 256, progress: bool = True, predictive: str = "glm",
+                 validation_tolerance: float = 0.0):
         super().__init__(model, map_steps=map_steps, map_lr=map_lr, batch_size=batch_size, progress=progress,
-                         predictive=predictive)
+                         predictive=predictive, validation_tolerance=validation_tolerance)
         if not (isinstance(num_posterior_samples, int) and num_posterior_samples >= 2):
             raise ValueError(f"num_posterior_samples must be an integer >= 2, got {num_posterior_samples!r}.")
         if solver not in ("cg", "sgd"):
@@ -207,24 +210,25 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
 
     # ------------------------------------------------------------------------------------------
     def _validation_search(self, solve_at, a, start, theta, idx):
-        """``prior_precision="validation"``: one precision, from :data:`VALIDATION_GRID` walked down
-        from its MAP end, whose GLM predictive (from the samples solved at it, each solve warm-started
-        from the last) has the lowest NLL on the held-out data; the walk stops once the NLL has risen
-        twice in a row. Returns the precision ``(k,)`` and its solution."""
+        """``prior_precision="validation"``: one precision from :data:`VALIDATION_GRID`, walked down
+        from its MAP end (each solve warm-started from the last), chosen by the GLM predictive's
+        NLL on the held-out data (:func:`.base.broadest_within`); the walk stops once two values in
+        a row are outside the rule's bound (below them the NLL only rises). Returns the precision
+        ``(k,)`` and its solution."""
         x_val, y_val = self._validation_data()
-        best, prev, rises = (float("inf"), None, None), float("inf"), 0
+        tried, scores, outside = [], [], 0
         for p in reversed(VALIDATION_GRID.tolist()):
             a = torch.full_like(a, p)
             start = solve_at(a, start).samples
             f, JZ = jvp(self.bridge.network, theta, x_val, start[1:], idx)            # (K, N, O)
-            score = self._glm_nll(f, JZ.permute(1, 2, 0) / (start.shape[0] - 1) ** 0.5, y_val)
-            if score < best[0]:
-                best = (score, a, start)
-            rises = rises + 1 if score > prev else 0
-            prev = score
-            if rises == 2:
+            scores.append(self._glm_nll(f, JZ.permute(1, 2, 0) / (start.shape[0] - 1) ** 0.5, y_val))
+            tried.append((p, a, start))
+            best = min(scores)
+            outside = outside + 1 if scores[-1] > best + self.validation_tolerance * abs(best) else 0
+            if outside == 2:
                 break
-        return best[1], best[2]
+        chosen = broadest_within([t[0] for t in tried], scores, self.validation_tolerance)
+        return tried[chosen][1], tried[chosen][2]
 
     def _antithetic(self) -> torch.Tensor:
         """The ``2K`` offsets ``(+zeta_1, ..., +zeta_K, -zeta_1, ..., -zeta_K)``: the draws are

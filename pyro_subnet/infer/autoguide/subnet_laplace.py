@@ -9,7 +9,7 @@ import torch
 from .. import distributed
 from ..batches import iter_batches
 from . import prior as prior_lib
-from .base import LinearisedLaplaceGuide
+from .base import LinearisedLaplaceGuide, broadest_within
 from .curvature import ggn, jacobian
 from .gaussian import FlatGaussian, cholesky, precision_to_scale_tril
 
@@ -46,10 +46,11 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         :meth:`~pyro_subnet.nn.ModelBridge.prior_precision`), a number, a dict of site patterns to
         numbers (per layer), a tensor ``(k,)`` (per weight), ``"marglik"`` / ``"em"`` to tune
         it by the Laplace evidence / the EM (MacKay) update (see :mod:`.prior`), or
-        ``"validation"``: one number from :data:`VALIDATION_GRID`, the one whose GLM predictive has
-        the lowest NLL on the held-out data given to ``fit(..., validation=(x_val, y_val))`` (the
-        grid search of Daxberger et al.; the evidence of a network trained to fit its data often
-        prefers a prior so wide that the predictive is less confident than the MAP's). A learned noise
+        ``"validation"``: one number from :data:`VALIDATION_GRID` by the GLM predictive's NLL on
+        the held-out data given to ``fit(..., validation=(x_val, y_val))`` (the grid search of
+        Daxberger et al.; the evidence of a network trained to fit its data often prefers a prior
+        so wide that the predictive is less confident than the MAP's): the broadest posterior
+        within ``validation_tolerance`` of the best NLL (:func:`.base.broadest_within`). A learned noise
         scale (a noise site such as ``sigma``, or ``BayesianNet(noise_scale=None)``) is tuned by the
         same rule from its MAP (jointly with the precision; :func:`.prior.tune_marglik_noise`;
         the evidence alone, the noise site's prior is not used) and held at that value.
@@ -61,7 +62,8 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         the observation from the network linearised at the MAP, the predictive of the Laplace
         posterior; ``"nn"`` (an explicit opt-in) the model's own network at the sampled weights,
         which for a nonlinear network is a different predictive (often much wider).
-    :param map_steps, map_lr, batch_size, progress: see :class:`.LinearisedLaplaceGuide`.
+    :param map_steps, map_lr, batch_size, progress, validation_tolerance: see
+        :class:`.LinearisedLaplaceGuide`.
 
     >>> import pyro_subnet as ps
     >>> from torch import nn
@@ -77,9 +79,10 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
 
     def __init__(self, model, subnet=None, prior_precision=None, hessian: str = "ggn",
                  prior_structure: str = "scalar", newton_step: bool = False, map_steps: int = 2000,
-                 map_lr: float = 1e-2, batch_size: int = 256, progress: bool = True, predictive: str = "glm"):
+                 map_lr: float = 1e-2, batch_size: int = 256, progress: bool = True, predictive: str = "glm",
+                 validation_tolerance: float = 0.0):
         super().__init__(model, map_steps=map_steps, map_lr=map_lr, batch_size=batch_size, progress=progress,
-                         predictive=predictive)
+                         predictive=predictive, validation_tolerance=validation_tolerance)
         if hessian != "ggn":
             raise ValueError(f"AutoSubnetLaplace: hessian must be 'ggn', got {hessian!r}.")
         if prior_structure not in prior_lib.STRUCTURES:
@@ -204,8 +207,9 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         return self.scale_tril @ self.scale_tril.T
 
     def _grid_search(self, theta, idx, G, x_val, y_val, grid=None) -> float:
-        """The precision (one number, from ``grid``) whose GLM predictive has the lowest NLL on
-        ``(x_val, y_val)`` (the default link; a learned noise at its current value). With
+        """The precision (one number, from ``grid``) chosen by the GLM predictive's NLL on
+        ``(x_val, y_val)`` (the default link; a learned noise at its current value) by
+        :func:`.base.broadest_within`. With
         :math:`G_S = Q \\mathrm{diag}(e) Q^\\top` computed once, each grid value's factor is
         :math:`F = J Q \\mathrm{diag}(e + p)^{-1/2}`: ``O(N O k)`` per value."""
         grid = VALIDATION_GRID if grid is None else torch.as_tensor(grid, dtype=torch.float64).reshape(-1)
@@ -217,8 +221,9 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
             fs.append(f.double())
             JQs.append(J.double() @ Q)
         f, JQ = torch.cat(fs), torch.cat(JQs)
-        scores = [self._glm_nll(f, JQ * torch.rsqrt(e + p), y_val) for p in grid.tolist()]
-        return float(grid[min(range(len(scores)), key=scores.__getitem__)])
+        precisions = grid.tolist()
+        scores = [self._glm_nll(f, JQ * torch.rsqrt(e + p), y_val) for p in precisions]
+        return precisions[broadest_within(precisions, scores, self.validation_tolerance)]
 
     def tune_prior_precision(self, x_val: torch.Tensor, y_val: torch.Tensor, grid=None) -> float:
         """Choose one prior precision by the GLM predictive's NLL on held-out data (the
@@ -228,7 +233,8 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         :param x_val: validation inputs (not the test set).
         :param y_val: validation targets.
         :param grid: candidate precisions (default :data:`VALIDATION_GRID`; large values approach
-            the MAP network, so the choice is never much worse than MAP on ``x_val``).
+            the MAP network, so with the grid's MAP end the choice is within
+            ``validation_tolerance`` of the MAP's NLL on ``x_val`` or better).
         :returns: the chosen precision (also stored; the evidence and predictives use it).
         """
         self._check_fitted()
