@@ -4,13 +4,13 @@ import math
 
 import pyro
 import pytest
-from pyro_subnet.infer.autoguide.base import broadest_within
 import torch
 from torch import nn
 
 import pyro_subnet as ps
 from pyro_subnet.infer import AutoSubnetLaplace
 from pyro_subnet.infer.autoguide import FlatGaussian, curvature
+from pyro_subnet.infer.autoguide.base import broadest_within
 from pyro_subnet.infer.autoguide.gaussian import NotPositiveDefiniteError, cholesky
 
 
