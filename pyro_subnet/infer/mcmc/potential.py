@@ -54,6 +54,8 @@ class NetPotential:
         self.sample_noise = sample_noise
         self._perm, self._pos = None, self.num_data
         self.last_mse = None      # mean squared residual of the last batch (regression)
+        self.estimate_noise = False      # also estimate the gradient noise (the step-size adaptation's)
+        self.last_grad_noise = None      # (D,) that estimate for the last batch
 
     def _next_batch(self):
         if self.batch_size >= self.num_data:
@@ -73,27 +75,65 @@ class NetPotential:
         self._perm = None if perm is None else perm.to(self.x.device)
         self._pos = int(pos)
 
+    def _log_joint_terms(self, theta: torch.Tensor, xb, yb, pointwise: bool):
+        """``(log-likelihood, log prior)`` on a batch: the likelihood summed, or per example."""
+        w = theta[:self.num_weights] if self.sample_noise else theta
+        # One weight vector: the unbatched network call (no vmap) is the fast path.
+        f = self.network.flat(w, xb)
+        if self.sample_noise:
+            log_noise = theta[self.num_weights]
+            lp = self.likelihood.distribution(f, noise_scale=log_noise.exp()).log_prob(yb)
+            log_lik = lp.reshape(len(yb), -1).sum(1) if pointwise else lp.sum()
+            log_prior = self.log_prior(w) + self.bridge.noise_log_prior(log_noise)
+        else:
+            log_lik = (self.likelihood.log_prob(f, yb).reshape(len(yb), -1).sum(1) if pointwise
+                       else self.likelihood.log_prob_sum(f, yb))
+            log_prior = self.log_prior(w)
+        if self.likelihood.name == "regression":
+            # Kept for the samplers' EM update of a noise hyperparameter.
+            r = f.detach().reshape(len(yb), -1) - yb.reshape(len(yb), -1)
+            self.last_mse = float(r.pow(2).mean())
+        return log_lik, log_prior
+
     def __call__(self, theta: torch.Tensor) -> Tuple[float, torch.Tensor]:
+        """``(U, grad U)`` on the next mini-batch. With :attr:`estimate_noise` (and a batch of at
+        least two, smaller than the data) also :attr:`last_grad_noise`, ``(g_1 - g_2)^2 / 4`` for
+        the gradients ``g_1, g_2`` of the batch's two halves, each scaled to the full data: an
+        unbiased estimate of the variance of ``grad U`` per coordinate (the prior cancels)."""
+        xb, yb = self._next_batch()
+        b = xb.shape[0]
+        split = self.estimate_noise and 2 <= b < self.num_data
+        theta = theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            log_lik, log_prior = self._log_joint_terms(theta, xb, yb, pointwise=split)
+            if split:
+                half = b // 2
+                # sum_{first half} - (b - half)/half * sum_{second half}: zero mean, and its gradient
+                # times N/half is g_1 - g_2 with g_i the half-batch gradients scaled to N.
+                sign = torch.full((b,), -half / (b - half), dtype=log_lik.dtype, device=log_lik.device)
+                sign[:half] = 1.0
+                contrast = (log_lik * sign).sum()
+                log_lik = log_lik.sum()
+            u = -(self.num_data / b) * log_lik - log_prior
+            if split:
+                (grad,) = torch.autograd.grad(u, theta, retain_graph=True)
+                (d,) = torch.autograd.grad(contrast, theta)
+                self.last_grad_noise = (self.num_data / half * d).pow(2) / 4
+            else:
+                (grad,) = torch.autograd.grad(u, theta)
+                self.last_grad_noise = None if b < self.num_data else torch.zeros_like(grad)
+        return float(u.detach()), grad
+
+    def hvp(self, theta: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        """``H v`` of the potential on the next mini-batch (double backward)."""
         xb, yb = self._next_batch()
         theta = theta.detach().requires_grad_(True)
         with torch.enable_grad():
-            w = theta[:self.num_weights] if self.sample_noise else theta
-            # One weight vector: the unbatched network call (no vmap) is the fast path.
-            f = self.network.flat(w, xb)
-            if self.sample_noise:
-                log_noise = theta[self.num_weights]
-                log_lik = self.likelihood.distribution(f, noise_scale=log_noise.exp()).log_prob(yb).sum()
-                log_prior = self.log_prior(w) + self.bridge.noise_log_prior(log_noise)
-            else:
-                log_lik = self.likelihood.log_prob_sum(f, yb)
-                log_prior = self.log_prior(w)
-            if self.likelihood.name == "regression":
-                # Kept for the samplers' EM update of a noise hyperparameter.
-                r = f.detach().reshape(len(yb), -1) - yb.reshape(len(yb), -1)
-                self.last_mse = float(r.pow(2).mean())
+            log_lik, log_prior = self._log_joint_terms(theta, xb, yb, pointwise=False)
             u = -(self.num_data / xb.shape[0]) * log_lik - log_prior
-            (grad,) = torch.autograd.grad(u, theta)
-        return float(u.detach()), grad
+            (grad,) = torch.autograd.grad(u, theta, create_graph=True)
+            (hv,) = torch.autograd.grad(grad, theta, grad_outputs=vector)
+        return hv.detach()
 
 
 def setup_trace_model(model, args, kwargs, init_strategy=init_to_sample):
@@ -120,15 +160,30 @@ class TracePotential:
         self.model, self.args, self.kwargs = model, args, kwargs
         self.transforms, self.layout = transforms, layout
 
+    estimate_noise = False      # the model draws its own batches: no half-batch noise estimate
+    last_grad_noise = None
+
+    def _log_joint(self, theta: torch.Tensor) -> torch.Tensor:
+        unconstrained = self.layout.unflatten(theta)
+        constrained = {k: self.transforms[k].inv(v) for k, v in unconstrained.items()}
+        with poutine.block():
+            trace = poutine.trace(poutine.condition(self.model, constrained)).get_trace(*self.args, **self.kwargs)
+        log_joint = trace.log_prob_sum()
+        for k, t in self.transforms.items():
+            log_joint = log_joint - t.log_abs_det_jacobian(constrained[k], unconstrained[k]).sum()
+        return log_joint
+
     def __call__(self, theta: torch.Tensor) -> Tuple[float, torch.Tensor]:
         theta = theta.detach().requires_grad_(True)
         with torch.enable_grad():
-            unconstrained = self.layout.unflatten(theta)
-            constrained = {k: self.transforms[k].inv(v) for k, v in unconstrained.items()}
-            with poutine.block():
-                trace = poutine.trace(poutine.condition(self.model, constrained)).get_trace(*self.args, **self.kwargs)
-            log_joint = trace.log_prob_sum()
-            for k, t in self.transforms.items():
-                log_joint = log_joint - t.log_abs_det_jacobian(constrained[k], unconstrained[k]).sum()
+            log_joint = self._log_joint(theta)
             (grad,) = torch.autograd.grad(-log_joint, theta)
         return float(-log_joint.detach()), grad
+
+    def hvp(self, theta: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        """``H v`` of the potential (the model's own batch; double backward)."""
+        theta = theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(-self._log_joint(theta), theta, create_graph=True)
+            (hv,) = torch.autograd.grad(grad, theta, grad_outputs=vector)
+        return hv.detach()

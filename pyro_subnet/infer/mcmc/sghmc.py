@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections import OrderedDict
 from typing import Dict, Optional
 
@@ -12,6 +14,8 @@ from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from ...nn import SiteLayout
 from ...nn.bridge import BatchAwareModel, ModelBridge, UnsupportedModelError, check_model
 from . import integrator
+from . import step_size as step_size_lib
+from . import warm_start
 from .potential import NetPotential, TracePotential, setup_trace_model
 from .preconditioners import PreconditionerState, make_preconditioner
 from .schedules import make_schedule
@@ -45,13 +49,23 @@ class SGHMC(MCMCKernel):
     :class:`~pyro_subnet.nn.bridge.BatchAwareModel`, so ArviZ gets the log-likelihood of all ``N``
     points at every draw.
 
-    Warm-up: the preconditioner adapts during the ``warmup_steps`` calls only (``adapt_preconditioner
-    ="warmup"``), then stays fixed so that the chain targets the posterior. ``MCMC`` never calls
+    Warm-up: the first quarter (``warm_start_fraction``) climbs toward a mode with Adam; then the
+    step size adapts (``adapt_step_size=True``, the default; :mod:`.step_size`): it
+    is the largest one whose mini-batch gradient noise stays a small fraction of the injected
+    noise and whose discretisation error on the stiffest direction is small, from running estimates of the gradient noise (two half-batches per step) and of the
+    largest curvature (power iteration on Hessian-vector products); a divergence halves it. The
+    preconditioner adapts too (``adapt_preconditioner="warmup"``). Both are frozen after warm-up,
+    so that the chain targets the posterior. ``MCMC`` never calls
     ``end_warmup``; the kernel counts its own calls. Each call to :meth:`sample` makes
     ``steps_per_sample`` SGHMC steps (thinning inside the kernel).
 
-    Diagnostics (per chain, via ``mcmc.diagnostics()``): ``"divergences"`` (draw indices where the
-    potential or position was not finite; the step is rejected and the velocity reset),
+    Divergences: a step whose potential is not finite or jumps by an energy no mini-batch noise
+    explains is undone (back to the position before the move, velocity reset; see
+    :mod:`.integrator`); in warm-up the step size then shrinks, after it the kernel counts them and
+    warns once per chain at the end of the run, like Pyro's and Stan's HMC.
+
+    Diagnostics (per chain, via ``mcmc.diagnostics()``): ``"divergences"`` (draw indices where a
+    step was undone),
     ``"step_size"`` and ``"lp"`` (minus the mini-batch potential, averaged over the thinned
     steps) per draw. :func:`~pyro_subnet.infer.mcmc.sample_stats` turns them into ArviZ
     ``sample_stats`` arrays of shape ``(chain, draw)``.
@@ -60,8 +74,18 @@ class SGHMC(MCMCKernel):
     during warm-up (:meth:`_update_noise`), kept in ``model.likelihood.noise_scale``.
 
     :param model: a Pyro model with continuous latent sites (see above).
-    :param step_size: ``epsilon`` (the learning rate on the full-data potential ``U``; a stable
-        value is below ``~alpha / lambda_max(G H)`` with ``H`` the posterior Hessian).
+    :param step_size: ``epsilon`` (the learning rate on the full-data potential ``U``): with
+        ``adapt_step_size`` the starting value of the adaptation (``None``: from the curvature
+        at the starting point), else the step size of every step (``epsilon lambda_max(G H)``
+        must stay well below 1, and ``epsilon G V`` below ``2 alpha`` for mini-batch gradient
+        noise ``V``, or the chain's variances are inflated; the kernel warns).
+    :param adapt_step_size: adapt the step size during warm-up (see above).
+    :param warm_start_fraction: the first this fraction of the warm-up calls take Adam steps
+        (learning rate ``warm_start_lr``) on the mini-batch potential instead of SGHMC steps, to
+        reach the posterior's mass quickly (:mod:`.warm_start`); ``0`` starts SGHMC at once.
+    :param step_size_options: options of the adaptation (:func:`.step_size.propose`):
+        ``noise_ratio`` (0.2), ``curvature_ratio`` (0.25), ``quantile`` (0.9),
+        ``curvature_every`` (steps between curvature estimates, default a tenth of warm-up).
     :param friction: ``alpha`` in ``(0, 1]`` (``1 - momentum``; ``1`` gives SGLD).
     :param preconditioner: ``"vb"``, ``"rmsprop"`` or ``None``.
     :param subsample_size: mini-batch size of the fast path (overrides the model's own).
@@ -80,7 +104,7 @@ class SGHMC(MCMCKernel):
     >>> from pyro_subnet.nn import BayesianNet
     >>> model = BayesianNet(nn.Linear(2, 1), likelihood="regression", noise_scale=0.5)
     >>> x = torch.randn(100, 2); y = x @ torch.tensor([1.0, -1.0]) + 0.5 * torch.randn(100)
-    >>> kernel = SGHMC(model, step_size=1e-3, friction=0.5, subsample_size=20)
+    >>> kernel = SGHMC(model, friction=0.5, subsample_size=20)
     >>> mcmc = pyro.infer.MCMC(kernel, num_samples=200, warmup_steps=200, disable_progbar=True)
     >>> mcmc.run(x, y)
     >>> mcmc.get_samples()["weight"].shape
@@ -91,10 +115,12 @@ class SGHMC(MCMCKernel):
     #: :func:`pyro_subnet.to_inference_data`; ``lp`` there is the exact full-data log joint).
     per_draw_stats = {"step_size": "step_size", "lp": "lp_minibatch"}
 
-    def __init__(self, model, step_size: float, friction: float = 0.1, preconditioner=None,
+    def __init__(self, model, step_size: Optional[float] = None, friction: float = 0.1, preconditioner=None,
                  subsample_size: Optional[int] = None, steps_per_sample: int = 1, step_size_schedule=None,
                  schedule_options: Optional[dict] = None, adapt_preconditioner: str = "warmup",
-                 preconditioner_options: Optional[dict] = None, init_strategy=init_to_sample):
+                 preconditioner_options: Optional[dict] = None, init_strategy=init_to_sample,
+                 adapt_step_size: bool = True, step_size_options: Optional[dict] = None,
+                 warm_start_fraction: float = 0.25, warm_start_lr: float = 1e-2):
         if not (isinstance(friction, (int, float)) and 0 < friction <= 1):
             raise ValueError(f"friction must be in (0, 1], got {friction!r}.")
         if not (isinstance(steps_per_sample, int) and steps_per_sample >= 1):
@@ -104,8 +130,23 @@ class SGHMC(MCMCKernel):
         check_model(model, type(self).__name__)
         if subsample_size is not None and (not isinstance(subsample_size, int) or subsample_size < 1):
             raise ValueError(f"subsample_size must be a positive integer or None, got {subsample_size!r}.")
-        self.step_size = float(step_size)
-        self.schedule = make_schedule(step_size, step_size_schedule, **(schedule_options or {}))
+        if step_size is None and not adapt_step_size:
+            raise ValueError("SGHMC: give a step_size, or keep adapt_step_size=True to have warm-up find one.")
+        options = dict(step_size_options or {})
+        unknown = set(options) - {"noise_ratio", "curvature_ratio", "quantile", "curvature_every"}
+        if unknown:
+            raise ValueError(f"step_size_options: unknown option(s) {sorted(unknown)}; use noise_ratio, "
+                             "curvature_ratio, quantile or curvature_every.")
+        if not (isinstance(warm_start_fraction, (int, float)) and 0 <= warm_start_fraction < 1):
+            raise ValueError(f"warm_start_fraction must be in [0, 1), got {warm_start_fraction!r}.")
+        self.warm_start_fraction = float(warm_start_fraction)
+        self.warm_start_lr = float(warm_start_lr)
+        self.adapt_step_size = bool(adapt_step_size)
+        self.step_size_options = options
+        self.step_size = None if step_size is None else float(step_size)
+        # The schedule's shape; with adaptation its level is the adapted step size.
+        self.schedule = make_schedule(1.0 if step_size is None else step_size, step_size_schedule,
+                                      **(schedule_options or {}))
         self.friction = float(friction)
         self.preconditioner = make_preconditioner(preconditioner, **(preconditioner_options or {}))
         self.subsample_size = subsample_size
@@ -134,6 +175,9 @@ class SGHMC(MCMCKernel):
         self._stats = {"step_size": [], "lp": []}
         self._state = None
         self._noise_var = None
+        self._eps = None          # step-size adaptation state (step_size.StepSizeState)
+        self._adam = None         # optimiser state of the warm start (warm_start.AdamState)
+        self._warned = False
 
     @property
     def initial_params(self) -> Dict[str, torch.Tensor]:
@@ -209,31 +253,145 @@ class SGHMC(MCMCKernel):
         """Hook for subclasses (the EM update); returns the state to continue from."""
         return state
 
+    # --------------------------------------------------------------------------------------------
+    # step size
+    def _warming_up(self) -> bool:
+        return self._t < self._warmup_steps
+
+    def _curvature_every(self) -> int:
+        every = self.step_size_options.get("curvature_every")
+        return int(every) if every else max(20, self._warmup_steps * self.steps_per_sample // 10)
+
+    def _estimate_curvature(self, num_iterations: int):
+        state = self._eps
+        hvp = lambda v: self.potential.hvp(self._state.theta, v)  # noqa: E731
+        lam, vec = step_size_lib.lambda_max(hvp, self._state.precond.scale, state.eigvec, num_iterations)
+        self._eps = step_size_lib.observe_curvature(state, lam, vec)
+
+    def _propose(self):
+        opts = {k: v for k, v in self.step_size_options.items() if k != "curvature_every"}
+        burn_in = self._t < self._warmup_steps // 2
+        self._eps = step_size_lib.propose(self._eps, self._state.precond.scale, self.friction,
+                                          factor=step_size_lib.BURN_IN_FACTOR if burn_in else 1.0, **opts)
+
+    def _start_adaptation(self):
+        """At the first step of a chain: the curvature at the starting point bounds the first
+        steps (the given step size, if smaller, is where they start)."""
+        self._eps = step_size_lib.init(self.step_size if self.step_size is not None else step_size_lib.MAX_STEP_SIZE)
+        if self._warm_start_calls() > 0:
+            return      # the optimiser goes first; the adaptation starts where it ends
+        if self.adapt_step_size and (self._warmup_steps > 0 or self.step_size is None):
+            self._estimate_curvature(20)
+            given = self._eps.step_size
+            self._propose()
+            self._eps = self._eps._replace(step_size=min(given, self._eps.step_size))
+            if self._warmup_steps == 0:
+                warnings.warn(f"{type(self).__name__}: adapt_step_size without warm-up steps uses the step size the "
+                              f"curvature at the starting point allows ({self._eps.step_size:.3g}); give warmup_steps "
+                              "so that it can adapt to the posterior.", RuntimeWarning, stacklevel=3)
+
+    def _step_size_now(self) -> float:
+        if not self.adapt_step_size:
+            return float(self.schedule(self._k))
+        return self._eps.step_size * float(self.schedule(self._k)) / float(self.schedule(0))
+
+    def _adapt_after_step(self, info):
+        if not self._warming_up():
+            return
+        noise = self.potential.last_grad_noise
+        if noise is not None and not info.diverging:
+            self._eps = step_size_lib.observe_noise(self._eps, noise)
+        if not self.adapt_step_size:
+            return
+        if info.diverging:
+            self._eps = step_size_lib.backoff(self._eps)
+            return
+        if self._k % self._curvature_every() == 0:
+            self._estimate_curvature(5)
+        if self._k % 10 == 0:
+            self._propose()
+
+    def _end_warmup(self):
+        self.potential.estimate_noise = False
+        if self.adapt_step_size:
+            self._propose()
+        kappa = step_size_lib.noise_ratio(self._step_size_now(), self._state.precond.scale,
+                                          step_size_lib.grad_noise(self._eps), self.friction)
+        if kappa is not None:
+            over = float((kappa > 1).double().mean())
+            if over > 0.1:
+                warnings.warn(f"{type(self).__name__}: at step size {self._step_size_now():.3g} the mini-batch gradient "
+                              f"noise exceeds the injected noise for {100 * over:.0f}% of the coordinates, so the "
+                              "chain's spread there is inflated; keep adapt_step_size=True, lower step_size or "
+                              "use larger mini-batches.", RuntimeWarning, stacklevel=3)
+
     def sample(self, params):
         theta = self._flatten(params)
         if self._state is None:
             self._state = integrator.init(theta, self.preconditioner)
+            if self._eps is None:
+                self._start_adaptation()
         elif not torch.equal(theta, self._state.theta):
             self._state = self._state._replace(theta=theta.detach())   # params changed from outside
+        if self._t < self._warm_start_calls():
+            return self._warm_start_sample(params)
+        if self._t == self._warm_start_calls() and self._t > 0:
+            self._restart_adaptation()
+        # Gradient noise is estimated in warm-up: it sets the step size (or, for a fixed one, warns).
+        self.potential.estimate_noise = self._warming_up()
         lp_sum, diverged = 0.0, False
         for _ in range(self.steps_per_sample):
-            eps = float(self.schedule(self._k))
+            eps = self._step_size_now()
             self._state, info = integrator.step(self._state, self.potential, eps, self.friction,
                                                 self.preconditioner, self._adapting(), self._mask())
             self._state = self._after_step(self._state)
             self._update_noise()
             self._k += 1
+            self._adapt_after_step(info)
             diverged |= info.diverging
-            lp_sum += -info.potential
+            lp_sum += -info.potential if math.isfinite(info.potential) else 0.0
         if self._t >= self._warmup_steps:
             draw = self._t - self._warmup_steps
             if diverged:
                 self._divergences.append(draw)
             self._record(eps, lp_sum / self.steps_per_sample)
         self._t += 1
+        if self._t == self._warmup_steps:
+            self._end_warmup()
         out = self.layout.unflatten(self._state.theta)
         # Keep any extra keys the caller stored alongside the sites.
         return {**{k: v for k, v in params.items() if k not in out}, **out}
+
+    def _warm_start_calls(self) -> int:
+        return int(self.warm_start_fraction * self._warmup_steps)
+
+    def _warm_start_sample(self, params):
+        """A warm-up call of the optimiser phase: ``steps_per_sample`` Adam steps."""
+        self.potential.estimate_noise = False
+        adam = self._adam if self._adam is not None else warm_start.init(self._state.theta)
+        for _ in range(self.steps_per_sample):
+            adam, _ = warm_start.step(adam, self.potential, self.warm_start_lr)
+            self._update_noise()
+            self._k += 1
+        self._adam = adam
+        self._state = self._state._replace(theta=adam.theta, previous=None, last_potential=None)
+        self._t += 1
+        out = self.layout.unflatten(self._state.theta)
+        return {**{k: v for k, v in params.items() if k not in out}, **out}
+
+    def _restart_adaptation(self):
+        """After the optimiser phase: the curvature where the chain now is bounds the first steps."""
+        self._adam = None
+        if self.adapt_step_size:
+            self._estimate_curvature(20)
+            self._propose()
+
+    @property
+    def adapted_step_size(self) -> Optional[float]:
+        """The step size the last chain used after warm-up (``None`` before a run)."""
+        if self._eps is None:
+            return self.step_size
+        return self._eps.step_size if self.adapt_step_size else self.step_size
 
     def _learns_noise(self) -> bool:
         """A noise hyperparameter (no noise site) is learned by EM during warm-up."""
@@ -259,8 +417,8 @@ class SGHMC(MCMCKernel):
         self._stats["lp"].append(lp)
 
     def logging(self):
-        return OrderedDict([("step size", f"{self.schedule(max(self._k - 1, 0)):.2e}"),
-                            ("div", len(self._divergences))])
+        eps = self._step_size_now() if self._eps is not None or not self.adapt_step_size else float("nan")
+        return OrderedDict([("step size", f"{eps:.2e}"), ("div", len(self._divergences))])
 
     def diagnostics(self):
         return {"divergences": list(self._divergences), "acceptance rate": 1.0,
@@ -283,7 +441,8 @@ class SGHMC(MCMCKernel):
         out = {"theta": s.theta, "velocity": s.velocity, "precond_scale": s.precond.scale,
                "precond_curvature": s.precond.curvature, "precond_count": s.precond.count,
                "step_size": s.step_size, "noise": s.noise, "num_steps": self._k, "noise_var": self._noise_var,
-               "noise_scale": getattr(self.bridge.likelihood, "noise_scale", None) if self.bridge is not None else None}
+               "noise_scale": getattr(self.bridge.likelihood, "noise_scale", None) if self.bridge is not None else None,
+               "step_size_state": None if self._eps is None else tuple(self._eps)}
         order = getattr(self.potential, "batch_order", None)
         if order is not None:
             out["batch_order"] = order()
@@ -310,11 +469,30 @@ class SGHMC(MCMCKernel):
         self._initial = self.layout.unflatten(theta)
         self._k = int(state["num_steps"])
         self._noise_var = state["noise_var"]
+        if state.get("step_size_state") is not None:
+            eps = step_size_lib.StepSizeState(*state["step_size_state"])
+            self._eps = eps._replace(grad_noise=cast(eps.grad_noise), eigvec=cast(eps.eigvec))
         if state.get("noise_scale") is not None and self._learns_noise():
             self.bridge.likelihood.set_noise_scale(state["noise_scale"])
         if "batch_order" in state and hasattr(self.potential, "set_batch_order"):
             self.potential.set_batch_order(state["batch_order"])
 
     def cleanup(self):
-        # The chain's final state stays (state_dict() reads it); setup() resets it for the next chain.
-        pass
+        """End of a chain: warn if the draws' log density still drifts, and (once) if steps after
+        warm-up diverged. The chain's final state
+        stays (state_dict() reads it); setup() resets it for the next chain."""
+        z = step_size_lib.drift_z_score(self._stats["lp"])
+        if math.isfinite(z) and abs(z) > 4:
+            warnings.warn(f"{type(self).__name__}: the chain's log density still drifts during sampling (Geweke z = "
+                          f"{z:.1f}: the first tenth of the draws {'below' if z < 0 else 'above'} the last half), so "
+                          "the early draws are not from the posterior; increase warmup_steps (or start nearer the "
+                          "posterior, e.g. MCMC(initial_params=...) at a MAP).", RuntimeWarning, stacklevel=2)
+        n = len(self._divergences)
+        drawn = max(self._t - self._warmup_steps, 0)
+        if n and not self._warned:
+            self._warned = True
+            warnings.warn(f"{type(self).__name__}: {n} of {drawn} draws after warm-up had a divergent step (undone: "
+                          f"back to the last position, velocity reset). The step size "
+                          f"{self._step_size_now():.3g} is too large for parts of the posterior: keep "
+                          "adapt_step_size=True with more warmup_steps, or lower step_size.", RuntimeWarning,
+                          stacklevel=2)
