@@ -4,8 +4,8 @@ Prints, for dense SGHMC and SpikeSlabSGHMC at 50% and 90% sparsity (all from the
 driven by ``pyro.infer.MCMC``): test accuracy, NLL, ECE, wall time and SGHMC steps per second;
 then the steps per second of the kernel (no preconditioner) against a bare torch SGHMC loop with
 the same update, network, mini-batch size and number of steps, measured in the same run.
-Targets (issue 5): 90% sparsity within 3 accuracy points of dense SGHMC; kernel at most 1.5x
-slower than the bare loop.
+Targets: 90% sparsity within 2 accuracy points of dense SGHMC; kernel at most 1.5x slower than
+the bare loop.
 
 The spike scale 0.3 (slab 1.0) was chosen by a sweep on this benchmark (full MLP, 90%, seed 0:
 spike 0.01 -> 84.0%, 0.04 -> 91.5%, 0.1 -> 92.2%, 0.2 -> 94.6%, 0.3 -> 95.5%; dense 96.5%): a
@@ -77,7 +77,8 @@ def main():
     model, n = ctx.model, ds.x_train.shape[0]
     theta_map = ctx.theta_map
     warmup, samples, thin = (100, 100, 10) if args.quick else (300, 300, 10)
-    options = dict(step_size=0.05 / n, friction=0.1, preconditioner="vb", subsample_size=128, steps_per_sample=thin)
+    options = dict(friction=0.1, preconditioner="vb", subsample_size=128, steps_per_sample=thin,
+                   warm_start_fraction=0.0)        # defaults otherwise: warm-up chooses the step size
     print(f"digits: train {n}, test {ds.x_test.shape[0]}, MLP {[p.shape[0] for p in model.net.parameters()][::2]}, "
           f"D={model.layout.dim}; warmup {warmup} + {samples} draws x {thin} steps, batch 128")
     print(f"{'method':<26}{'accuracy':>9}{'nll':>8}{'ece':>8}{'sparsity':>9}{'time_s':>8}{'steps/s':>9}")
@@ -104,13 +105,15 @@ def main():
                 sum(model.layout.shapes[s].numel() for s in sites)
             assert abs(zero_frac - sparsity) < 0.01, zero_frac   # exact zeros in every draw
     drop = 100 * (rows["SGHMC (dense)"] - rows["SpikeSlabSGHMC 90%"])
-    print(f"accuracy drop at 90% sparsity: {drop:.2f} points (target <= 3): {'OK' if drop <= 3 else 'MISSED'}")
+    print(f"accuracy drop at 90% sparsity: {drop:.2f} points (target <= 2): {'OK' if drop <= 2 else 'MISSED'}")
 
-    # ---- overhead of the Pyro machinery against a bare torch loop (same update, G = I) ----
+    # ---- overhead of the Pyro machinery against a bare torch loop (same update, G = I, the
+    # same fixed step: the adaptation's own cost is in warm-up only) ----
     steps = 1000 if args.quick else 3000
+    step_size = 0.05 / n
     pyro.set_rng_seed(args.seed)
-    kernel = SGHMC(model, step_size=options["step_size"], friction=0.1, preconditioner=None,
-                   subsample_size=128, steps_per_sample=thin)
+    kernel = SGHMC(model, step_size=step_size, friction=0.1, preconditioner=None, subsample_size=128,
+                   steps_per_sample=thin, adapt_step_size=False, warm_start_fraction=0.0)
     mcmc = MCMC(kernel, num_samples=steps // thin // 2, warmup_steps=steps // thin // 2,
                 initial_params=model.layout.unflatten(theta_map), disable_progbar=True)
     t0 = time.perf_counter()
@@ -121,7 +124,7 @@ def main():
     for p in net.parameters():
         p.requires_grad_(True)
     t0 = time.perf_counter()
-    trained = bare_sghmc(net, ds.x_train, ds.y_train, steps, options["step_size"], 0.1, 128, seed=args.seed)
+    trained = bare_sghmc(net, ds.x_train, ds.y_train, steps, step_size, 0.1, 128, seed=args.seed)
     bare_sps = steps / (time.perf_counter() - t0)
     with torch.no_grad():
         bare_acc = metrics.accuracy(torch.softmax(trained(ds.x_test), -1), ds.y_test)

@@ -349,34 +349,34 @@ def run_annealed_smc(ctx: Context) -> MethodResult:
 
 
 def sgmcmc_posterior(ctx: Context, target_sparsity: Optional[float] = None, num_samples: Optional[int] = None,
-                     warmup_steps: Optional[int] = None, steps_per_sample: int = 10, batch_size: int = 128,
-                     epoch_lr: float = 0.05):
+                     warmup_steps: Optional[int] = None, steps_per_sample: int = 10, batch_size: int = 128):
     """Run SGHMC (``target_sparsity=None``) or SpikeSlabSGHMC from the shared MAP through
-    ``pyro.infer.MCMC``; returns ``(mcmc, kernel, seconds)``. The step size is ``epoch_lr / N``
-    (a per-example learning rate on the full-data potential; times the MAP's sigma^2 for a learned
-    noise scale, since the curvature grows as 1 / sigma^2); the preconditioner is "vb"."""
+    ``pyro.infer.MCMC`` (two chains, one in quick mode); returns ``(mcmc, kernel, seconds)``. The
+    kernels' defaults choose the step size in warm-up; the chains start at the MAP, so the
+    kernels' Adam warm start is skipped. Options (``ctx.options[name]``): ``num_samples``,
+    ``warmup_steps``, ``steps_per_sample``, ``batch_size``, ``num_chains``, ``preconditioner``,
+    ``step_size`` (then fixed)."""
     ds, model = ctx.ds, ctx.model
-    n = ds.x_train.shape[0]
     name = "sghmc" if target_sparsity is None else "spike_slab_sghmc"
-    num_samples = num_samples or ctx.option(name, "num_samples", 50 if ctx.quick else 200)
-    warmup_steps = warmup_steps or ctx.option(name, "warmup_steps", 50 if ctx.quick else 300)
-    steps_per_sample = ctx.option(name, "steps_per_sample", steps_per_sample)
-    epoch_lr = ctx.option(name, "epoch_lr", epoch_lr)
-    batch_size = ctx.option(name, "batch_size", batch_size)
-    theta0 = ctx.theta_map
-    # The potential's curvature scales as 1 / sigma^2: a learned noise scales the step with sigma^2.
-    step = epoch_lr / n * (model.noise_scale ** 2 if ctx.learns_noise else 1.0)
-    options = dict(step_size=step, friction=0.1, preconditioner="vb", subsample_size=batch_size,
-                   steps_per_sample=steps_per_sample)
+    opt = lambda k, d: ctx.option(name, k, d)  # noqa: E731
+    num_samples = num_samples or opt("num_samples", 50 if ctx.quick else 200)
+    warmup_steps = warmup_steps or opt("warmup_steps", 50 if ctx.quick else 300)
+    num_chains = opt("num_chains", 1 if ctx.quick else 2)
+    step = opt("step_size", None)
+    options = dict(step_size=step, adapt_step_size=step is None, friction=0.1,
+                   preconditioner=opt("preconditioner", "vb"), subsample_size=opt("batch_size", batch_size),
+                   steps_per_sample=opt("steps_per_sample", steps_per_sample), warm_start_fraction=0.0)
     if target_sparsity is None:
         kernel = SGHMC(model, **options)
     else:
         kernel = SpikeSlabSGHMC(model, spike_scale=0.3, slab_scale=1.0, inclusion_prior=0.5,
                                 target_sparsity=target_sparsity, **options)
     pyro.set_rng_seed(ctx.seed)
-    init = model.layout.unflatten(theta0)
-    mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps, initial_params=init,
-                disable_progbar=not ctx.progress)
+    init = model.layout.unflatten(ctx.theta_map)
+    if num_chains > 1:
+        init = {k: v.expand(num_chains, *v.shape).clone() for k, v in init.items()}
+    mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=num_chains,
+                initial_params=init, disable_progbar=not ctx.progress)
     t0 = time.perf_counter()
     mcmc.run(ds.x_train, ds.y_train)
     return mcmc, kernel, time.perf_counter() - t0

@@ -82,7 +82,7 @@ print("Laplace guide sites:", sorted(guide.median()), f"noise {float(guide.media
 mean, var = guide.predict(ds.x_test)                         # the linearised (GLM) predictive
 print(f"Laplace: predictive std in the gap {var[in_gap].sqrt().mean():.3f}")
 
-kernel = ps.infer.SGHMC(model, step_size=1e-5, subsample_size=20)
+kernel = ps.infer.SGHMC(model, subsample_size=20)          # warm-up chooses the step size
 # Pyro's initial_params are unconstrained values, one row per chain: start both chains at the MAP.
 start = {**guide.median(), "sigma": guide.median()["sigma"].log()}
 sghmc = MCMC(kernel, num_samples=20 if QUICK else 300, warmup_steps=20 if QUICK else 300, num_chains=2,

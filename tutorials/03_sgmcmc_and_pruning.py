@@ -54,10 +54,12 @@ pyro.set_rng_seed(0)
 # Inputs come from two clusters, $[-2,-1]$ and $[1,2]$; a good posterior is unsure in between.
 # We start the chains from a short MAP fit (`ps.infer.map.fit_map`) and use mini-batches of 20.
 #
-# The step size is bounded by the stiffest direction of the posterior: roughly
-# $\epsilon < \alpha / \lambda_{\max}(G H)$. With noise $\sigma = 0.1$ the output layer alone has
-# curvature $\approx N \sum_j h_j^2 / \sigma^2 \approx 10^5$ here, so $\epsilon \approx 5\cdot10^{-6}$
-# (larger values blow up within a few steps and are reported as divergences).
+# No step size is given: warm-up finds one. It is bounded by the stiffest direction of the
+# posterior ($\epsilon \lambda_{\max}(G H) \le 1/4$, with $\lambda_{\max}$ from a few
+# Hessian-vector products; with noise $\sigma = 0.1$ the output layer alone has curvature
+# $\approx N \sum_j h_j^2 / \sigma^2 \approx 10^5$ here) and by the mini-batch gradient noise
+# (a fifth of the injected noise), then frozen for the draws. A fixed step that is too large
+# would be undone step after step and reported as divergences, with a warning.
 
 # %%
 ds = ps.data.gap_regression(n=60 if QUICK else 200, noise=0.1)
@@ -65,7 +67,7 @@ net = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 1))
 model = ps.nn.BayesianNet(net, likelihood="regression", noise_scale=0.1, prior_scale=1.0)
 fit = ps.infer.map.fit_map(model, ds.x_train, ds.y_train, num_steps=300 if QUICK else 2000, lr=1e-2,
                            progress=False)
-kernel = ps.infer.SGHMC(model, step_size=5e-6, friction=0.5, subsample_size=20, steps_per_sample=10)
+kernel = ps.infer.SGHMC(model, friction=0.5, subsample_size=20, steps_per_sample=10)
 init = model.layout.unflatten(fit.theta.unsqueeze(0).repeat(2, 1))   # one start per chain
 mcmc = MCMC(kernel, num_samples=50 if QUICK else 500, warmup_steps=50 if QUICK else 500, num_chains=2,
             initial_params=init, disable_progbar=QUICK)
@@ -115,7 +117,7 @@ torch.manual_seed(1)
 x = torch.randn(200, 20)
 y = x[:, :3] @ torch.tensor([2.0, -1.5, 1.0]) + 0.5 * torch.randn(200)
 lin = ps.nn.BayesianNet(nn.Linear(20, 1), likelihood="regression", noise_scale=0.5)
-spike = ps.infer.SpikeSlabSGHMC(lin, step_size=2e-4, friction=0.5, spike_scale=0.02, target_sparsity=0.8)
+spike = ps.infer.SpikeSlabSGHMC(lin, friction=0.5, spike_scale=0.02, target_sparsity=0.8)
 mcmc_ss = MCMC(spike, num_samples=100 if QUICK else 500, warmup_steps=200 if QUICK else 1000, disable_progbar=QUICK)
 mcmc_ss.run(x, y)
 rho = spike.inclusion_probabilities()["weight"][0]

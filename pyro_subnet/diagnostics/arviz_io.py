@@ -213,8 +213,10 @@ def to_inference_data(obj, *args, num_samples: int = 100, num_chains: int = 2, m
 
 def summary_numbers(data) -> Dict[str, float]:
     """A few numbers to print beside a method: smallest bulk ESS over every posterior scalar,
-    largest rank R-hat (with two or more chains), ``elpd_loo`` and the fraction of Pareto
-    ``k > 0.7`` (points whose LOO estimate is unreliable).
+    largest rank R-hat (with two or more chains), the median and 10th percentile over training
+    points of the bulk ESS of the pointwise log-likelihood (and the median and 90th percentile of
+    its R-hat), ``elpd_loo`` and the fraction of Pareto ``k > 0.7`` (points whose LOO estimate is
+    unreliable).
 
     >>> ps.diagnostics.arviz_io.summary_numbers(idata)            # doctest: +SKIP
     {'ess_bulk_min': 41.2, 'r_hat_max': 1.03, 'elpd_loo': -112.5, 'pareto_k_bad': 0.0}
@@ -231,6 +233,17 @@ def summary_numbers(data) -> Dict[str, float]:
         if post.sizes["chain"] > 1:
             rhat = az.rhat(post)
             out["r_hat_max"] = float(max(float(np.nanmax(v.values)) for v in rhat.data_vars.values()))
+        # The weights of a network are symmetric (units can swap), so their ESS says little; the
+        # pointwise log-likelihood is what predictions average, and its ESS and R-hat count.
+        ll = data["log_likelihood"]
+        ll = ll.to_dataset() if hasattr(ll, "children") else ll
+        ll_ess = np.concatenate([np.ravel(v.values) for v in az.ess(ll, method="bulk").data_vars.values()])
+        out["ll_ess_bulk_median"] = float(np.nanmedian(ll_ess))
+        out["ll_ess_bulk_p10"] = float(np.nanpercentile(ll_ess, 10))
+        if post.sizes["chain"] > 1:
+            ll_rhat = np.concatenate([np.ravel(v.values) for v in az.rhat(ll).data_vars.values()])
+            out["ll_r_hat_median"] = float(np.nanmedian(ll_rhat))
+            out["ll_r_hat_p90"] = float(np.nanpercentile(ll_rhat, 90))
         loo = az.loo(data, reff=1.0 if post.sizes["chain"] == 1 else None)
         out["elpd_loo"] = float(loo.elpd_loo)
         out["pareto_k_bad"] = float((np.asarray(loo.pareto_k) > 0.7).mean())

@@ -270,9 +270,7 @@ class SGHMC(MCMCKernel):
 
     def _propose(self):
         opts = {k: v for k, v in self.step_size_options.items() if k != "curvature_every"}
-        burn_in = self._t < self._warmup_steps // 2
-        self._eps = step_size_lib.propose(self._eps, self._state.precond.scale, self.friction,
-                                          factor=step_size_lib.BURN_IN_FACTOR if burn_in else 1.0, **opts)
+        self._eps = step_size_lib.propose(self._eps, self._state.precond.scale, self.friction, **opts)
 
     def _start_adaptation(self):
         """At the first step of a chain: the curvature at the starting point bounds the first

@@ -104,7 +104,7 @@ class SpikeSlabSGHMC(SGHMC):
     >>> from pyro_subnet.nn import BayesianNet
     >>> model = BayesianNet(nn.Linear(10, 1), likelihood="regression", noise_scale=0.5)
     >>> x = torch.randn(200, 10); y = 2 * x[:, 0] + 0.5 * torch.randn(200)
-    >>> kernel = SpikeSlabSGHMC(model, step_size=5e-4, friction=0.5, spike_scale=0.02)
+    >>> kernel = SpikeSlabSGHMC(model, friction=0.5, spike_scale=0.02)
     >>> mcmc = pyro.infer.MCMC(kernel, num_samples=300, warmup_steps=300, disable_progbar=True)
     >>> mcmc.run(x, y)
     >>> (kernel.inclusion_probabilities()["weight"][0, :3] > 0.5).tolist()
@@ -113,7 +113,7 @@ class SpikeSlabSGHMC(SGHMC):
 
     per_draw_stats = {**SGHMC.per_draw_stats, "sparsity": "sparsity", "inclusion_rate": "inclusion_rate"}
 
-    def __init__(self, model, step_size: float, friction: float = 0.1, *, spike_scale: Optional[float] = None,
+    def __init__(self, model, step_size: Optional[float] = None, friction: float = 0.1, *, spike_scale: Optional[float] = None,
                  slab_scale: Optional[float] = None, inclusion_prior: Optional[float] = None,
                  inclusion_beta=None, sites: Optional[Sequence[str]] = None, group: str = "weight",
                  target_sparsity: Optional[float] = None, prune_start: Optional[int] = None,

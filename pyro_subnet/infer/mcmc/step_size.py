@@ -28,8 +28,7 @@ iterations of Hessian-vector products of the mini-batch potential, repeated duri
 chain moves (the first estimate is at the starting point, where the curvature can be far from the
 posterior's).
 
-The step size is the smaller of the two bounds (times :data:`BURN_IN_FACTOR` in the first half of
-warm-up). A divergence during warm-up (a non-finite
+The step size is the smaller of the two bounds. A divergence during warm-up (a non-finite
 potential or an energy jump, see :mod:`.integrator`) halves a ``backoff`` factor that multiplies
 every later proposal. After warm-up the step size, the gradient-noise estimate and the
 preconditioner are frozen, so the chain is a homogeneous Markov chain targeting the posterior.
@@ -45,12 +44,6 @@ import torch
 #: The largest ``epsilon`` a proposal may take: a guard against a curvature estimate of ~0 (a
 #: flat start) with exact gradients, where neither bound binds.
 MAX_STEP_SIZE = 1.0
-
-
-#: In the first half of warm-up the chain only has to reach the posterior, not sample it: steps
-#: this many times the bounds (``epsilon lambda_max <= 1``, well inside the stability limit
-#: ``2 (2 - alpha)``) get there sooner; the second half, and every draw, use the bounds.
-BURN_IN_FACTOR = 4.0
 
 
 class StepSizeState(NamedTuple):
@@ -111,9 +104,8 @@ def backoff(state: StepSizeState, factor: float = 0.5) -> StepSizeState:
 
 
 def propose(state: StepSizeState, scale: torch.Tensor, friction: float, noise_ratio: float = 0.2,
-            curvature_ratio: float = 0.25, quantile: float = 0.9, factor: float = 1.0) -> StepSizeState:
-    """The step size of both bounds (see the module docstring), times the back-off factor and
-    ``factor`` (:data:`BURN_IN_FACTOR` in the first half of warm-up)."""
+            curvature_ratio: float = 0.25, quantile: float = 0.9) -> StepSizeState:
+    """The step size of both bounds (see the module docstring), times the back-off factor."""
     bounds = [MAX_STEP_SIZE]
     v = grad_noise(state)
     if v is not None:
@@ -126,7 +118,7 @@ def propose(state: StepSizeState, scale: torch.Tensor, friction: float, noise_ra
             bounds.append(state.step_size * 0.5)
         elif state.lambda_max > 0:
             bounds.append(curvature_ratio / state.lambda_max)
-    return state._replace(step_size=min(bounds) * state.backoff * factor)
+    return state._replace(step_size=min(bounds) * state.backoff)
 
 
 def noise_ratio(step_size: float, scale: torch.Tensor, grad_noise_var: Optional[torch.Tensor], friction: float):
