@@ -31,7 +31,8 @@ def test_conjugate_linear_regression_matches_exact_posterior_and_evidence(schedu
     # 5 / sqrt(P) posterior standard deviations (~0.2 sd) is about 3 standard errors at ESS = P/3.
     assert ((theta.mean(0) - mean).abs() / sd < 5 / math.sqrt(p)).all(), (theta.mean(0), mean)
     emp_cov = torch.cov(theta.T)
-    assert torch.allclose(emp_cov.diag() / cov.diag(), torch.ones(3, dtype=torch.float64), atol=0.2)
+    # A variance from ESS ~ P/3 draws has a relative standard error of sqrt(2 / (P/3)) = 0.1: 3 of them.
+    assert torch.allclose(emp_cov.diag() / cov.diag(), torch.ones(3, dtype=torch.float64), atol=0.3)
     corr = lambda c: c / torch.outer(c.diag().sqrt(), c.diag().sqrt())  # noqa: E731
     assert torch.allclose(corr(emp_cov), corr(cov), atol=0.1)
     assert abs(float(smc.log_evidence[0]) - log_z) < 0.5, (float(smc.log_evidence[0]), log_z)

@@ -49,8 +49,11 @@ def test_diagnostics_record_every_step(fitted):
         assert all(len(d[k][c]) == steps for k in ("ess", "acceptance_rate", "resampled", "num_data", "level"))
         assert d["num_data"][c][-1] == 50 and d["level"][c][-1] == 5.0
         assert all(0 <= a <= 1 for a in d["acceptance_rate"][c]) and all(0 < e <= 32 for e in d["ess"][c])
-        # 5 MALA moves: 1 + 5 gradient passes per SMC step.
-        assert d["grad_evals"][c] == 6 * steps
+        # Rounds of 5 MALA moves until decorrelated: 1 + (moves) gradient passes per SMC step.
+        moves = d["num_mcmc_steps"][c]
+        assert all(m % 5 == 0 and 5 <= m <= 50 for m in moves)
+        assert d["grad_evals"][c] == steps + sum(moves)
+        assert all(r <= 0.5 or m == 50 for r, m in zip(d["move_correlation"][c], moves))
         assert d["log_evidence"][c] == float(smc.log_evidence[int(c[-1])])
     assert np.isfinite(smc.log_evidence.numpy()).all()
 

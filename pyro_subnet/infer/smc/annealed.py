@@ -49,6 +49,7 @@ import torch
 
 from .. import distributed
 from .kernels import KERNELS, ParticleNoise, adapt_step_size, hmc
+from .proposal_covariance import DiagonalCovariance, ParticleCovariance
 from .resampling import get_resampler
 from .schedules import Adaptive, DataPath, Linear, log_ess
 
@@ -77,6 +78,8 @@ class SMCInfo(NamedTuple):
     acceptance_rate: float      # mean MH acceptance probability over the move steps
     step_size: float            # step size used in the last move step
     log_evidence_increment: float
+    num_mcmc_steps: int         # move steps taken (adaptive: until decorrelated)
+    move_correlation: float     # correlation over particles of log pi before and after the moves
     grad_evals: int             # gradient passes over all particles
     data_grad_evals: int        # examples per particle touched by those gradient passes
     data_loglik_evals: int      # examples per particle touched by the reweighting
@@ -124,16 +127,35 @@ class Move:
     :param num_leapfrog_steps: HMC leapfrog steps per kernel step.
     :param target_accept: acceptance rate the step size is adapted to (default 0.574 for MALA,
         0.65 for HMC).
+    :param max_mcmc_steps: most kernel steps per SMC step (``num_mcmc_steps``: a fixed number).
+    :param target_correlation: the moves stop once the correlation over particles of the log
+        density before and after them is at most this.
+    :param covariance: the moves' proposal covariance (:mod:`.proposal_covariance`):
+        ``"diagonal"`` (the population's per-coordinate spread) or ``"particles"`` (its
+        covariance shrunk a fifth of the way to the diagonal; the diagonal alone under
+        ``torch.distributed``, where the particles are sharded).
     """
 
     def __init__(self, name: str = "mala", num_mcmc_steps: int = 5, num_leapfrog_steps: int = 5,
-                 target_accept: Optional[float] = None):
+                 target_accept: Optional[float] = None, max_mcmc_steps: Optional[int] = None,
+                 target_correlation: float = 0.5, covariance: str = "diagonal"):
         if name not in KERNELS:
             raise ValueError(f"move={name!r}: choose one of {sorted(KERNELS)}.")
         for arg, v in (("num_mcmc_steps", num_mcmc_steps), ("num_leapfrog_steps", num_leapfrog_steps)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{arg} must be a positive integer, got {v!r}.")
+        max_mcmc_steps = num_mcmc_steps if max_mcmc_steps is None else max_mcmc_steps
+        if not isinstance(max_mcmc_steps, int) or max_mcmc_steps < num_mcmc_steps:
+            raise ValueError(f"max_mcmc_steps must be an integer >= num_mcmc_steps ({num_mcmc_steps}), "
+                             f"got {max_mcmc_steps!r}.")
+        if not -1 <= target_correlation < 1:
+            raise ValueError(f"target_correlation must be in [-1, 1), got {target_correlation!r}.")
+        if covariance not in ("particles", "diagonal"):
+            raise ValueError(f"covariance must be 'particles' or 'diagonal', got {covariance!r}.")
         fn, default_accept = KERNELS[name]
+        self.covariance = covariance
+        self.max_mcmc_steps = max_mcmc_steps
+        self.target_correlation = float(target_correlation)
         self.name = name
         self.kernel = functools.partial(hmc, num_leapfrog_steps=num_leapfrog_steps) if fn is hmc else fn
         self.grads_per_step = num_leapfrog_steps if fn is hmc else 1
@@ -141,7 +163,16 @@ class Move:
         self.target_accept = default_accept if target_accept is None else target_accept
 
     def __repr__(self):
-        return f"Move({self.name!r}, num_mcmc_steps={self.num_mcmc_steps})"
+        extra = f", max_mcmc_steps={self.max_mcmc_steps}" if self.max_mcmc_steps > self.num_mcmc_steps else ""
+        return f"Move({self.name!r}, num_mcmc_steps={self.num_mcmc_steps}{extra})"
+
+
+def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation over all ranks' particles of two ``(P_rank,)`` statistics."""
+    a, b = distributed.all_gather_cat(a.double()), distributed.all_gather_cat(b.double())
+    a, b = a - a.mean(), b - b.mean()
+    denom = float((a.pow(2).sum() * b.pow(2).sum()).sqrt())
+    return float((a * b).sum()) / denom if denom > 0 else 0.0
 
 
 def init(particles: torch.Tensor, step_size: float = 0.5) -> SMCState:
@@ -210,6 +241,10 @@ def step(generator: torch.Generator, state: SMCState, target: AnnealedTarget, sc
     log_w = log_w - torch.logsumexp(log_w, 0)
     ess = float(log_ess(log_w).exp())
     scale = _population_scale(theta, log_w)
+    if move.covariance == "particles" and not distributed.is_active():
+        cov = ParticleCovariance(theta, log_w, scale)
+    else:
+        cov = DiagonalCovariance(scale)
     # The adaptive schedule stops exactly at the threshold: the small tolerance makes it resample.
     resampled = ess < ess_threshold * p * (1 + 1e-3)
     if resampled:
@@ -219,14 +254,19 @@ def step(generator: torch.Generator, state: SMCState, target: AnnealedTarget, sc
     lp, grad = log_density(theta)
     step_size, accepts = state.step_size, []
     noise = ParticleNoise(generator, p, part)
-    for _ in range(move.num_mcmc_steps):
-        out = move.kernel(noise, theta, lp, grad, log_density, step_size, scale)
-        theta, lp, grad = out.theta, out.log_prob, out.grad
-        rate = float(distributed.all_reduce_sum(out.accept_prob.sum())) / p
-        accepts.append(rate)
-        used_step = step_size
-        step_size = adapt_step_size(step_size, rate, move.target_accept)
-    grad_evals = 1 + move.num_mcmc_steps * move.grads_per_step
-    info = SMCInfo(level, n, ess, resampled, sum(accepts) / len(accepts), used_step, log_z_inc,
-                   grad_evals, grad_evals * n, n_eval_data)
+    lp_start = lp
+    while True:
+        for _ in range(move.num_mcmc_steps):
+            out = move.kernel(noise, theta, lp, grad, log_density, step_size, cov)
+            theta, lp, grad = out.theta, out.log_prob, out.grad
+            rate = float(distributed.all_reduce_sum(out.accept_prob.sum())) / p
+            accepts.append(rate)
+            used_step = step_size
+            step_size = adapt_step_size(step_size, rate, move.target_accept)
+        correlation = _correlation(lp_start, lp)
+        if correlation <= move.target_correlation or len(accepts) + move.num_mcmc_steps > move.max_mcmc_steps:
+            break
+    grad_evals = 1 + len(accepts) * move.grads_per_step
+    info = SMCInfo(level, n, ess, resampled, sum(accepts) / len(accepts), used_step, log_z_inc, len(accepts),
+                   correlation, grad_evals, grad_evals * n, n_eval_data)
     return SMCState(theta, log_w, level, state.log_evidence + log_z_inc, step_size), info

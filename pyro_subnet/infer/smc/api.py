@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, List, Optional, Union
 
 import torch
@@ -67,7 +68,7 @@ class AnnealedSMC:
     :param resampling: ``"systematic"``, ``"stratified"``, ``"multinomial"`` or a function
         ``(generator, weights, num_samples) -> indices``.
     :param num_chains: independent SMC runs.
-    :param num_mcmc_steps: kernel steps per SMC step.
+    :param num_mcmc_steps: kernel steps per SMC step at least, and per round of adaptive moves.
     :param num_leapfrog_steps: HMC leapfrog steps.
     :param step_size: initial step size, in units of the particle spread (adapted).
     :param target_accept: acceptance rate for step-size adaptation (default 0.574 MALA, 0.65 HMC).
@@ -78,6 +79,15 @@ class AnnealedSMC:
         steps instead of about 105 and 2.7x to 3.2x instead of 1.8x to 2.1x fewer
         example-gradients than ``"full"``; see :class:`~.schedules.Adaptive`).
     :param max_steps: safety limit on SMC steps per chain (error if exceeded).
+    :param max_mcmc_steps: most move steps per SMC step (default ``10 * num_mcmc_steps``): after
+        each ``num_mcmc_steps`` the moves go on until the particles decorrelate from where the
+        step started (see :mod:`.annealed`); ``num_mcmc_steps`` makes the number fixed.
+    :param target_correlation: the decorrelation the moves aim for (correlation over particles of
+        the log density before and after them). If the moves run out of steps above it in more
+        than a quarter of the SMC steps, :meth:`run` warns that the particles have not mixed.
+    :param covariance: the moves' proposal covariance: ``"diagonal"`` (default; the population's
+        per-coordinate spread) or ``"particles"`` (its low-rank covariance shrunk toward the
+        diagonal, see :mod:`.proposal_covariance`).
     :param seed: seed of the sampler's generator (``None``: drawn from torch's global RNG); the
         prior draws use torch's global RNG.
     :param progress: show a progress bar (data included, ESS, acceptance).
@@ -109,7 +119,8 @@ class AnnealedSMC:
                  resampling="systematic", num_chains: int = 1, *, num_mcmc_steps: int = 5,
                  num_leapfrog_steps: int = 5, step_size: float = 0.5, target_accept: Optional[float] = None,
                  batches_per_step: int = 1, batch_growth: float = 1.0, max_steps: int = 10000,
-                 seed: Optional[int] = None, progress: bool = True):
+                 seed: Optional[int] = None, progress: bool = True, max_mcmc_steps: Optional[int] = None,
+                 target_correlation: float = 0.5, covariance: str = "diagonal"):
         check_model(model, 'AnnealedSMC')
         if not isinstance(num_particles, int) or num_particles < 2:
             raise ValueError(f"num_particles must be an integer >= 2, got {num_particles!r}.")
@@ -131,7 +142,10 @@ class AnnealedSMC:
         self._model = model
         # What arviz.from_pyro evaluates: a batch-aware view unless the model is one itself.
         view = model if hasattr(model, "with_subsample_size") else BatchAwareModel(model)
-        self.kernel = SMCKernel(view, Move(move, num_mcmc_steps, num_leapfrog_steps, target_accept))
+        if max_mcmc_steps is None:
+            max_mcmc_steps = 10 * num_mcmc_steps if isinstance(num_mcmc_steps, int) else num_mcmc_steps
+        self.kernel = SMCKernel(view, Move(move, num_mcmc_steps, num_leapfrog_steps, target_accept, max_mcmc_steps,
+                                           target_correlation, covariance))
         self.num_particles = num_particles
         self.num_samples = num_particles      # draws per chain, as MCMC.num_samples
         self.num_chains = num_chains
@@ -277,6 +291,7 @@ class AnnealedSMC:
                     self._save_checkpoint()
                 bar.update(100 * (state.level - old) / path.num_batches)
                 bar.set_postfix(data=info.num_data, ess=f"{info.ess:.0f}", acc=f"{info.acceptance_rate:.2f}")
+        self._warn_unmixed(chain, infos)
         # Equal weights for the draws: resample if the last step did not.
         if float(annealed.log_ess(state.log_weights).exp()) < self.num_particles * (1 - 1e-6):
             theta, log_w, _ = annealed.resample(gen, state.particles, state.log_weights, self.resampling)
@@ -285,6 +300,19 @@ class AnnealedSMC:
         if not torch.isfinite(state.particles).all():
             raise FloatingPointError("AnnealedSMC produced non-finite particles; lower step_size.")
         return {"state": state._asdict(), "infos": [i._asdict() for i in infos]}
+
+    def _warn_unmixed(self, chain: int, infos) -> None:
+        """Warn when the moves did not decorrelate the particles in many steps (a chain whose
+        particles are copies of a few ancestors looks confident and is not)."""
+        move = self.kernel.move
+        stuck = [i for i in infos if i.move_correlation > move.target_correlation]
+        if infos and len(stuck) > 0.25 * len(infos):
+            worst = max(i.move_correlation for i in stuck)
+            warnings.warn(f"AnnealedSMC: in {len(stuck)} of {len(infos)} steps of chain {chain} the moves ended with "
+                          f"the particles still correlated with where they started (log-density correlation up to "
+                          f"{worst:.2f}, target {move.target_correlation}), so the particles have not mixed and "
+                          f"the posterior is too narrow; raise max_mcmc_steps (now {move.max_mcmc_steps}), use "
+                          "move='hmc', or more particles.", RuntimeWarning, stacklevel=3)
 
     def _finish(self, dtype) -> None:
         """Draws, evidence and noise from the finished chains of ``self._run``."""
@@ -403,7 +431,8 @@ class AnnealedSMC:
         for c, infos in enumerate(self._infos):
             key = f"chain {c}"
             out.setdefault("divergences", {})[key] = []
-            for f in ("ess", "acceptance_rate", "resampled", "num_data", "level", "step_size"):
+            for f in ("ess", "acceptance_rate", "resampled", "num_data", "level", "step_size", "num_mcmc_steps",
+                      "move_correlation"):
                 out.setdefault(f, {})[key] = [getattr(i, f) for i in infos]
             for f in ("grad_evals", "data_grad_evals", "data_loglik_evals"):
                 out.setdefault(f, {})[key] = sum(getattr(i, f) for i in infos)

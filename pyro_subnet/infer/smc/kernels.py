@@ -2,11 +2,11 @@
 
 Each kernel leaves the current partial posterior :math:`\\pi_s` invariant (Metropolis-Hastings
 correction), acts on all particles ``theta`` of shape ``(P, D)`` in one tensor operation, and is
-preconditioned by a per-coordinate scale ``scale`` (D,) (the particle population's standard
-deviation: the usual SMC choice, e.g. Buchholz, Chopin and Jacob 2021, *Adaptive tuning of
-Hamiltonian Monte Carlo within sequential Monte Carlo*), i.e. mass matrix ``diag(scale)^{-2}``.
+preconditioned by a proposal covariance :math:`M^{-1}` from the particle population
+(:mod:`.proposal_covariance`: its per-coordinate spread, the usual SMC choice of Buchholz, Chopin
+and Jacob 2021, or its low-rank-plus-diagonal covariance).
 
-MALA (Roberts and Tweedie 1996), with :math:`M^{-1} = \\mathrm{diag}(\\text{scale}^2)`:
+MALA (Roberts and Tweedie 1996):
 
 .. math::
 
@@ -36,6 +36,8 @@ import math
 from typing import Callable, NamedTuple, Tuple
 
 import torch
+
+from .proposal_covariance import DiagonalCovariance
 
 LogDensity = Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 
@@ -79,48 +81,54 @@ def _accept(generator, log_ratio, theta, log_prob, grad, theta_new, log_prob_new
                      torch.where(take[:, None], grad_new, grad), accept_prob)
 
 
+def _covariance(cov):
+    """A proposal covariance (:mod:`.proposal_covariance`), or a per-coordinate scale ``(D,)``."""
+    return DiagonalCovariance(cov) if isinstance(cov, torch.Tensor) else cov
+
+
 def mala(generator: torch.Generator, theta: torch.Tensor, log_prob: torch.Tensor, grad: torch.Tensor,
-         log_density: LogDensity, step_size: float, scale: torch.Tensor) -> MoveState:
+         log_density: LogDensity, step_size: float, cov) -> MoveState:
     """One preconditioned MALA step for every particle (one gradient evaluation).
 
     :param generator: random generator on the particles' device (or a :class:`ParticleNoise`).
     :param theta: particles (P, D); ``log_prob`` (P,) and ``grad`` (P, D) at ``theta``.
     :param log_density: ``theta -> (log_prob, grad)`` of the current target.
-    :param step_size: :math:`\\epsilon`, in units of ``scale``.
-    :param scale: per-coordinate proposal scale (D,).
+    :param step_size: :math:`\\epsilon`, in units of the proposal covariance.
+    :param cov: the proposal covariance :math:`M^{-1}` (:mod:`.proposal_covariance`), or a
+        per-coordinate scale ``(D,)`` (a diagonal one).
     """
-    var = scale ** 2
-    noise = _draw(torch.randn, generator, theta.shape, theta)
-    mean_fwd = theta + 0.5 * step_size ** 2 * var * grad
-    theta_new = mean_fwd + step_size * scale * noise
+    cov = _covariance(cov)
+    z = cov.sample(lambda shape: _draw(torch.randn, generator, shape, theta), theta)
+    mean_fwd = theta + 0.5 * step_size ** 2 * cov.mul(grad)
+    theta_new = mean_fwd + step_size * z
     log_prob_new, grad_new = log_density(theta_new)
-    mean_bwd = theta_new + 0.5 * step_size ** 2 * var * grad_new
-    # log q(a | b) = -|a - mean(b)|^2_{M} / (2 eps^2) + const (the constants cancel).
-    log_q_fwd = -0.5 * (noise ** 2).sum(-1)
-    log_q_bwd = -0.5 * (((theta - mean_bwd) / scale) ** 2).sum(-1) / step_size ** 2
+    mean_bwd = theta_new + 0.5 * step_size ** 2 * cov.mul(grad_new)
+    # log q(a | b) = -|a - mean(b)|^2_{Sigma^-1} / (2 eps^2) + const (the constants cancel).
+    log_q_fwd = -0.5 * (z * cov.solve(z)).sum(-1)
+    d = theta - mean_bwd
+    log_q_bwd = -0.5 * (d * cov.solve(d)).sum(-1) / step_size ** 2
     log_ratio = log_prob_new - log_prob + log_q_bwd - log_q_fwd
     return _accept(generator, log_ratio, theta, log_prob, grad, theta_new, log_prob_new, grad_new)
 
 
 def hmc(generator: torch.Generator, theta: torch.Tensor, log_prob: torch.Tensor, grad: torch.Tensor,
-        log_density: LogDensity, step_size: float, scale: torch.Tensor,
-        num_leapfrog_steps: int = 10) -> MoveState:
+        log_density: LogDensity, step_size: float, cov, num_leapfrog_steps: int = 10) -> MoveState:
     """One HMC transition for every particle (``num_leapfrog_steps`` gradient evaluations).
 
-    Arguments as :func:`mala`, plus ``num_leapfrog_steps``. The position update uses
-    :math:`M^{-1} r = \\text{scale}^2 r`, so ``step_size`` is in units of ``scale``.
+    Arguments as :func:`mala`, plus ``num_leapfrog_steps``. Momentum :math:`r \\sim
+    \\mathcal N(0, M)` is drawn as :math:`M z` with :math:`z \\sim \\mathcal N(0, M^{-1})`; the
+    position moves by :math:`\\epsilon M^{-1} r`.
     """
-    var = scale ** 2
-    # r ~ N(0, M) with M = diag(scale^-2).
-    r = _draw(torch.randn, generator, theta.shape, theta) / scale
-    kinetic0 = 0.5 * (var * r ** 2).sum(-1)
+    cov = _covariance(cov)
+    r = cov.solve(cov.sample(lambda shape: _draw(torch.randn, generator, shape, theta), theta))
+    kinetic0 = 0.5 * (r * cov.mul(r)).sum(-1)
     q, lp, g = theta, log_prob, grad
     r = r + 0.5 * step_size * g
     for i in range(num_leapfrog_steps):
-        q = q + step_size * var * r
+        q = q + step_size * cov.mul(r)
         lp, g = log_density(q)
         r = r + (step_size if i < num_leapfrog_steps - 1 else 0.5 * step_size) * g
-    kinetic1 = 0.5 * (var * r ** 2).sum(-1)
+    kinetic1 = 0.5 * (r * cov.mul(r)).sum(-1)
     log_ratio = lp - kinetic1 - (log_prob - kinetic0)
     return _accept(generator, log_ratio, theta, log_prob, grad, q, lp, g)
 
