@@ -331,6 +331,7 @@ def run_annealed_smc(ctx: Context) -> MethodResult:
     smc = AnnealedSMC(ctx.model, num_particles=opt("num_particles", 32 if ctx.quick else 64),
                       batch_size=opt("batch_size", 64), schedule="adaptive", move="mala",
                       num_mcmc_steps=opt("num_mcmc_steps", 5), batch_growth=opt("batch_growth", 2.0),
+                      max_mcmc_steps=opt("max_mcmc_steps", 15),   # the main job's time: 3 rounds at most
                       seed=ctx.seed, progress=ctx.progress)
     t0 = time.perf_counter()
     smc.run(ctx.ds.x_train, ctx.ds.y_train)

@@ -479,6 +479,8 @@ class SGHMC(MCMCKernel):
         """End of a chain: warn if the draws' log density still drifts, and (once) if steps after
         warm-up diverged. The chain's final state
         stays (state_dict() reads it); setup() resets it for the next chain."""
+        if self._warned:          # Pyro calls cleanup more than once per chain
+            return
         z = step_size_lib.drift_z_score(self._stats["lp"])
         if math.isfinite(z) and abs(z) > 4:
             warnings.warn(f"{type(self).__name__}: the chain's log density still drifts during sampling (Geweke z = "
@@ -487,8 +489,8 @@ class SGHMC(MCMCKernel):
                           "posterior, e.g. MCMC(initial_params=...) at a MAP).", RuntimeWarning, stacklevel=2)
         n = len(self._divergences)
         drawn = max(self._t - self._warmup_steps, 0)
-        if n and not self._warned:
-            self._warned = True
+        self._warned = True
+        if n:
             warnings.warn(f"{type(self).__name__}: {n} of {drawn} draws after warm-up had a divergent step (undone: "
                           f"back to the last position, velocity reset). The step size "
                           f"{self._step_size_now():.3g} is too large for parts of the posterior: keep "
