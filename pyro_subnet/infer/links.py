@@ -196,23 +196,22 @@ def gumbel_max_softmax(mean: torch.Tensor, cov: torch.Tensor, order: str = "inde
     .. math:: p_k \\approx \\Phi\\Big(\\frac{\\mathbb E[u_k - M_k]}{\\sqrt{\\mathrm{Var}[u_k - M_k]}}\\Big),
 
     normalised to sum to one. Unlike the probit link it uses the covariance between the logits (the
-    common part cancels in the differences) and keeps the tails: measured on the digits MLP it is
-    within about 1% of the Gaussian integral where ``softmax(mu / sqrt(1 + pi/8 var))`` is 14% off.
+    common part cancels in the differences) and keeps the tails, where the mean-field probit
+    ``softmax(mu / sqrt(1 + pi/8 var))`` drifts far from the Gaussian integral (figures in
+    ``docs/measured.md``).
 
-    The Gaussian stand-in for the Gumbel noise is not exact even without posterior variance (it
-    is off the softmax by up to 0.05 in probability on a digits MLP). With ``exact_at_zero`` the
+    The Gaussian stand-in for the Gumbel noise is not exact even without posterior variance. With ``exact_at_zero`` the
     result is corrected by the same approximation's error at zero variance, weighted by the Gumbel
     noise's share of the total variance,
     :math:`p_k \\propto \\max\\big(0, \\hat p_k(\\mu, \\Sigma) + w\\,(\\mathrm{softmax}_k(\\mu) - \\hat p_k(\\mu, 0))\\big)`,
     :math:`w = \\tfrac{\\pi^2}{6} / (\\tfrac{\\pi^2}{6} + \\bar v)`, so that a point posterior gives the network's own
-    softmax exactly and wide posteriors keep the uncorrected approximation (a heuristic, measured:
-    mean absolute error to a 40k-sample integral 0.0004 / 0.002 / 0.006 at logit scales 0.3 / 1 / 3,
-    against 0.004 / 0.005 / 0.006 uncorrected). Both terms come from one pass of the merges; the
+    softmax exactly and wide posteriors keep the uncorrected approximation (a heuristic; its error
+    against a Monte Carlo integral is in ``docs/measured.md``). Both terms come from one pass of the merges; the
     zero-variance one needs no covariance bookkeeping.
 
     :param mean: ``(N, C)``; ``cov``: ``(N, C, C)`` or variances ``(N, C)``; ``order``: ``"index"``
         (prefixes and suffixes in class order) or ``"mean"`` (in decreasing order of the mean, per
-        example). Measured on the digits MLPs the two agree to 0.1-0.6% in NLL.
+        example); the two orders agree closely in NLL (``docs/measured.md``).
     """
     if order not in ("index", "mean"):
         raise ValueError(f"gumbel_max_softmax: order must be 'index' or 'mean', got {order!r}.")

@@ -17,8 +17,8 @@ size changes along a schedule the velocity is rescaled by ``sqrt(eps_new / eps_o
 
 The gradient-noise correction ``B_hat`` of Chen et al. is taken as 0: the kernel's mini-batches
 are drawn without replacement, a fresh permutation every epoch, so their errors cancel over an
-epoch and subtracting their one-step variance over-corrects (measured: variances 40% too small on
-conjugate regression); :mod:`.step_size` keeps the step small enough that the noise does not
+epoch and subtracting their one-step variance over-corrects (the chain's variances come out too
+small; ``docs/measured.md``); :mod:`.step_size` keeps the step small enough that the noise does not
 matter instead.
 
 **Divergences.** A step whose potential is not finite, or whose mini-batch potential has jumped
