@@ -76,7 +76,8 @@ class NetPotential:
         self._pos = int(pos)
 
     def _log_joint_terms(self, theta: torch.Tensor, xb, yb, pointwise: bool):
-        """``(log-likelihood, log prior)`` on a batch: the likelihood summed, or per example."""
+        """``(log-likelihood, log prior, f)`` on a batch: the likelihood summed, or per example;
+        ``f`` the network's output."""
         w = theta[:self.num_weights] if self.sample_noise else theta
         # One weight vector: the unbatched network call (no vmap) is the fast path.
         f = self.network.flat(w, xb)
@@ -89,11 +90,7 @@ class NetPotential:
             log_lik = (self.likelihood.log_prob(f, yb).reshape(len(yb), -1).sum(1) if pointwise
                        else self.likelihood.log_prob_sum(f, yb))
             log_prior = self.log_prior(w)
-        if self.likelihood.name == "regression":
-            # Kept for the samplers' EM update of a noise hyperparameter.
-            r = f.detach().reshape(len(yb), -1) - yb.reshape(len(yb), -1)
-            self.last_mse = float(r.pow(2).mean())
-        return log_lik, log_prior
+        return log_lik, log_prior, f
 
     def __call__(self, theta: torch.Tensor) -> Tuple[float, torch.Tensor]:
         """``(U, grad U)`` on the next mini-batch. With :attr:`estimate_noise` (and a batch of at
@@ -105,10 +102,14 @@ class NetPotential:
         split = self.estimate_noise and 2 <= b < self.num_data
         theta = theta.detach().requires_grad_(True)
         with torch.enable_grad():
-            log_lik, log_prior = self._log_joint_terms(theta, xb, yb, pointwise=split)
+            log_lik, log_prior, f = self._log_joint_terms(theta, xb, yb, pointwise=split)
+            if self.likelihood.name == "regression":
+                # Kept for the samplers' EM update of a noise hyperparameter.
+                r = f.detach().reshape(len(yb), -1) - yb.reshape(len(yb), -1)
+                self.last_mse = float(r.pow(2).mean())
             if split:
                 half = b // 2
-                # sum_{first half} - (b - half)/half * sum_{second half}: zero mean, and its gradient
+                # sum_{first half} - half/(b - half) * sum_{second half}: zero mean, and its gradient
                 # times N/half is g_1 - g_2 with g_i the half-batch gradients scaled to N.
                 sign = torch.full((b,), -half / (b - half), dtype=log_lik.dtype, device=log_lik.device)
                 sign[:half] = 1.0
@@ -129,7 +130,7 @@ class NetPotential:
         xb, yb = self._next_batch()
         theta = theta.detach().requires_grad_(True)
         with torch.enable_grad():
-            log_lik, log_prior = self._log_joint_terms(theta, xb, yb, pointwise=False)
+            log_lik, log_prior, _ = self._log_joint_terms(theta, xb, yb, pointwise=False)
             u = -(self.num_data / xb.shape[0]) * log_lik - log_prior
             (grad,) = torch.autograd.grad(u, theta, create_graph=True)
             (hv,) = torch.autograd.grad(grad, theta, grad_outputs=vector)

@@ -356,8 +356,11 @@ class SGHMC(MCMCKernel):
         self._t += 1
         if self._t == self._warmup_steps:
             self._end_warmup()
+        return self._as_params(params)
+
+    def _as_params(self, params):
+        """The chain's position as the sites of ``params`` (extra keys the caller stored kept)."""
         out = self.layout.unflatten(self._state.theta)
-        # Keep any extra keys the caller stored alongside the sites.
         return {**{k: v for k, v in params.items() if k not in out}, **out}
 
     def _warm_start_calls(self) -> int:
@@ -374,8 +377,7 @@ class SGHMC(MCMCKernel):
         self._adam = adam
         self._state = self._state._replace(theta=adam.theta, previous=None, last_potential=None)
         self._t += 1
-        out = self.layout.unflatten(self._state.theta)
-        return {**{k: v for k, v in params.items() if k not in out}, **out}
+        return self._as_params(params)
 
     def _restart_adaptation(self):
         """After the optimiser phase: the curvature where the chain now is bounds the first steps."""

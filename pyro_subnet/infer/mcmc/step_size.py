@@ -59,18 +59,23 @@ def init(step_size: float) -> StepSizeState:
     return StepSizeState(float(step_size), None, 0, None, None, 1.0)
 
 
-def observe_noise(state: StepSizeState, half_difference: torch.Tensor, beta: float = 0.98) -> StepSizeState:
+#: Decay of the running average of the gradient noise (its memory is about 50 steps).
+NOISE_DECAY = 0.98
+
+
+def observe_noise(state: StepSizeState, half_difference: torch.Tensor) -> StepSizeState:
     """Fold one estimate ``(g_1 - g_2)^2 / 4`` of the gradient noise into the running average."""
     obs = half_difference.detach()
+    beta = NOISE_DECAY
     v = obs * (1 - beta) if state.grad_noise is None else beta * state.grad_noise + (1 - beta) * obs
     return state._replace(grad_noise=v, noise_count=state.noise_count + 1)
 
 
-def grad_noise(state: StepSizeState, beta: float = 0.98) -> Optional[torch.Tensor]:
+def grad_noise(state: StepSizeState) -> Optional[torch.Tensor]:
     """The bias-corrected running estimate of ``V`` (``None`` before any observation)."""
     if state.grad_noise is None:
         return None
-    return state.grad_noise / (1 - beta ** state.noise_count)
+    return state.grad_noise / (1 - NOISE_DECAY ** state.noise_count)
 
 
 def lambda_max(hvp: Callable[[torch.Tensor], torch.Tensor], scale: torch.Tensor, start: Optional[torch.Tensor],
