@@ -2,6 +2,7 @@
 
 from . import autoguide, mcmc
 from .analytic import AnalyticPredictive
+from .autoguide.diagonal_laplace import AutoDiagonalLaplace
 from .autoguide.sampled_laplace import AutoSampledLaplace
 from .autoguide.subnet_laplace import AutoSubnetLaplace
 from .map import fit_map
@@ -9,4 +10,4 @@ from .mcmc import SGHMC, SpikeSlabSGHMC
 from .smc import AnnealedSMC
 
 __all__ = ["autoguide", "mcmc", "fit_map", "AutoSubnetLaplace", "AutoSampledLaplace", "SGHMC", "SpikeSlabSGHMC", "AnnealedSMC",
-           "AnalyticPredictive"]
+           "AnalyticPredictive", "AutoDiagonalLaplace"]
