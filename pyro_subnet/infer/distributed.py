@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -154,15 +154,6 @@ def broadcast_object(obj, src: int = 0):
     box = [obj if rank() == src else None]
     dist.broadcast_object_list(box, src)
     return box[0]
-
-
-def gather_objects(obj) -> List[object]:
-    """Every rank's Python object, on every rank."""
-    if not is_active():
-        return [obj]
-    out = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------

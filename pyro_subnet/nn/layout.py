@@ -144,12 +144,6 @@ class SiteLayout:
                 groups.append((name, positions, indices[positions] - self._offsets[i]))
         return groups
 
-    def mask(self, indices: torch.Tensor, device=None) -> torch.Tensor:
-        """Boolean mask of length ``D`` that is true on ``indices``."""
-        m = torch.zeros(self.dim, dtype=torch.bool, device=device)
-        m[torch.as_tensor(indices, device=device)] = True
-        return m
-
     def site_index_ranges(self, names: Iterable[str]) -> torch.Tensor:
         """All flat indices of the named sites, in layout order."""
         wanted = set(names)

@@ -116,13 +116,6 @@ class Gaussian(Likelihood):
             raise ValueError(f"Gaussian likelihood: noise_scale must be a positive number, got {noise_scale!r}.")
         self.noise_scale = noise_scale
 
-    def em_noise_scale(self, f: torch.Tensor, y: torch.Tensor) -> float:
-        """The maximum-likelihood noise scale given outputs ``f`` (``(..., N, O)``) and targets:
-        :math:`\\sigma^2 = \\mathrm{mean}_n \\|y_n - f_n\\|^2 / O`, averaged over any leading
-        (draw) dimensions: the M-step of EM for the noise."""
-        resid = (y.reshape(*y.shape[:1], -1) - f.reshape(*f.shape[:-2], f.shape[-2], -1))
-        return float(resid.pow(2).mean().sqrt().clamp_min(1e-6))
-
     def distribution(self, f, noise_scale=None):
         scale = self.noise_scale if noise_scale is None else noise_scale
         # A scale passed in comes from a sampler's or optimiser's proposal: no argument checks

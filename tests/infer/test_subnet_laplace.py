@@ -218,8 +218,6 @@ def test_errors_and_flat_subnetwork_warning():
     model, x, y = small_regression()
     with pytest.raises(ValueError, match="positive"):
         AutoSubnetLaplace(model, subnet=ps.subnet.All(), prior_precision=-1.0, map_steps=0, progress=False).fit(x, y)
-    with pytest.raises(ValueError, match="hessian"):
-        AutoSubnetLaplace(model, hessian="kron")
     with pytest.raises(RuntimeError, match="fit"):
         AutoSubnetLaplace(model).predict(x)
     # A hidden unit whose outgoing weight is zero: its input weights do not touch the output.

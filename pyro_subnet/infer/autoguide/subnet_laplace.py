@@ -55,7 +55,6 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         same rule from its MAP (jointly with the precision; :func:`.prior.tune_marglik_noise`;
         the evidence alone, the noise site's prior is not used) and held at that value.
     :param prior_structure: what is tuned: ``"scalar"``, ``"layerwise"`` or ``"diag"``.
-    :param hessian: the curvature, ``"ggn"`` (the generalised Gauss-Newton matrix).
     :param newton_step: after the MAP, take one Gauss-Newton step on the subnetwork, to the mode
         of the linearised model (exact for linear-Gaussian models; Antorán et al., ICML 2022).
     :param predictive: what ``pyro.infer.Predictive(model, guide=guide)`` draws: ``"glm"`` (default)
@@ -77,14 +76,12 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
     torch.Size([10, 10])
     """
 
-    def __init__(self, model, subnet=None, prior_precision=None, hessian: str = "ggn",
+    def __init__(self, model, subnet=None, prior_precision=None,
                  prior_structure: str = "scalar", newton_step: bool = False, map_steps: int = 2000,
                  map_lr: float = 1e-2, batch_size: int = 256, progress: bool = True, predictive: str = "glm",
                  validation_tolerance: float = 0.0):
         super().__init__(model, map_steps=map_steps, map_lr=map_lr, batch_size=batch_size, progress=progress,
                          predictive=predictive, validation_tolerance=validation_tolerance)
-        if hessian != "ggn":
-            raise ValueError(f"AutoSubnetLaplace: hessian must be 'ggn', got {hessian!r}.")
         if prior_structure not in prior_lib.STRUCTURES:
             raise ValueError(f"prior_structure must be one of {prior_lib.STRUCTURES}, got {prior_structure!r}.")
         if isinstance(prior_precision, str) and prior_precision not in prior_lib.TUNERS:
@@ -92,7 +89,6 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         self.subnet = subnet
         self.prior_precision_spec = prior_precision
         self.prior_structure = prior_structure
-        self.hessian = hessian
         self.newton_step = newton_step
         self.register_buffer("ggn", torch.empty(0))
         self.register_buffer("prior_prec", torch.empty(0))
