@@ -25,10 +25,10 @@ import torch
 
 from pyro_subnet import metrics
 from pyro_subnet.data import load
-from pyro_subnet.experiment import mlp
+from pyro_subnet.main_job import mlp
 from pyro_subnet.infer import AnnealedSMC
 from pyro_subnet.infer.smc import AnnealedTarget, DataPath, Move
-from pyro_subnet.infer.smc.batched import particle_log_lik
+from pyro_subnet.infer.smc.particle_likelihood import particle_log_lik
 from pyro_subnet.nn import BayesianNet
 
 

@@ -51,7 +51,7 @@ def worker(out_dir: str, quick: bool) -> None:
 
     import pyro_subnet as ps
     from pyro_subnet.data import load
-    from pyro_subnet.experiment import mlp
+    from pyro_subnet.main_job import mlp
     from pyro_subnet.infer import distributed
 
     torch.set_num_threads(1)

@@ -28,7 +28,7 @@ import torch
 from pyro_subnet import metrics
 from pyro_subnet.data import load
 from pyro_subnet.data.shift import ood_inputs, shifted_inputs
-from pyro_subnet.experiment import make_context
+from pyro_subnet.main_job import make_context
 from pyro_subnet.infer import AutoSampledLaplace, AutoSubnetLaplace
 from pyro_subnet.subnet import PredictiveVariance
 

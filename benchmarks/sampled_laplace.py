@@ -35,7 +35,7 @@ import time
 import torch
 
 import pyro_subnet as ps
-from pyro_subnet.experiment import mlp
+from pyro_subnet.main_job import mlp
 from pyro_subnet.infer import AutoSampledLaplace, AutoSubnetLaplace
 from pyro_subnet.infer.autoguide import curvature
 

@@ -30,7 +30,7 @@ from pyro.infer import MCMC
 
 from pyro_subnet import metrics
 from pyro_subnet.data import load_digits
-from pyro_subnet.experiment import make_context
+from pyro_subnet.main_job import make_context
 from pyro_subnet.infer.mcmc import SGHMC, SpikeSlabSGHMC
 
 

@@ -21,7 +21,7 @@ import time
 import torch
 
 import pyro_subnet as ps
-from pyro_subnet.experiment import mlp
+from pyro_subnet.main_job import mlp
 from pyro_subnet.infer import AutoSubnetLaplace
 
 

@@ -12,7 +12,7 @@ The observation noise is learned, not fixed (``BayesianNet(noise_scale=None)``):
 weights for the MAP; by the Laplace evidence, jointly with the prior precision, for the Laplace
 guides and the analytic predictive; by Monte-Carlo EM during warm-up for SGHMC and
 SpikeSlabSGHMC; as a latent per particle for AnnealedSMC. Every method starts from the same MAP
-(:class:`~pyro_subnet.experiment.Context`, the main job's pieces).
+(:class:`~pyro_subnet.main_job.Context`, the main job's pieces).
 
 Usage::
 
@@ -47,7 +47,7 @@ from pyro.infer import Predictive  # noqa: E402
 
 from pyro_subnet import metrics  # noqa: E402
 from pyro_subnet.data.uci import UCI_FOLDERS, hidden_units, load_uci, num_splits, readme  # noqa: E402
-from pyro_subnet.experiment import METHODS, Context, mlp  # noqa: E402
+from pyro_subnet.main_job import METHODS, Context, mlp  # noqa: E402
 from pyro_subnet.nn import BayesianNet  # noqa: E402
 
 DATASETS = ("boston", "concrete", "energy", "yacht")

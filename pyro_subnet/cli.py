@@ -13,7 +13,7 @@ import torch
 
 from .data import LOADERS, load
 from .diagnostics import plots
-from .experiment import METHODS, make_context
+from .main_job import METHODS, make_context
 
 
 class _Parser(argparse.ArgumentParser):

@@ -19,7 +19,7 @@
 # | `AnnealedSMC` | the exact posterior, by particles tempered through the data | particles x steps |
 # | `AnalyticPredictive` | a diagonal Laplace, predicted by moment propagation | one forward pass |
 #
-# The main job, `pyro-subnet`, runs exactly these (`pyro_subnet.experiment.METHODS`); here we call
+# The main job, `pyro-subnet`, runs exactly these (`pyro_subnet.main_job.METHODS`); here we call
 # them from Python on scikit-learn's breast-cancer set (569 examples, 30 features, two classes)
 # and look at the numbers and the reliability diagram together. The Laplace methods share one
 # MAP network (`Context.theta_map`), so their differences are those of the posteriors alone.
@@ -30,7 +30,7 @@ import os
 import torch
 
 import pyro_subnet as ps
-from pyro_subnet.experiment import METHODS, make_context
+from pyro_subnet.main_job import METHODS, make_context
 
 QUICK = os.environ.get("PYRO_SUBNET_QUICK") == "1"  # the test suite runs tutorials small
 if QUICK:

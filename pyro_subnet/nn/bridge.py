@@ -74,7 +74,7 @@ from torch.func import vmap
 
 from .functional import FunctionalNet, NetworkFunction, _is_missing_batching_rule, _SetSiteValues
 from .layout import SiteLayout
-from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood
+from .likelihoods import Bernoulli, Categorical, Likelihood, Normal
 from .validation import as_tensor, check_data
 
 class UnsupportedModelError(ValueError):
@@ -421,10 +421,10 @@ class ModelBridge:
         if kind == "binary":
             return Bernoulli()
         if self.noise_site is not None:
-            lik = Gaussian(float(self.noise.value.reshape(())))
+            lik = Normal(float(self.noise.value.reshape(())))
             lik.learn_noise = True
             return lik
-        return Gaussian(fixed_noise)
+        return Normal(fixed_noise)
 
     def _make_network(self, kind: str, trace, x) -> NetworkFunction:
         own = _own_network(self.model)

@@ -6,9 +6,12 @@ observed site, and gives the Hessian of the negative log-likelihood in ``f``,
 .. math:: \\Lambda_n = -\\partial^2_f \\log p(y_n \\mid f_n),
 
 which is the middle factor of the generalised Gauss-Newton matrix
-:math:`G = \\sum_n J_n^\\top \\Lambda_n J_n`. For both likelihoods here :math:`\\Lambda_n` does not
+:math:`G = \\sum_n J_n^\\top \\Lambda_n J_n`. For every likelihood here :math:`\\Lambda_n` does not
 depend on ``y``, and a square root :math:`L_n L_n^\\top = \\Lambda_n` is known in closed form, so
 that :math:`G = \\sum_n (L_n^\\top J_n)^\\top (L_n^\\top J_n)` is one matrix product.
+
+The classes are named after the Pyro distribution of the observed site they describe:
+:class:`Normal` (regression), :class:`Categorical` and :class:`Bernoulli` (classification).
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ class Bernoulli(Likelihood):
         return "Bernoulli()"
 
 
-class Gaussian(Likelihood):
+class Normal(Likelihood):
     """``y_n ~ Normal(f_n, noise_scale^2)``, one output (``y`` of shape ``(N,)``) or several
     (``y`` of shape ``(N, O)``, independent noise). :math:`\\Lambda_n = \\sigma^{-2} I`."""
 
@@ -139,7 +142,11 @@ class Gaussian(Likelihood):
         return (eye / self.noise_scale ** 2).expand(*f.shape, f.shape[-1])
 
     def __repr__(self):
-        return f"Gaussian(noise_scale={self.noise_scale:.4g}{', learned' if self.learn_noise else ''})"
+        return f"Normal(noise_scale={self.noise_scale:.4g}{', learned' if self.learn_noise else ''})"
+
+
+#: The name :class:`Normal` had first (``ps.nn.Gaussian``), kept so that code using it still runs.
+Gaussian = Normal
 
 
 def make_likelihood(likelihood, noise_scale: Optional[float] = 0.1) -> Likelihood:
@@ -150,7 +157,7 @@ def make_likelihood(likelihood, noise_scale: Optional[float] = 0.1) -> Likelihoo
     if likelihood == "classification":
         return Categorical()
     if likelihood == "regression":
-        return Gaussian(noise_scale)
+        return Normal(noise_scale)
     raise ValueError(
         f"likelihood must be 'classification' or 'regression' (or a ps.nn.Likelihood), got {likelihood!r}."
     )

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from pyro_subnet.infer.autoguide import curvature
-from pyro_subnet.nn import BayesianNet, Categorical, Gaussian, ModelBridge
+from pyro_subnet.nn import BayesianNet, Categorical, ModelBridge, Normal
 
 
 def _net_and_theta(out=3, seed=0):
@@ -54,7 +54,7 @@ def test_output_hessians_match_autograd():
         assert torch.allclose(lik.output_hessian(f)[n], H, atol=1e-12)
         L = lik.output_hessian_sqrt(f)[n]
         assert torch.allclose(L @ L.T, H, atol=1e-12)
-    g = Gaussian(noise_scale=0.5)
+    g = Normal(noise_scale=0.5)
     f1 = torch.randn(4, 1, dtype=torch.float64)
     H = torch.autograd.functional.hessian(lambda fn: -g.log_prob(fn, torch.zeros(4, dtype=torch.float64)).sum(), f1)
     assert torch.allclose(H.reshape(4, 4), torch.eye(4, dtype=torch.float64) * 4.0)

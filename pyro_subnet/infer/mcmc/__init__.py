@@ -9,8 +9,8 @@ per-draw lists ``"step_size"``, ``"lp"`` and, for the spike-and-slab kernel, ``"
 ones a kernel declares in ``per_draw_stats`` into ArviZ's ``sample_stats``.
 """
 
-from .schedules import Constant, CyclicalCosine, PolynomialDecay
+from .step_size_schedules import Constant, CyclicalCosine, PolynomialDecay
 from .sghmc import SGHMC
-from .spike_slab import SpikeSlabSGHMC
+from .spike_slab_sghmc import SpikeSlabSGHMC
 
 __all__ = ["SGHMC", "SpikeSlabSGHMC", "Constant", "PolynomialDecay", "CyclicalCosine"]

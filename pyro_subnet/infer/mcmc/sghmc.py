@@ -18,7 +18,7 @@ from . import step_size as step_size_lib
 from . import warm_start
 from .potential import NetPotential, TracePotential, setup_trace_model
 from .preconditioners import PreconditionerState, make_preconditioner
-from .schedules import make_schedule
+from .step_size_schedules import make_schedule
 
 
 class SGHMC(MCMCKernel):

@@ -1,6 +1,6 @@
 """Data-annealed SMC as ``init`` / ``step`` over a NamedTuple state.
 
-One SMC step from level :math:`s_{t-1}` to :math:`s_t` (see :mod:`.schedules` for the path):
+One SMC step from level :math:`s_{t-1}` to :math:`s_t` (see :mod:`.data_schedules` for the path):
 
 1. **reweight** with the likelihood of the newly included data, at the current particles,
    :math:`\\log w^i_t = \\log w^i_{t-1} + \\sum_b (c_b(s_t) - c_b(s_{t-1})) \\log p(D_b \\mid \\theta^i)`,
@@ -51,7 +51,7 @@ from .. import distributed
 from .kernels import KERNELS, ParticleNoise, adapt_step_size, hmc
 from .proposal_covariance import DiagonalCovariance, ParticleCovariance
 from .resampling import get_resampler
-from .schedules import Adaptive, DataPath, Linear, log_ess
+from .data_schedules import Adaptive, DataPath, Linear, log_ess
 
 # the schedules are re-exported for the example above
 __all__ = ["AnnealedTarget", "Move", "SMCInfo", "SMCState", "init", "resample", "step", "Adaptive", "DataPath",
@@ -91,7 +91,7 @@ class AnnealedTarget:
     :param log_prior: ``theta (P, D) -> (P,)``.
     :param log_lik: ``(theta (P, D), start, stop) -> (P, stop - start)`` pointwise log-likelihoods
         of the examples ``start:stop`` of the (already shuffled) data.
-    :param path: the :class:`~.schedules.DataPath` of batches.
+    :param path: the :class:`~.data_schedules.DataPath` of batches.
     """
 
     def __init__(self, log_prior: Callable, log_lik: Callable, path: DataPath):
@@ -214,7 +214,7 @@ def step(generator: torch.Generator, state: SMCState, target: AnnealedTarget, sc
     :param generator: random generator on the particles' device.
     :param state: the current :class:`SMCState`.
     :param target: the :class:`AnnealedTarget`.
-    :param schedule: :class:`~.schedules.Adaptive` or :class:`~.schedules.Linear`.
+    :param schedule: :class:`~.data_schedules.Adaptive` or :class:`~.data_schedules.Linear`.
     :param move: a :class:`Move`.
     :param ess_threshold: resample when ESS < ``ess_threshold * P``.
     :param resampling: scheme name or function (see :mod:`.resampling`).

@@ -15,9 +15,9 @@ from .. import distributed
 from ..randomness import resolve_seed
 from . import annealed
 from .annealed import AnnealedTarget, Move
-from .batched import particle_log_lik, particle_outputs
+from .data_schedules import Adaptive, DataPath, Linear
+from .particle_likelihood import particle_log_lik, particle_outputs
 from .resampling import get_resampler
-from .schedules import Adaptive, DataPath, Linear
 
 SCHEDULES = ("full", "linear", "adaptive")
 
@@ -77,7 +77,7 @@ class AnnealedSMC:
         ``batch_growth - 1`` times the data already in, tempered together (1: one batch per stage;
         2: the data double from stage to stage, which on the digits benchmark takes about 70
         steps instead of about 105 and 2.7x to 3.2x instead of 1.8x to 2.1x fewer
-        example-gradients than ``"full"``; see :class:`~.schedules.Adaptive`).
+        example-gradients than ``"full"``; see :class:`~.data_schedules.Adaptive`).
     :param max_steps: safety limit on SMC steps per chain (error if exceeded).
     :param max_mcmc_steps: most move steps per SMC step (default ``10 * num_mcmc_steps``): after
         each ``num_mcmc_steps`` the moves go on until the particles decorrelate from where the

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_subnet.infer.smc.batched import mlp_plan, particle_log_lik, particle_outputs
+from pyro_subnet.infer.smc.particle_likelihood import mlp_plan, particle_log_lik, particle_outputs
 from pyro_subnet.nn import BayesianNet, ModelBridge
 
 
