@@ -37,7 +37,7 @@ import torch
 import pyro_subnet as ps
 from pyro_subnet.main_job import mlp
 from pyro_subnet.infer import AutoSampledLaplace, AutoSubnetLaplace
-from pyro_subnet.infer.autoguide import curvature
+from pyro_subnet.infer import curvature
 
 
 def _rss_kib(field: str) -> int:

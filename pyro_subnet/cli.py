@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+import matplotlib
 import torch
 
 from .data import LOADERS, load
@@ -133,6 +134,7 @@ def write_outputs(out: Path, ds, results, rows) -> List[Path]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    matplotlib.use("Agg")     # the figures are files: no display needed
     try:
         methods = _parse_methods(args.methods)
         if args.threads < 1:

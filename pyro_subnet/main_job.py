@@ -30,9 +30,8 @@ from .data import Dataset
 from .data.shift import ood_inputs, shifted_inputs
 from .diagnostics import to_inference_data
 from .diagnostics.arviz_io import summary_numbers
-from .infer import AnalyticPredictive, AutoSampledLaplace, AutoSubnetLaplace
+from .infer import AnalyticPredictive, AutoSampledLaplace, AutoSubnetLaplace, curvature
 from .infer.analytic import FlatPosterior
-from .infer.autoguide import curvature
 from .infer.autoguide import prior as prior_lib
 from .infer.map import fit_map
 from .infer.mcmc import SGHMC, SpikeSlabSGHMC

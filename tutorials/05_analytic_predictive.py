@@ -103,7 +103,7 @@ ps.plots.reliability_diagram({k: v[0] for k, v in rows.items()}, ds.y_test, path
 # ## Regression: which Gaussian, and which network
 #
 # Any Gaussian over the flat weights works. A diagonal GGN Laplace around the MAP of a
-# gap-regression network (`ps.infer.autoguide.curvature.ggn` with `structure="diag"`) is *not*
+# gap-regression network (`ps.infer.curvature.ggn` with `structure="diag"`) is *not*
 # wider in the gap between the two clusters of data than inside them: the known failure of
 # factorised posteriors at "in-between" uncertainty (Foong et al., 2019).
 #
@@ -125,8 +125,8 @@ rnet = nn.Sequential(nn.Linear(1, 50), nn.Tanh(), nn.Linear(50, 1))
 rmodel = ps.nn.BayesianNet(rnet, likelihood="regression", noise_scale=0.1)
 theta = ps.infer.fit_map(rmodel, reg.x_train, reg.y_train, num_steps=500 if QUICK else 3000, lr=1e-2,
                          batch_size=None, progress=False).theta
-g = ps.infer.autoguide.curvature.ggn(rmodel.network, rmodel.likelihood, theta, (reg.x_train, reg.y_train),
-                                     structure="diag")
+g = ps.infer.curvature.ggn(rmodel.network, rmodel.likelihood, theta, (reg.x_train, reg.y_train),
+                           structure="diag")
 diagonal = ps.infer.analytic.FlatPosterior(theta, 1 / (g + rmodel.prior_precision()))
 subnet = ps.infer.AutoSubnetLaplace(rmodel, subnet=ps.subnet.LargestVariance(30, method="diag_laplace"),
                                     prior_precision="marglik", progress=False)

@@ -22,6 +22,7 @@ it is the ``xarray.DataTree`` that ArviZ 1 uses, built from the same nested dict
 
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -222,7 +223,6 @@ def summary_numbers(data) -> Dict[str, float]:
     {'ess_bulk_min': 41.2, 'r_hat_max': 1.03, 'elpd_loo': -112.5, 'pareto_k_bad': 0.0}
     """
     import arviz as az
-    import warnings
     post = data["posterior"]
     post = post.to_dataset() if hasattr(post, "children") else post
     out = {}

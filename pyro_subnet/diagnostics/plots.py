@@ -1,19 +1,23 @@
 """Plots people would rather look at than read, written as PNG files.
 
 Each function takes plain tensors/arrays (so it works for any method), draws on a new figure (or
-the ``ax`` given), and saves it when ``path`` is given. Matplotlib runs headless (Agg).
+the ``ax`` given), and saves it when ``path`` is given. Matplotlib is imported by the function
+that draws (:func:`_pyplot`), so importing the package loads it for nobody who does not plot, and
+its backend is the user's choice (the ``pyro-subnet`` command picks the headless Agg).
 """
 
 from __future__ import annotations
 
 from typing import Dict, Optional
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+
+def _pyplot():
+    """``matplotlib.pyplot``, imported when a figure is drawn."""
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def _np(a):
@@ -24,7 +28,7 @@ def _finish(fig, path):
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)
-        plt.close(fig)
+        _pyplot().close(fig)
     return fig
 
 
@@ -45,6 +49,7 @@ def reliability_diagram(results: Dict[str, object], y, num_bins: int = 10, path:
     """One small panel per method (``{name: probs}``): accuracy against confidence in equal-width
     bins, each bar's count written above it, the diagonal (perfect calibration) dashed and the ECE
     in the title. Bins with few examples are drawn pale: their accuracy is noisy."""
+    plt = _pyplot()
     names = list(results)
     rows = max(1, -(-len(names) // columns))
     cols = min(columns, max(1, len(names)))
@@ -78,6 +83,7 @@ def shift_curve(curves: Dict[str, Dict[float, float]], xlabel: str = "rotation (
                 path: Optional[str] = None, ax=None):
     """One line per method: a score against the strength of the shift (``{name: {level: score}}``,
     level 0 the unshifted test set)."""
+    plt = _pyplot()
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.5, 4))
     for i, (name, points) in enumerate(curves.items()):
         levels = sorted(points)
@@ -92,6 +98,7 @@ def shift_curve(curves: Dict[str, Dict[float, float]], xlabel: str = "rotation (
 def predictive_band(x_train, y_train, x_test, mean, std, title: str = "", truth=None,
                     path: Optional[str] = None, ax=None):
     """1D regression: data, predictive mean and +-2 standard deviations."""
+    plt = _pyplot()
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 4))
     xt, m, s = _np(x_test).reshape(-1), _np(mean).reshape(-1), _np(std).reshape(-1)
     order = np.argsort(xt)
@@ -118,6 +125,7 @@ def smc_traces(diagnostics: Dict[str, object], path: Optional[str] = None):
         chain) or one chain's ``{key: series}``, with the keys ``ess``, ``acceptance_rate``,
         ``num_data``, ``step_size`` and optionally ``resampled``.
     """
+    plt = _pyplot()
     def chains(v):
         return {c: _np(s) for c, s in v.items()} if isinstance(v, dict) else {"": _np(v)}
 
@@ -148,6 +156,7 @@ def inclusion_histogram(inclusion: Dict[str, object], path: Optional[str] = None
 
     :param inclusion: ``SpikeSlabSGHMC.inclusion_probabilities()``: site -> tensor.
     """
+    plt = _pyplot()
     if not inclusion:
         raise ValueError("inclusion_histogram: no sites; pass SpikeSlabSGHMC.inclusion_probabilities().")
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
+
+from ..data.batches import is_tensor_pair, tensors
+from . import draws
 
 
 def is_active() -> bool:
@@ -82,10 +86,8 @@ def local_share(x: torch.Tensor, y: Optional[torch.Tensor] = None):
 def tensor_data(data, what: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(x, y)`` tensors from a tensor or a pair; under a process group a DataLoader cannot be
     split by example, so it is refused with the fix."""
-    if isinstance(data, torch.Tensor):
-        return data, None
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        return data[0], data[1]
+    if isinstance(data, torch.Tensor) or is_tensor_pair(data):
+        return tensors(data)
     raise ValueError(f"{what}: under torch.distributed pass the whole data set as tensors (x, y) on every "
                      "rank; pyro_subnet splits it between the ranks itself.")
 
@@ -175,16 +177,8 @@ class GatheredChains:
         self.num_chains, self.num_samples = int(first.shape[0]), int(first.shape[1])
 
     def get_samples(self, num_samples: Optional[int] = None, group_by_chain: bool = False):
-        samples = self._samples
-        if not group_by_chain:
-            samples = {k: v.reshape(-1, *v.shape[2:]) for k, v in samples.items()}
-        if num_samples is not None:
-            if group_by_chain:
-                raise ValueError("get_samples: num_samples with group_by_chain=True is not supported.")
-            first = next(iter(samples.values()))
-            idx = torch.randint(0, first.shape[0], (num_samples,))
-            samples = {k: v.index_select(0, idx.to(v.device)) for k, v in samples.items()}
-        return samples
+        """The draws, as ``pyro.infer.MCMC.get_samples`` gives them (:func:`~pyro_subnet.infer.draws.get_samples`)."""
+        return draws.get_samples(self._samples, num_samples, group_by_chain)
 
     def diagnostics(self):
         return self._diagnostics
@@ -209,8 +203,6 @@ def gather_chains(mcmc, dst: int = 0) -> Optional[GatheredChains]:
     >>> chains = distributed.gather_chains(mcmc)                      # doctest: +SKIP
     >>> if distributed.rank() == 0: idata = ps.to_inference_data(chains)   # doctest: +SKIP
     """
-    import warnings
-
     samples = {k: v.detach().cpu() for k, v in mcmc.get_samples(group_by_chain=True).items()}
     diag = mcmc.diagnostics() if callable(getattr(mcmc, "diagnostics", None)) else {}
     local_chains = next(iter(samples.values())).shape[0]
@@ -225,9 +217,9 @@ def gather_chains(mcmc, dst: int = 0) -> Optional[GatheredChains]:
             return None
     else:
         box = [(samples, per_chain)]
-    draws = {int(next(iter(s.values())).shape[1]) for s, _ in box}
-    if len(draws) != 1:
-        raise ValueError(f"gather_chains: the ranks ran different numbers of draws {sorted(draws)}; give every "
+    num_draws = {int(next(iter(s.values())).shape[1]) for s, _ in box}
+    if len(num_draws) != 1:
+        raise ValueError(f"gather_chains: the ranks ran different numbers of draws {sorted(num_draws)}; give every "
                          "rank the same num_samples.")
     merged = {k: torch.cat([s[k] for s, _ in box]) for k in box[0][0]}
     keys = set.intersection(*(set(d) for _, d in box)) if box else set()

@@ -14,7 +14,7 @@ from torch import nn
 
 from .functional import FunctionalNet, _has_pyro_samples
 from .likelihoods import Likelihood, make_likelihood
-from .validation import check_model_data
+from .validation import as_tensor, check_model_data
 
 PriorSpec = Union[None, dist.Distribution, Callable[[str, torch.Size], dist.Distribution]]
 
@@ -92,8 +92,7 @@ class BayesianNet(PyroModule):
 
     def _discover(self, x: torch.Tensor) -> None:
         if self._network is None:
-            if not torch.is_tensor(x):
-                x = torch.as_tensor(x, dtype=torch.get_default_dtype())
+            x = as_tensor(x, "x")
             with torch.random.fork_rng(), pyro.poutine.block():   # a look at the net, not part of any trace
                 self._network = FunctionalNet(self._pyro_net[0], example_input=x)
 

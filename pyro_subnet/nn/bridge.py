@@ -75,7 +75,7 @@ from torch.func import vmap
 from .functional import FunctionalNet, NetworkFunction, _is_missing_batching_rule, _SetSiteValues
 from .layout import SiteLayout
 from .likelihoods import Bernoulli, Categorical, Likelihood, Normal
-from .validation import as_tensor, check_data
+from .validation import as_tensor, check_data, reference_tensor
 
 class UnsupportedModelError(ValueError):
     """The model does not have the form the bridge reads (one observed site in a data plate, a
@@ -306,11 +306,9 @@ def _own_network(model) -> Optional[FunctionalNet]:
 
 def _reference_tensor(model) -> Optional[torch.Tensor]:
     """A floating tensor of the model, for the dtype and device of converted arrays."""
-    net = _own_network(model)
-    if isinstance(net, FunctionalNet):
-        for v in net.initial_values().values():
-            if v.is_floating_point():
-                return v
+    ref = reference_tensor(_own_network(model))
+    if ref is not None:
+        return ref
     if isinstance(model, nn.Module):
         for t in list(model.parameters()) + list(model.buffers()):
             if t.is_floating_point():

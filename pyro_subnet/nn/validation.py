@@ -35,8 +35,9 @@ def check_positive_int(value, name: str, allow_none: bool = False) -> Optional[i
     return int(value)
 
 
-def _reference(network) -> Optional[torch.Tensor]:
-    """A floating tensor of the network (its dtype and device are what converted arrays get)."""
+def reference_tensor(network) -> Optional[torch.Tensor]:
+    """A floating tensor of a network function (its dtype and device are what converted arrays
+    get), or ``None``."""
     if network is None:
         return None
     for v in network.initial_values().values():
@@ -108,7 +109,7 @@ def check_data(x, y=None, likelihood: Optional[str] = None, num_classes: Optiona
     :param network: a :class:`~pyro_subnet.nn.FunctionalNet`: its dtype and device for converted
         arrays, and the shape checks of ``x`` and ``y`` against it.
     """
-    ref = _reference(network)
+    ref = reference_tensor(network)
     x = as_tensor(x, "x", ref)
     if x.dim() == 0 or x.shape[0] == 0:
         raise ValueError(f"x must have a leading data dimension with at least one example, got shape {tuple(x.shape)}.")

@@ -37,7 +37,7 @@ X_TEST = torch.linspace(-2, 2, 12, dtype=torch.float64)[:, None].expand(12, 3).c
 
 def fit_all(model, x, y, theta):
     # Count the examples the GGN-vector products see: the ranks must split them, not repeat them.
-    from pyro_subnet.infer.autoguide import curvature
+    from pyro_subnet.infer import curvature
     seen, plain = [0], curvature.ggn_vp
     def counting(fnet, lik, th, xb, *args, **kwargs):
         seen[0] += xb.shape[0]

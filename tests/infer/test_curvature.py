@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_subnet.infer.autoguide import curvature
+from pyro_subnet.infer import curvature
 from pyro_subnet.nn import BayesianNet, Categorical, ModelBridge, Normal
 
 

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from pyro_subnet.infer.autoguide import curvature
+from pyro_subnet.infer import curvature
 from pyro_subnet.infer.autoguide import sample_then_optimise as sto
 from pyro_subnet.nn import BayesianNet
 

@@ -10,8 +10,8 @@ from torch import nn
 import pyro_subnet as ps
 from pyro_subnet.infer import AutoSubnetLaplace
 from pyro_subnet.infer.autoguide import FlatGaussian, curvature
-from pyro_subnet.infer.autoguide.base import broadest_within
-from pyro_subnet.infer.autoguide.gaussian import NotPositiveDefiniteError, cholesky
+from pyro_subnet.infer.autoguide.linearised_laplace import broadest_within
+from pyro_subnet.infer.autoguide.cholesky import NotPositiveDefiniteError, cholesky
 
 
 def train(net, x, y, steps, lr=1e-2, classification=False, noise=0.1):

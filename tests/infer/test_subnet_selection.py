@@ -8,7 +8,7 @@ from torch import nn
 from torch.func import jacrev
 
 import pyro_subnet as ps
-from pyro_subnet.infer.autoguide import curvature
+from pyro_subnet.infer import curvature
 from pyro_subnet.subnet import make_probes
 
 

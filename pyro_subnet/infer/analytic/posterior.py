@@ -33,15 +33,6 @@ from pyro.infer.autoguide import (AutoContinuous, AutoDelta, AutoDiagonalNormal,
 from ...nn.layout import SiteLayout
 
 
-class FlatGaussian(NamedTuple):
-    """A subnetwork Gaussian: the MAP ``mean`` (``D``) everywhere and ``N(mean[indices], L L^T)`` on
-    ``indices`` (``k``); ``scale_tril`` is ``L`` (``k x k``). The contract of ``guide.flat_gaussian()``."""
-
-    mean: torch.Tensor
-    indices: torch.Tensor
-    scale_tril: torch.Tensor
-
-
 class FlatPosterior(NamedTuple):
     """``N(mean, diag(var) + E F F^T E^T)`` over the flat weights (see the module docstring).
 

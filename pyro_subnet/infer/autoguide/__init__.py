@@ -1,8 +1,11 @@
-"""Laplace guides and the curvature core they share."""
+"""Laplace guides: the linearised-Laplace shell, the guides, and the subnetwork selection they use.
 
-from . import curvature
+``curvature`` here is the shared core :mod:`pyro_subnet.infer.curvature`, kept under this name too.
+"""
+
+from .. import curvature
+from ..curvature import FlatGaussian
 from .diagonal_laplace import AutoDiagonalLaplace
-from .gaussian import FlatGaussian
 from .subnet_laplace import AutoSubnetLaplace
 
 __all__ = ["curvature"]

@@ -10,12 +10,12 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from ...data.batches import iter_batches
 from .. import distributed
 from ..analytic.posterior import FlatPosterior
-from ..batches import iter_batches
+from ..curvature import ggn, jacobian
 from . import prior as prior_lib
-from .base import LinearisedLaplaceGuide, broadest_within
-from .curvature import ggn, jacobian
+from .linearised_laplace import LinearisedLaplaceGuide, broadest_within
 
 #: Candidate prior precisions of ``prior_precision="validation"``: 0.01 to 10^4, 5 a decade. A
 #: diagonal posterior over every weight drops the correlations that cancel in function space, so
@@ -82,7 +82,7 @@ class AutoDiagonalLaplace(LinearisedLaplaceGuide):
 
     with :math:`J_n` the Jacobian of the network output in all ``D`` weights at the MAP
     :math:`\\hat\\theta`, :math:`\\Lambda_n` the output Hessian of the negative log-likelihood
-    (:func:`.curvature.ggn` with ``structure="diag"``, accumulated in mini-batches: memory
+    (:func:`~pyro_subnet.infer.curvature.ggn` with ``structure="diag"``, accumulated in mini-batches: memory
     ``O(D + B O D)``, never ``O(D^2)``) and ``p`` the prior precision. The linearised (GLM)
     predictive is
 
@@ -121,7 +121,7 @@ class AutoDiagonalLaplace(LinearisedLaplaceGuide):
         \\|\\hat\\theta_g\\|^2`, :math:`\\gamma_g = \\sum_{d \\in g} g_d / (g_d + p_d)`:
         :func:`tune_em_diagonal`), or ``"validation"``: one number from ``validation_grid`` by the GLM
         predictive's NLL on the held-out data given to ``fit(..., validation=(x_val, y_val))``, the
-        broadest posterior within ``validation_tolerance`` of the best (:func:`.base.broadest_within`).
+        broadest posterior within ``validation_tolerance`` of the best (:func:`.linearised_laplace.broadest_within`).
         A learned noise scale (a noise site such as ``sigma``, or ``BayesianNet(noise_scale=None)``)
         is tuned by the evidence from its MAP value (jointly with the prior when that is tuned by
         ``"marglik"`` or ``"em"``; the noise site's own prior is not used) and held at that value.
@@ -279,7 +279,7 @@ class AutoDiagonalLaplace(LinearisedLaplaceGuide):
     def _grid_search(self, theta, g, x_val, y_val, grid=None) -> float:
         """The precision (one number, from ``grid``) chosen by the GLM predictive's NLL on
         ``(x_val, y_val)`` (the default link; a learned noise at its current value) by
-        :func:`.base.broadest_within`: one Jacobian per validation batch, then ``O(N O^2 D)`` per value."""
+        :func:`.linearised_laplace.broadest_within`: one Jacobian per validation batch, then ``O(N O^2 D)`` per value."""
         grid = self.validation_grid if grid is None else torch.as_tensor(grid, dtype=torch.float64).reshape(-1)
         precisions = grid.tolist()
         variances = [(g.double() + p).reciprocal() for p in precisions]

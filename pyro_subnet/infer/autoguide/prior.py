@@ -29,8 +29,8 @@ from typing import Mapping
 
 import torch
 
-from ..batches import iter_batches
-from .gaussian import cholesky
+from ...data.batches import iter_batches
+from .cholesky import cholesky
 
 STRUCTURES = ("scalar", "layerwise", "diag")
 TUNERS = ("marglik", "em", "validation")   # validation: the guides' grid search on held-out data

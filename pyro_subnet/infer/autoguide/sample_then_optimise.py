@@ -16,7 +16,7 @@ is the minimiser of the randomised quadratic (the paper's low-variance objective
 
 with :math:`L_n L_n^\\top = \\Lambda_n`: then :math:`\\zeta = H^{-1} A t` and
 :math:`\\mathrm{Cov}(\\zeta) = H^{-1}(A + G)H^{-1} = H^{-1}`. Only Jacobian-vector products are
-needed (:func:`~pyro_subnet.infer.autoguide.curvature.ggn_vp`); memory is ``O(K k)``.
+needed (:func:`~pyro_subnet.infer.curvature.ggn_vp`); memory is ``O(K k)``.
 
 All ``K`` samples are solved together, by batched conjugate gradients (full-batch GGN products,
 Jacobi-preconditioned with the diagonal of ``G`` estimated from the same random draws:
@@ -49,9 +49,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from tqdm.auto import tqdm, trange
 
-from .. import distributed
-from ..batches import iter_batches, num_examples
-from . import curvature
+from ...data.batches import iter_batches, num_examples, tensors
+from .. import curvature, distributed
 
 # Odd 63-bit constant (golden ratio) that spreads chunk indices over the seed space.
 _CHUNK_STRIDE = 0x9E3779B97F4A7C15 % 2 ** 63
@@ -109,10 +108,8 @@ def draw_targets(fnet, likelihood, theta, data, num_samples: int, indices=None, 
     if distributed.is_active():
         x, _ = distributed.tensor_data(data, "draw_targets")
         x, _, offset = distributed.local_share(x)
-    elif isinstance(data, torch.Tensor) or (isinstance(data, (tuple, list)) and isinstance(data[0], torch.Tensor)):
-        x, offset = (data if isinstance(data, torch.Tensor) else data[0]), 0
     else:
-        x, offset = torch.cat([xb for xb, _ in iter_batches(data)]), 0
+        x, offset = tensors(data)[0], 0
     s = torch.zeros(num_samples, k, device=dev, dtype=dt)
     n = x.shape[0]
     chunks = range(offset // batch_size, (offset + n - 1) // batch_size + 1) if n else range(0)
@@ -137,20 +134,12 @@ def full_ggn_vp(fnet, likelihood, theta, data, V, indices=None, batch_size: int 
 
 
 def output_gradient_term(fnet, likelihood, theta, data, indices=None, batch_size: int = 256) -> torch.Tensor:
-    """:math:`\\sum_n J_n^\\top \\nabla_f \\log p(y_n | f_n)` at ``theta`` (the data part of the
-    Gauss-Newton step towards the linearised model's optimum)."""
-    total = None
-    for xb, yb in iter_batches(_share(data, "output_gradient_term"), batch_size, device=theta.device):
-        if yb is None:
-            raise ValueError("the posterior mean needs targets: pass (x, y), not x alone.")
-        f = fnet.flat(theta, xb).detach().requires_grad_(True)
-        g = torch.autograd.grad(likelihood.log_prob(f, yb).sum(), f)[0]
-        term = curvature.vjp(fnet, theta, xb, g, indices)
-        total = term if total is None else total + term
-    if total is None:  # this rank's share is empty
-        k = fnet.layout.dim if indices is None else len(indices)
-        total = theta.new_zeros(k)
-    return distributed.all_reduce_sum(total)
+    """:math:`\\sum_n J_n^\\top \\nabla_f \\log p(y_n | f_n)` at ``theta`` over the whole data set
+    (:func:`~pyro_subnet.infer.curvature.log_likelihood_gradient` of this rank's share, summed
+    over ranks): the data part of the Gauss-Newton step towards the linearised model's optimum."""
+    share = _share(data, "output_gradient_term")
+    return distributed.all_reduce_sum(curvature.log_likelihood_gradient(fnet, likelihood, theta, share, indices,
+                                                                        batch_size))
 
 
 def conjugate_gradients(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x0: torch.Tensor,
@@ -215,7 +204,7 @@ def solve_sgd(fnet, likelihood, theta, data, a: torch.Tensor, b: torch.Tensor, x
     falls below ``tol`` (checked once an epoch). Under ``torch.distributed`` every rank draws the
     same mini-batch and computes the GGN product of its part of it (then all-reduced), as
     ``DistributedDataParallel`` splits a global batch."""
-    x, y = data if isinstance(data, (tuple, list)) else (data, None)
+    x, y = tensors(data)
     n = num_examples(data)
     z, v, avg = x0.clone(), torch.zeros_like(x0), x0.clone()
     bnorm = b.norm(dim=-1).clamp_min(torch.finfo(b.dtype).tiny)

@@ -9,15 +9,15 @@ import pyro.distributions as dist
 import torch
 from tqdm.auto import trange
 
+from ..curvature import jvp
 from ..randomness import resolve_seed
 from . import prior as prior_lib
 from . import sample_then_optimise as sto
-from .base import LinearisedLaplaceGuide, broadest_within
+from .linearised_laplace import LinearisedLaplaceGuide, broadest_within
 
 #: Candidate prior precisions of ``prior_precision="validation"``: 0.1 to 10^4, 2 a decade (each
 #: costs a warm-started solve for the samples).
 VALIDATION_GRID = torch.logspace(-1, 4, 11, dtype=torch.float64)
-from .curvature import jvp
 
 
 class AutoSampledLaplace(LinearisedLaplaceGuide):
@@ -55,7 +55,7 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
         numbers, a tensor ``(k,)``, ``"em"`` (tuned by EM, see ``prior_structure``), or
         ``"validation"``: one number from :data:`VALIDATION_GRID` by the GLM predictive's NLL on the
         held-out data given to ``fit(..., validation=(x_val, y_val))``: the broadest posterior
-        within ``validation_tolerance`` of the best (:func:`.base.broadest_within`). A regression
+        within ``validation_tolerance`` of the best (:func:`.linearised_laplace.broadest_within`). A regression
         model with ``noise_scale=None`` also gets its noise scale by EM,
         :math:`\\sigma^2 = \\mathrm{SSE}/(M - \\gamma)` (MacKay, 1992), stored in its likelihood.
     :param prior_structure: what EM tunes: ``"scalar"`` (one precision) or ``"layerwise"`` (one per
@@ -212,7 +212,7 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
     def _validation_search(self, solve_at, a, start, theta, idx):
         """``prior_precision="validation"``: one precision from :data:`VALIDATION_GRID`, walked down
         from its MAP end (each solve warm-started from the last), chosen by the GLM predictive's
-        NLL on the held-out data (:func:`.base.broadest_within`); the walk stops once two values in
+        NLL on the held-out data (:func:`.linearised_laplace.broadest_within`); the walk stops once two values in
         a row are outside the rule's bound (below them the NLL only rises). Returns the precision
         ``(k,)`` and its solution."""
         x_val, y_val = self._validation_data()

@@ -6,12 +6,13 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from ...data.batches import iter_batches
 from .. import distributed
-from ..batches import iter_batches
+from ..curvature import FlatGaussian, ggn, jacobian, log_likelihood_gradient
 from . import prior as prior_lib
-from .base import LinearisedLaplaceGuide, broadest_within
-from .curvature import ggn, jacobian
-from .gaussian import FlatGaussian, cholesky, precision_to_scale_tril
+from .cholesky import cholesky, precision_to_scale_tril
+from .linearised_laplace import LinearisedLaplaceGuide, broadest_within
+from .subnet_selection import warn_if_flat
 
 
 #: Candidate prior precisions of ``prior_precision="validation"``: 0.1 to 10^4, 5 a decade.
@@ -29,7 +30,7 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
 
     with :math:`J_{S,n}` the Jacobian of the network output in the ``k`` subnetwork weights at
     the MAP and :math:`\\Lambda_n` the output Hessian of the negative log-likelihood (the GGN of
-    :mod:`.curvature`, accumulated in mini-batches; memory ``O(k^2 + B O D_touched)``, never
+    :mod:`~pyro_subnet.infer.curvature`, accumulated in mini-batches; memory ``O(k^2 + B O D_touched)``, never
     ``O(D^2)``). Daxberger et al., *Bayesian Deep Learning via Subnetwork Inference*, ICML 2021.
 
     :meth:`fit` finds the MAP (unless ``map_steps=0``), selects ``S``, accumulates
@@ -50,7 +51,7 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         the held-out data given to ``fit(..., validation=(x_val, y_val))`` (the grid search of
         Daxberger et al.; the evidence of a network trained to fit its data often prefers a prior
         so wide that the predictive is less confident than the MAP's): the broadest posterior
-        within ``validation_tolerance`` of the best NLL (:func:`.base.broadest_within`). A learned noise
+        within ``validation_tolerance`` of the best NLL (:func:`.linearised_laplace.broadest_within`). A learned noise
         scale (a noise site such as ``sigma``, or ``BayesianNet(noise_scale=None)``) is tuned by the
         same rule from its MAP (jointly with the precision; :func:`.prior.tune_marglik_noise`;
         the evidence alone, the noise site's prior is not used) and held at that value.
@@ -114,17 +115,17 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         return distributed.all_reduce_sum(G)
 
     def _gauss_newton_step(self, theta, idx, precision, x, y) -> torch.Tensor:
-        t = theta.clone().requires_grad_(True)
+        """One Gauss-Newton step on the subnetwork: :math:`\\theta_S - (G_S + P_0)^{-1} g` with
+        :math:`g = -\\sum_n J_{S,n}^\\top \\nabla_f \\log p(y_n \\mid f_n) + P_0 \\theta_S`, the gradient
+        of the negative log joint."""
         x, y, _ = distributed.local_share(x, y)
-        for xb, yb in iter_batches((x, y), self.batch_size, device=theta.device):
-            (-self.bridge.log_likelihood(t, xb, yb).sum()).backward()
-        grad_all = distributed.all_reduce_sum(torch.zeros_like(theta) if t.grad is None else t.grad)
-        grad = grad_all[idx] + torch.diagonal(precision - self.ggn) * theta[idx]
+        data_grad = distributed.all_reduce_sum(log_likelihood_gradient(
+            self.bridge.network, self.bridge.likelihood, theta, (x, y), idx, self.batch_size))
+        grad = -data_grad + torch.diagonal(precision - self.ggn) * theta[idx]
         step = torch.cholesky_solve(grad[:, None], cholesky(precision))[:, 0]
         return theta.index_copy(0, idx, theta[idx] - step)
 
     def _fit_posterior(self, theta, data, x, y) -> None:
-        from ...subnet import warn_if_flat
         prior_full = self._prior_full(theta.dtype, theta.device)
         idx = self._select(theta, data, prior_full)
         G = self._ggn(theta, idx, x, y)
@@ -205,7 +206,7 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
     def _grid_search(self, theta, idx, G, x_val, y_val, grid=None) -> float:
         """The precision (one number, from ``grid``) chosen by the GLM predictive's NLL on
         ``(x_val, y_val)`` (the default link; a learned noise at its current value) by
-        :func:`.base.broadest_within`. With
+        :func:`.linearised_laplace.broadest_within`. With
         :math:`G_S = Q \\mathrm{diag}(e) Q^\\top` computed once, each grid value's factor is
         :math:`F = J Q \\mathrm{diag}(e + p)^{-1/2}`: ``O(N O k)`` per value."""
         grid = VALIDATION_GRID if grid is None else torch.as_tensor(grid, dtype=torch.float64).reshape(-1)

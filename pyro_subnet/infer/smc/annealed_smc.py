@@ -7,11 +7,12 @@ import warnings
 from typing import Dict, List, Optional, Union
 
 import torch
+from pyro.infer.mcmc.util import print_summary
 from tqdm.auto import tqdm
 
 from ...nn import SiteLayout
 from ...nn.bridge import BatchAwareModel, ModelBridge, check_model
-from .. import distributed
+from .. import distributed, draws
 from ..randomness import resolve_seed
 from . import annealed
 from .annealed import AnnealedTarget, Move
@@ -403,17 +404,7 @@ class AnnealedSMC:
         """Posterior draws per site: ``(num_chains, P, *shape)`` if ``group_by_chain`` else
         ``(num_chains * P, *shape)``; ``num_samples`` draws a random subset (as ``MCMC``)."""
         self._check_run()
-        samples = self._samples
-        if not group_by_chain:
-            samples = {k: v.reshape(-1, *v.shape[2:]) for k, v in samples.items()}
-        if num_samples is not None:
-            if group_by_chain:
-                raise ValueError("get_samples: num_samples with group_by_chain=True is not supported; "
-                                 "take a subset of the draws axis yourself.")
-            first = next(iter(samples.values()))
-            idx = torch.randint(0, first.shape[0], (num_samples,), device=first.device)
-            samples = {k: v.index_select(0, idx) for k, v in samples.items()}
-        return samples
+        return draws.get_samples(self._samples, num_samples, group_by_chain)
 
     def particles(self) -> torch.Tensor:
         """The flat equally weighted particles, ``(num_chains, P, D)``."""
@@ -444,7 +435,6 @@ class AnnealedSMC:
     def summary(self, prob: float = 0.9, sites: Optional[List[str]] = None) -> None:
         """Print Pyro's MCMC summary table (mean, sd, quantiles, n_eff, r_hat over chains) for
         ``sites`` (default all) and the log-evidence per chain."""
-        from pyro.infer.mcmc.util import print_summary
         self._check_run()
         samples = self._samples if sites is None else {k: self._samples[k] for k in sites}
         print_summary(samples, prob=prob)

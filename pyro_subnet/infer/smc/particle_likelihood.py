@@ -40,6 +40,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..curvature import linear_sites
+
 # Modules that act elementwise, so they apply unchanged in any layout.
 _ELEMENTWISE = (nn.Tanh, nn.ReLU, nn.Sigmoid, nn.Identity, nn.SiLU, nn.GELU, nn.ELU, nn.LeakyReLU, nn.Softplus,
                 nn.Mish, nn.Hardtanh, nn.CELU, nn.SELU, nn.Softsign, nn.Tanhshrink)
@@ -49,11 +51,12 @@ Plan = List[Tuple]
 
 
 def mlp_plan(network) -> Optional[Plan]:
-    """The layers of a :class:`~pyro_subnet.nn.FunctionalNet` when it is a plain
-    ``nn.Sequential`` of ``nn.Linear`` and elementwise activations whose weight sites are exactly
-    the linear layers' parameters; ``None`` otherwise (use the generic path)."""
+    """The layers of a network function (:class:`~pyro_subnet.nn.FunctionalNet`) when it is a
+    plain ``nn.Sequential`` of ``nn.Linear`` and elementwise activations whose weight sites are
+    exactly the linear layers' parameters, in order (every site an ``nn.Linear`` parameter:
+    :func:`~pyro_subnet.infer.curvature.linear_sites`); ``None`` otherwise (use the generic path)."""
     module = network.module
-    if network.is_pyro or type(module) is not nn.Sequential:
+    if linear_sites(network) is None or type(module) is not nn.Sequential:
         return None
     plan, sites = [], []
     for name, m in module.named_children():

@@ -26,27 +26,21 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Sequence, Tuple
 
-import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro.infer.autoguide import AutoGuide
 
-from ...nn.bridge import BatchAwareModel, ModelBridge, _own_network, check_model
 from ... import metrics
+from ...data.batches import is_array, iter_batches, tensors
+from ...nn.bridge import BatchAwareModel, ModelBridge, _own_network, check_model
 from ...nn.validation import check_positive_int
-from .. import distributed
-from ..batches import iter_batches
+from .. import distributed, links
+from ..curvature import jvp
 from ..map import fit_map
-from .. import links
 from . import glm
 from . import prior as prior_lib
-from .curvature import jvp
-
-
-def _is_array_data(x) -> bool:
-    """Inputs given as one array (tensor, NumPy array or list) rather than a DataLoader."""
-    return isinstance(x, (torch.Tensor, np.ndarray, list))
+from .subnet_selection import All, PredictiveVariance
 
 
 class LinearisedModel(BatchAwareModel):
@@ -84,19 +78,6 @@ def broadest_within(precisions: Sequence[float], scores: Sequence[float], tolera
     bound = best + tolerance * abs(best)
     admissible = [i for i, s in enumerate(scores) if s <= bound]
     return min(admissible, key=lambda i: precisions[i])
-
-
-def collect(data) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate an iterable of ``(x, y)`` batches into two tensors."""
-    xs, ys = [], []
-    for xb, yb in iter_batches(data):
-        if yb is None:
-            raise ValueError("fit: the DataLoader must yield (x, y) pairs.")
-        xs.append(xb)
-        ys.append(yb)
-    if not xs:
-        raise ValueError("fit: the DataLoader is empty.")
-    return torch.cat(xs), torch.cat(ys)
 
 
 class LinearisedLaplaceGuide(AutoGuide):
@@ -199,7 +180,6 @@ class LinearisedLaplaceGuide(AutoGuide):
     def _select_here(self, theta, data, prior_full) -> torch.Tensor:
         subnet = self.subnet
         if subnet is None:
-            from ...subnet import All, PredictiveVariance
             subnet = PredictiveVariance(min(1000, self.num_weights)) if self._default_subnet == "greedy" else All()
         if isinstance(subnet, torch.Tensor):
             idx = subnet.to(device=theta.device, dtype=torch.long).reshape(-1)
@@ -253,7 +233,7 @@ class LinearisedLaplaceGuide(AutoGuide):
         if self.prior_precision_spec == "validation" and validation is None:
             raise ValueError(f"{type(self).__name__}: prior_precision='validation' tunes the prior on held-out data; "
                              "pass fit(x, y, validation=(x_val, y_val)).")
-        if _is_array_data(x):
+        if is_array(x):
             if y is None:
                 raise ValueError("fit(x, y): the targets y are missing.")
             x, y = self._ensure_bridge(x).check(x, y)
@@ -265,7 +245,7 @@ class LinearisedLaplaceGuide(AutoGuide):
                 raise ValueError("fit: under torch.distributed give every rank the whole data set (no "
                                  "DistributedSampler); the guide shards it between the ranks itself.")
             data = x
-            x, y = collect(data)
+            x, y = tensors(data, targets=True, what="fit")
             x, y = self._ensure_bridge(x).check(x, y)
         if map_theta is not None:
             if map_theta.shape != (self.num_weights,):

@@ -1,7 +1,10 @@
-"""The curvature core: per-example Jacobians, Jacobian-vector products and GGN accumulation.
+"""The curvature core: per-example Jacobians, Jacobian-vector products, the GGN, and the flat
+Gaussian over the weights that linearisation leads to.
 
-Every method that linearises the network uses these functions (and only these): the subnetwork
-Laplace guide, the sampled Laplace guide, selection strategies and the analytic predictive.
+Every method that linearises the network uses these functions (and only these): the Laplace
+guides, subnetwork selection, sample-then-optimise, the SMC sampler's fast MLP path (which
+shares the detection of networks built from ``nn.Linear`` layers) and the analytic predictive
+(which reads :class:`FlatGaussian`).
 
 Notation. ``f(x; theta)`` is the network output, ``O`` its size, ``theta`` the flat weight vector
 of length ``D`` (:class:`~pyro_subnet.nn.SiteLayout`), ``S`` a subset of ``k`` coordinates of it.
@@ -10,34 +13,60 @@ of length ``D`` (:class:`~pyro_subnet.nn.SiteLayout`), ``S`` a subset of ``k`` c
   ``(N, O, k)``. It differentiates only the parameter tensors that hold a selected coordinate, one
   reverse pass per output and example batch (``vmap`` of ``jacrev``), so the full ``(N, O, D)``
   Jacobian is never formed when ``S`` covers a few layers; memory is bounded by ``chunk_size``.
+  Networks whose weights all sit in ``nn.Linear`` layers (:func:`linear_sites`) take a faster
+  path built from one forward and one batched backward pass.
 * :func:`jvp` / :func:`vjp` apply :math:`J_S` and :math:`J_S^\\top` without forming it, and
   :func:`ggn_vp` the GGN (for sample-then-optimise).
 * :func:`ggn` accumulates :math:`G_S = \\sum_n J_{S,n}^\\top \\Lambda_n J_{S,n}` over data batches,
   dense (``k x k``) or diagonal (``k``), where :math:`\\Lambda_n` is the Hessian of the negative
   log-likelihood in the output (:meth:`~pyro_subnet.nn.Likelihood.output_hessian`). With the
   factor :math:`\\Lambda_n = L_n L_n^\\top`, :math:`G_S = \\sum_n M_n^\\top M_n`,
-  :math:`M_n = L_n^\\top J_{S,n}`: one matrix product per batch.
+  :math:`M_n = L_n^\\top J_{S,n}` (:func:`ggn_factor`): one matrix product per batch.
+* :func:`log_likelihood_gradient` is :math:`\\sum_n J_{S,n}^\\top \\nabla_f \\log p(y_n \\mid f_n)`,
+  the data part of the gradient that a Gauss-Newton step towards the linearised model's optimum
+  takes.
 
 The Laplace posterior precision over ``S`` is then :math:`G_S + P_0` (Daxberger et al., 2021,
-eq. 6; Immer et al., 2021).
+eq. 6; Immer et al., 2021), and its Gaussian, with every other weight at the MAP, is a
+:class:`FlatGaussian`.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch.func import jacrev, jvp as _jvp, vjp as _vjp, vmap
 
-from ...nn.functional import FunctionalNet
-from ...nn.likelihoods import Likelihood
-from ..batches import iter_batches
+from ..data.batches import iter_batches
+from ..nn.functional import NetworkFunction
+from ..nn.likelihoods import Likelihood
+
+
+class FlatGaussian(NamedTuple):
+    """A Gaussian over ``k`` coordinates of the flat weights, every other weight fixed at ``mean``:
+
+    .. math:: \\theta_S \\sim \\mathcal{N}(m_S, L L^\\top), \\qquad \\theta_r = m_r \\; (r \\notin S).
+
+    A subnetwork Laplace posterior is of this form (degenerate in weight space); it is the
+    contract of ``guide.flat_gaussian()`` between the guides and consumers such as
+    :class:`~pyro_subnet.infer.AnalyticPredictive`.
+
+    :ivar mean: ``(D,)`` flat MAP weights in ``model.layout`` order.
+    :ivar indices: ``(k,)`` LongTensor of the Gaussian coordinates ``S``.
+    :ivar scale_tril: ``(k, k)`` lower Cholesky factor ``L`` of the covariance over ``indices``.
+    """
+
+    mean: torch.Tensor
+    indices: torch.Tensor
+    scale_tril: torch.Tensor
+
 
 # Bound on the floats one Jacobian chunk may hold (about 256 MB in float32).
 _JACOBIAN_BUDGET = 64 * 2 ** 20
 
 
-def _split(fnet: FunctionalNet, theta: torch.Tensor, indices: Optional[torch.Tensor]):
+def _split(fnet: NetworkFunction, theta: torch.Tensor, indices: Optional[torch.Tensor]):
     """Split the weights into the tensors to differentiate and the fixed rest, and say where each
     selected coordinate sits."""
     layout = fnet.layout
@@ -59,7 +88,7 @@ def _gather(per_site: dict, groups, k: int, lead: Tuple[int, ...], like: torch.T
     return out
 
 
-def jacobian(fnet: FunctionalNet, theta: torch.Tensor, x: torch.Tensor,
+def jacobian(fnet: NetworkFunction, theta: torch.Tensor, x: torch.Tensor,
              indices: Optional[torch.Tensor] = None,
              chunk_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-example Jacobians of the outputs with respect to ``theta[indices]``.
@@ -94,9 +123,11 @@ def jacobian(fnet: FunctionalNet, theta: torch.Tensor, x: torch.Tensor,
     return torch.cat(fs), torch.cat(js)
 
 
-def _linear_sites(fnet: FunctionalNet):
-    """``{site: (linear module name, "weight" | "bias")}`` when every weight site belongs to an
-    ``nn.Linear`` of a plain network, else ``None``."""
+def linear_sites(fnet: NetworkFunction):
+    """``{site: (linear module name, "weight" | "bias")}`` when every weight site of a plain
+    (not Pyro) network is the weight or bias of an ``nn.Linear`` module, else ``None``. Cached on
+    ``fnet``. Such networks have Jacobians in closed form (:func:`jacobian`) and, when they are an
+    ``nn.Sequential``, a particles-first evaluation in the SMC sampler."""
     cached = getattr(fnet, "_linear_sites_cache", False)
     if cached is not False:
         return cached
@@ -114,7 +145,7 @@ def _linear_sites(fnet: FunctionalNet):
     return out
 
 
-def _linear_jacobian(fnet: FunctionalNet, theta: torch.Tensor, x: torch.Tensor,
+def _linear_jacobian(fnet: NetworkFunction, theta: torch.Tensor, x: torch.Tensor,
                      indices: Optional[torch.Tensor]):
     """Fast path for networks whose weights all sit in ``nn.Linear`` layers (each called once,
     on ``(N, in)`` inputs): the Jacobian of output ``o`` in ``W_{ij}`` of a layer is
@@ -123,7 +154,7 @@ def _linear_jacobian(fnet: FunctionalNet, theta: torch.Tensor, x: torch.Tensor,
     backward pass over the ``O`` outputs give every :math:`\\delta` and ``a``; the selected
     entries are then products of gathered columns. Cost ``O(N O (sum of widths) + N O k)``
     instead of ``O(N O D)``. Returns ``None`` when the network does not qualify."""
-    sites = _linear_sites(fnet)
+    sites = linear_sites(fnet)
     if sites is None or x.requires_grad:
         return None
     layout = fnet.layout
@@ -174,7 +205,7 @@ def _linear_jacobian(fnet: FunctionalNet, theta: torch.Tensor, x: torch.Tensor,
     return f.detach(), J
 
 
-def _restricted(fnet: FunctionalNet, theta: torch.Tensor, x: torch.Tensor, indices: Optional[torch.Tensor]):
+def _restricted(fnet: NetworkFunction, theta: torch.Tensor, x: torch.Tensor, indices: Optional[torch.Tensor]):
     """The network as a function of the coordinates ``S`` alone (the rest fixed at ``theta``),
     and the point ``theta_S`` to differentiate it at."""
     if indices is None:
@@ -182,7 +213,7 @@ def _restricted(fnet: FunctionalNet, theta: torch.Tensor, x: torch.Tensor, indic
     return (lambda z: fnet.flat(theta.index_put((indices,), z), x)), theta[indices]
 
 
-def jvp(fnet: FunctionalNet, theta: torch.Tensor, x: torch.Tensor, v: torch.Tensor,
+def jvp(fnet: NetworkFunction, theta: torch.Tensor, x: torch.Tensor, v: torch.Tensor,
         indices: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward-mode product :math:`J_S v` for one or a batch of tangents.
 
@@ -197,7 +228,7 @@ def jvp(fnet: FunctionalNet, theta: torch.Tensor, x: torch.Tensor, v: torch.Tens
     return f, vmap(lambda t: _jvp(f_sub, (base,), (t,))[1])(v)
 
 
-def vjp(fnet: FunctionalNet, theta: torch.Tensor, x: torch.Tensor, u: torch.Tensor,
+def vjp(fnet: NetworkFunction, theta: torch.Tensor, x: torch.Tensor, u: torch.Tensor,
         indices: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reverse-mode product :math:`J_S^\\top u = \\sum_n J_{S,n}^\\top u_n`.
 
@@ -212,7 +243,7 @@ def vjp(fnet: FunctionalNet, theta: torch.Tensor, x: torch.Tensor, u: torch.Tens
     return vmap(lambda c: pullback(c)[0])(u)
 
 
-def ggn_vp(fnet: FunctionalNet, likelihood: Likelihood, theta: torch.Tensor, x: torch.Tensor,
+def ggn_vp(fnet: NetworkFunction, likelihood: Likelihood, theta: torch.Tensor, x: torch.Tensor,
            v: torch.Tensor, indices: Optional[torch.Tensor] = None) -> torch.Tensor:
     """GGN-vector products :math:`\\sum_n J_{S,n}^\\top \\Lambda_n J_{S,n} v` on a batch ``x``,
     matrix-free (one forward-mode and one reverse-mode pass per vector).
@@ -229,7 +260,15 @@ def ggn_vp(fnet: FunctionalNet, likelihood: Likelihood, theta: torch.Tensor, x: 
     return out[0] if single else out
 
 
-def ggn(fnet: FunctionalNet, likelihood: Likelihood, theta: torch.Tensor, data,
+def ggn_factor(likelihood: Likelihood, f: torch.Tensor, J: torch.Tensor) -> torch.Tensor:
+    """The factor :math:`M` with :math:`M^\\top M = \\sum_n J_n^\\top \\Lambda_n J_n` on one batch: the
+    rows :math:`L_n^\\top J_n` stacked, from outputs ``f`` ``(B, O)`` and Jacobians ``J``
+    ``(B, O, k)``; shape ``(B O, k)``."""
+    L = likelihood.output_hessian_sqrt(f)  # (B, O, O)
+    return torch.einsum("boc,bok->bck", L, J).reshape(-1, J.shape[-1])
+
+
+def ggn(fnet: NetworkFunction, likelihood: Likelihood, theta: torch.Tensor, data,
         indices: Optional[torch.Tensor] = None, structure: str = "dense",
         batch_size: int = 256, progress: bool = False) -> torch.Tensor:
     """Generalised Gauss-Newton matrix :math:`\\sum_n J_{S,n}^\\top \\Lambda_n J_{S,n}`.
@@ -243,12 +282,32 @@ def ggn(fnet: FunctionalNet, likelihood: Likelihood, theta: torch.Tensor, data,
     """
     if structure not in ("dense", "diag"):
         raise ValueError(f"ggn: structure must be 'dense' or 'diag', got {structure!r}.")
-    k = fnet.layout.dim if indices is None else len(indices)
     G = None
     for xb, _ in iter_batches(data, batch_size, device=theta.device, progress=progress, desc="GGN"):
         f, J = jacobian(fnet, theta, xb, indices)
-        L = likelihood.output_hessian_sqrt(f)  # (B, O, O)
-        M = torch.einsum("boc,bok->bck", L, J).reshape(-1, k)
+        M = ggn_factor(likelihood, f, J)
         term = M.T @ M if structure == "dense" else (M * M).sum(0)
         G = term if G is None else G + term
     return G
+
+
+def log_likelihood_gradient(fnet: NetworkFunction, likelihood: Likelihood, theta: torch.Tensor, data,
+                            indices: Optional[torch.Tensor] = None, batch_size: int = 256) -> torch.Tensor:
+    """:math:`\\sum_n J_{S,n}^\\top \\nabla_f \\log p(y_n \\mid f_n)` at ``theta``: the gradient of the
+    log-likelihood in the coordinates ``S``, by one vector-Jacobian product per batch. It is the data
+    part of a Gauss-Newton step to the optimum of the linearised model.
+
+    :param data: ``(x, y)`` or an iterable of ``(x, y)`` batches.
+    :returns: shape ``(k,)`` (zeros for empty data).
+    """
+    total = None
+    for xb, yb in iter_batches(data, batch_size, device=theta.device):
+        if yb is None:
+            raise ValueError("the gradient of the log-likelihood needs targets: pass (x, y), not x alone.")
+        f = fnet.flat(theta, xb).detach().requires_grad_(True)
+        g = torch.autograd.grad(likelihood.log_prob(f, yb).sum(), f)[0]
+        term = vjp(fnet, theta, xb, g, indices)
+        total = term if total is None else total + term
+    if total is None:
+        total = theta.new_zeros(fnet.layout.dim if indices is None else len(indices))
+    return total

@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 from tqdm.auto import trange
 
-from ..infer.map import neg_log_joint
-from ..infer.randomness import resolve_seed
+from ...map import neg_log_joint
+from ...randomness import resolve_seed
 
 
 def swag_diagonal_variance(model, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,

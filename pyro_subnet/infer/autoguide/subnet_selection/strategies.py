@@ -16,20 +16,18 @@ from typing import Iterable, Optional, Union
 
 import torch
 
-from ..infer.autoguide.curvature import ggn
-from ..infer.randomness import resolve_seed
-from .base import SubnetSelection, candidates, model_view
+from ....data.batches import tensors
+from ...curvature import ggn
+from ...randomness import resolve_seed
+from .contract import SubnetSelection, candidates, model_view
 from .swag import swag_diagonal_variance
 
 
-def tensors(data):
-    """``(x, y)`` tensors from a pair or a DataLoader."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        return data
+def training_data(data):
+    """``(x, y)`` tensors of the training data, from a pair or a DataLoader of ``(x, y)`` batches."""
     if data is None:
         raise ValueError("this selection strategy needs the training data.")
-    from ..infer.autoguide.base import collect
-    return collect(data)
+    return tensors(data, targets=True, what="subnetwork selection")
 
 
 class LargestMagnitude(SubnetSelection):
@@ -62,7 +60,7 @@ class LargestVariance(SubnetSelection):
 
     :param method: ``"swag"`` (diagonal SWAG, the paper's choice, default) or
         ``"diag_laplace"`` (:math:`1/(\\mathrm{diag}\\,G + p)`).
-    :param swag_kwargs: passed to :func:`~pyro_subnet.subnet.swag.swag_diagonal_variance`
+    :param swag_kwargs: passed to :func:`~pyro_subnet.subnet.swag_diagonal_variance`
         (``num_snapshots``, ``lr``, ``batch_size``, ``seed``).
     :param batch_size: mini-batch size of the diagonal GGN.
 
@@ -85,7 +83,7 @@ class LargestVariance(SubnetSelection):
             g = ggn(model.network, model.likelihood, theta, data, structure="diag",
                     batch_size=self.batch_size, progress=progress)
             return 1.0 / (g + prior_precision)
-        x, y = tensors(data)
+        x, y = training_data(data)
         return swag_diagonal_variance(model, theta, x, y, progress=progress, **self.swag_kwargs)
 
     def scores(self, model, theta, data, prior_precision, progress=False):

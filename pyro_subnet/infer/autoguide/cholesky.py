@@ -1,33 +1,15 @@
-"""The Gaussian a Laplace guide hands to other code, and how to build its Cholesky factor.
+"""The Cholesky factors of a Laplace posterior: of its precision, and of its covariance without
+forming the inverse.
 
-A subnetwork Laplace posterior is degenerate in weight space: the ``k`` coordinates
-``indices`` of the flat weight vector are Gaussian, every other weight sits at the MAP,
-
-.. math:: \\theta_S \\sim \\mathcal{N}(\\hat\\theta_S, \\Sigma_S), \\quad \\Sigma_S = L L^\\top,
-          \\qquad \\theta_r = \\hat\\theta_r \\; (r \\notin S).
-
-:class:`FlatGaussian` is that object in one NamedTuple; it is the contract between the guides
-and consumers such as :class:`~pyro_subnet.infer.AnalyticPredictive`.
+The Laplace guides hold the precision :math:`P = G_S + P_0` over the subnetwork and need
+:math:`L` with :math:`L L^\\top = P^{-1}` (:func:`precision_to_scale_tril`) to sample and to build
+the :class:`~pyro_subnet.infer.curvature.FlatGaussian` they hand to other code. A factorisation
+that fails says what to change (:class:`NotPositiveDefiniteError`).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
-
-
-class FlatGaussian(NamedTuple):
-    """A Gaussian over ``k`` coordinates of the flat weights, the rest fixed at ``mean``.
-
-    :ivar mean: ``(D,)`` flat MAP weights in ``model.layout`` order.
-    :ivar indices: ``(k,)`` LongTensor of the Gaussian coordinates.
-    :ivar scale_tril: ``(k, k)`` lower Cholesky factor of the covariance over ``indices``.
-    """
-
-    mean: torch.Tensor
-    indices: torch.Tensor
-    scale_tril: torch.Tensor
 
 
 class NotPositiveDefiniteError(ValueError):

@@ -17,7 +17,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..nn.bridge import ModelBridge
+from ....data.batches import example_inputs
+from ....nn.bridge import ModelBridge
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 _UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "KIB": 2 ** 10, "MIB": 2 ** 20,
@@ -33,8 +34,7 @@ def model_view(model, data=None):
     if isinstance(model, ModelBridge):
         return model
     if data is not None:
-        x = data[0] if isinstance(data, (tuple, list)) else next(iter(data))[0]
-        return ModelBridge(model, x)
+        return ModelBridge(model, example_inputs(data))
     if hasattr(model, "layout") and hasattr(model, "network"):
         return model
     raise ValueError("subnetwork selection needs the model's bridge (ps.nn.ModelBridge(model, x)) or the training "

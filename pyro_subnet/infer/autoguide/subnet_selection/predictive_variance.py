@@ -29,10 +29,10 @@ from typing import Optional
 
 import torch
 
-from ..infer.autoguide.curvature import ggn, jacobian
-from ..infer.randomness import resolve_seed
-from .base import SubnetSelection
-from .strategies import tensors
+from ...curvature import ggn, ggn_factor, jacobian
+from ...randomness import resolve_seed
+from .contract import SubnetSelection
+from .strategies import training_data
 
 
 def make_probes(x: torch.Tensor, num_probes: int, generator: torch.Generator) -> torch.Tensor:
@@ -78,7 +78,7 @@ class PredictiveVariance(SubnetSelection):
 
     def _select(self, model, theta, data, mask, k, prior_precision, progress):
         fnet, lik = model.network, model.likelihood
-        x, _ = tensors(data)
+        x, _ = training_data(data)
         x = x.to(theta.device)
         gen = torch.Generator().manual_seed(resolve_seed(self.seed, shared=False))
         probes = make_probes(x, self.num_probes, gen)
@@ -102,7 +102,7 @@ class PredictiveVariance(SubnetSelection):
         _, Jz = jacobian(fnet, theta, probes, pool)
         R = Jz.reshape(-1, num_pool).clone()
         f, Jd = jacobian(fnet, theta, xs, pool)
-        A = torch.einsum("boc,bok->bck", lik.output_hessian_sqrt(f), Jd).reshape(-1, num_pool) * math.sqrt(scale)
+        A = ggn_factor(lik, f, Jd) * math.sqrt(scale)
         p = prior_precision[pool]
         d = A.pow(2).sum(0) + p
         k_final = k
