@@ -128,6 +128,11 @@ def prefers_diagonal(module: nn.Module, max_width: int = 256) -> bool:
     return False
 
 
+def count_linear(module: nn.Module) -> int:
+    """The number of ``nn.Linear`` layers in ``module`` (a traced forward's included)."""
+    return sum(isinstance(m, nn.Linear) for m in module.modules())
+
+
 def _require_diagonal(name, x):
     if x.full:
         raise ValueError(f"AnalyticPredictive: {name} needs diagonal activations; use covariance='diag'.")
@@ -173,11 +178,17 @@ def _linear_params(post: SitePosterior, w: str, b: str, has_bias: bool, rows: sl
 
 @register(nn.Linear)
 def _linear(module, prefix, x, post):
-    full = post.full or prefix == post.full_output_at
-    lw = post.cached(("linear", prefix), lambda: moments.prepare_linear(
+    output = prefix == post.full_output_at
+    # Full covariances of independent weights are carried as per-example columns of A (lifted) up to
+    # the output layer, until A is as wide as the features: from there a covariance matrix is cheaper.
+    lift = post.lift and not output and not x.full
+    if lift and x.A is not None and x.A.shape[-1] >= x.mean.shape[-1]:
+        x, lift = moments.Gaussian(x.mean, x.total_cov()), False
+    full = (post.full and not lift) or output
+    lw = post.cached(("linear", prefix, full), lambda: moments.prepare_linear(
         *_linear_params(post, prefix + "weight", prefix + "bias", module.bias is not None), full=full,
         products=post.products))
-    return moments.linear(x, lw, full=full, products=post.products is not False)
+    return moments.linear(x, lw, full=full, products=post.products is not False, lift=lift)
 
 
 @register(nn.Conv2d)

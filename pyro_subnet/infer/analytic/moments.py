@@ -67,12 +67,58 @@ from ..links import _SQRT_HALF
 
 
 
+class ScaledFactor(NamedTuple):
+    """A shared part :math:`A = \\mathrm{diag}(\\text{rows})\\, M\\, \\mathrm{diag}(\\text{cols})` per example,
+    kept unformed: what :func:`linear` lifts (``M`` the weight mean ``(out, in)``, ``cols`` the input's
+    standard deviations ``(..., in)``, ``rows`` the slopes of the activations since, ``(..., out)``).
+    Formed, it would be an ``(..., out, in)`` tensor per example; unformed, its squared row norms cost
+    one product with ``M^2`` and the next layer's :math:`W A` one with ``M``.
+
+    ``matrix_sq_t`` is :math:`(M^2)^\\top`, ``(in, out)``."""
+
+    rows: torch.Tensor
+    matrix: torch.Tensor
+    cols: torch.Tensor
+    matrix_sq_t: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.rows.shape, self.cols.shape[-1]))
+
+    def dense(self) -> torch.Tensor:
+        return self.rows.unsqueeze(-1) * self.matrix * self.cols.unsqueeze(-2)
+
+
+Factor = Union[torch.Tensor, ScaledFactor]
+
+
+def _dense(A: Optional[Factor]) -> Optional[torch.Tensor]:
+    """``A`` as a tensor ``(..., F, r)``."""
+    return A.dense() if isinstance(A, ScaledFactor) else A
+
+
+def _scale_rows(J: torch.Tensor, A: Factor) -> Factor:
+    """:math:`\\mathrm{diag}(J) A` (``J`` of shape ``(..., F)``)."""
+    if isinstance(A, ScaledFactor):
+        return A._replace(rows=A.rows * J)
+    return J.unsqueeze(-1) * A
+
+
+def _left_matmul(weight: torch.Tensor, A: Factor) -> torch.Tensor:
+    """:math:`W A` for a weight ``(out', F)``: for an unformed factor,
+    :math:`((W \\mathrm{diag}(\\text{rows})) M) \\mathrm{diag}(\\text{cols})`, never forming ``A``."""
+    if isinstance(A, ScaledFactor):
+        return ((weight * A.rows.unsqueeze(-2)) @ A.matrix).mul_(A.cols.unsqueeze(-2))
+    return weight @ A       # (a matmul: einsum copies A into another layout first)
+
+
 class Gaussian(NamedTuple):
-    """An activation :math:`\\mu + A\\varepsilon + \\eta` (see the module docstring)."""
+    """An activation :math:`\\mu + A\\varepsilon + \\eta` (see the module docstring); ``A`` a tensor or
+    an unformed :class:`ScaledFactor`."""
 
     mean: torch.Tensor
     var: torch.Tensor
-    A: Optional[torch.Tensor] = None
+    A: Optional[Factor] = None
 
     @property
     def full(self) -> bool:
@@ -97,12 +143,17 @@ class Gaussian(NamedTuple):
     def total_cov(self) -> torch.Tensor:
         """Covariance ``(..., F, F)`` including the shared part."""
         var = self.var if self.full else torch.diag_embed(self.materialised().var)
-        return var if self.A is None else var + self.A @ self.A.transpose(-1, -2)
+        if self.A is None:
+            return var
+        A = _dense(self.A)
+        return var + A @ A.transpose(-1, -2)
 
 
-def _sq_norm(A: torch.Tensor) -> torch.Tensor:
+def _sq_norm(A: Factor) -> torch.Tensor:
     """:math:`\\sum_r A_{\\dots r}^2`, the variance that ``A`` carries (``vector_norm`` is ~3x faster on
     CPU than summing the squares of a wide ``A``)."""
+    if isinstance(A, ScaledFactor):
+        return (A.cols.square() @ A.matrix_sq_t).mul_(A.rows.square())
     return torch.linalg.vector_norm(A, dim=-1).square_()
 
 
@@ -232,13 +283,22 @@ def _product_covariance(A_used: torch.Tensor, pt: ProductTerms, out: int, full: 
     return X.new_zeros(*batch, out).index_add_(-1, k, same)
 
 
-def linear(x: Gaussian, lw: LinearWeights, full: bool = False, products: bool = True) -> Gaussian:
+def linear(x: Gaussian, lw: LinearWeights, full: bool = False, products: bool = True,
+           lift: bool = False) -> Gaussian:
     """Moments of ``h = W a + b`` (see the module docstring).
 
     :param x: input ``Gaussian`` with features ``in`` last.
     :param lw: the layer's :class:`LinearWeights` (from :func:`prepare_linear`).
     :param full: return a full covariance ``(..., out, out)`` even for diagonal input (the mixing
         ``W diag(v) W^T`` correlates the outputs); a full input always gives a full output.
+    :param lift: with a diagonal input and weights without a factor, carry the covariance that the
+        input's independent variances induce between the outputs, :math:`W \mathrm{diag}(v) W^\top`,
+        as new columns of ``A``: :math:`A_h = [W A,\; W \mathrm{diag}(\sqrt v)]`, each new column a
+        standard normal of this example (examples are independent, so per-example columns are as
+        good as shared ones). The total covariance is that of ``full``, at the cost of a product
+        with ``A`` (``out x in x r`` per example) instead of forming ``W \Sigma W^T``
+        (``out x in x in``); the output's ``var`` stays diagonal (the weights' own noise). Only for
+        posteriors without a weight factor: the new columns are not the weights' ``epsilon``.
     :param products: keep the products :math:`(G\\varepsilon)(A\\varepsilon)`: their mean, and their
         covariance where ``lw.products`` is prepared; ``False``: neither, so the shared part of the
         output stays linear in :math:`\\varepsilon`.
@@ -256,16 +316,24 @@ def linear(x: Gaussian, lw: LinearWeights, full: bool = False, products: bool = 
     out_mean = mean @ weight.T
     if lw.bias is not None:
         out_mean = out_mean + lw.bias
-    full_out = x.full or (full and not exact_input)
+    lift = lift and not exact_input and not x.full
+    if lift and factor is not None:
+        raise ValueError("moments.linear: lift needs weights without a factor (its columns would mix with "
+                         "the weights' epsilon).")
+    full_out = x.full or (full and not exact_input and not lift)
+    out_A = None if A is None else _left_matmul(weight, A)
     if exact_input:
         out_var = None
+    elif lift:
+        out_var = torch.zeros_like(out_mean)
+        lifted = ScaledFactor(torch.ones_like(out_mean), weight, var.sqrt(), lw.weight_sq_t)
+        out_A = lifted if out_A is None else torch.cat([out_A, lifted.dense()], -1)
     elif x.full:
         out_var = weight @ var @ weight.T
     elif full_out:
         out_var = (var @ lw.outer).unflatten(-1, (out_f, out_f))
     else:
         out_var = var @ lw.weight_sq_t
-    out_A = None if A is None else weight @ A       # (a matmul: einsum copies A into another layout first)
     if lw.weight_var_t is None and factor is None:
         return Gaussian(out_mean, out_var, out_A)   # out_var None: still known (a deterministic layer)
     if lw.weight_var_t is not None:
@@ -314,14 +382,14 @@ def reshape(fn: Callable[[torch.Tensor], torch.Tensor], x: Gaussian) -> Gaussian
     if x.exact:
         return Gaussian(fn(x.mean), None)
     x = x.materialised()
-    return Gaussian(fn(x.mean), fn(x.var), None if x.A is None else _per_column(fn, x.A))
+    return Gaussian(fn(x.mean), fn(x.var), None if x.A is None else _per_column(fn, _dense(x.A)))
 
 
 def add(x: Gaussian, y: Gaussian) -> Gaussian:
     """A residual sum ``x + y``: the shared parts add exactly; the independent parts are taken as
     uncorrelated (the paper's assumption), so their variances add."""
     x, y = x.materialised(), y.materialised()
-    A = x.A if y.A is None else (y.A if x.A is None else x.A + y.A)
+    A = _dense(x.A) if y.A is None else (_dense(y.A) if x.A is None else _dense(x.A) + _dense(y.A))
     return Gaussian(x.mean + y.mean, x.var + y.var, A)
 
 
@@ -334,7 +402,7 @@ def elementwise(fn: Callable[[torch.Tensor], torch.Tensor], x: Gaussian) -> Gaus
     x = x.materialised()
     out, slope = torch.func.jvp(fn, (x.mean,), (torch.ones_like(x.mean),))
     var = slope.unsqueeze(-1) * x.var * slope.unsqueeze(-2) if x.full else slope ** 2 * x.var
-    return Gaussian(out, var, None if x.A is None else slope.unsqueeze(-1) * x.A)
+    return Gaussian(out, var, None if x.A is None else _scale_rows(slope, x.A))
 
 
 def _normal_pdf(x: torch.Tensor) -> torch.Tensor:
@@ -414,12 +482,15 @@ def _probit_base(scale: float, shift: float, kappa: float, mu: torch.Tensor, tv:
 def _remainder(tanh: bool, scale, shift, kappa, mu, tv, num_nodes):
     """Gauss-Hermite moments of ``g - b``, ``g^2 - b^2``, ``g' - b'`` (``b`` the probit fit)."""
     z, w = _hermite(num_nodes, mu.dtype, mu.device)
-    h = _nodes_first(z, mu) * tv.sqrt() + mu                      # (num_nodes, *shape)
+    h = (_nodes_first(z, mu) * tv.sqrt()).add_(mu)                 # (num_nodes, *shape)
     g = torch.tanh(h) if tanh else torch.sigmoid(h)
-    dg = (1 - g * g) if tanh else g * (1 - g)
-    b = scale * torch.special.ndtr(kappa * h) + shift
-    db = scale * kappa * _normal_pdf(kappa * h)
-    return _node_sum(w, g - b), _node_sum(w, g * g - b * b), _node_sum(w, dg - db)
+    kh = h.mul_(kappa)
+    # b = scale Phi(kappa h) + shift, b' = scale kappa phi(kappa h)
+    b = torch.erf(kh * _SQRT_HALF).mul_(scale / 2).add_(scale / 2 + shift)
+    db = kh.square_().mul_(-0.5).exp_().mul_(scale * kappa * (0.5 / torch.pi) ** 0.5)
+    g2 = g * g
+    dg = (1 - g2) if tanh else g - g2
+    return _node_sum(w, g.sub_(b)), _node_sum(w, g2.sub_(b.square_())), _node_sum(w, dg.sub_(db))
 
 
 def _quadrature_moments(fn, mu: torch.Tensor, tv: torch.Tensor, num_nodes: int):
@@ -448,7 +519,11 @@ def _quadrature_moments(fn, mu: torch.Tensor, tv: torch.Tensor, num_nodes: int):
             return corrected(m, var, J, _remainder(tanh, scale, shift, kappa, mu, tv, 4))
         if lo >= 1:     # all wide
             return m, var, J
-        narrow = (tv.reshape(-1) * (kappa * kappa) < 1).nonzero().squeeze(-1)
+        narrow_mask = tv * (kappa * kappa) < 1
+        if 2 * int(narrow_mask.sum()) >= tv.numel():    # mostly narrow: cheaper than a gather/scatter
+            d = _remainder(tanh, scale, shift, kappa, mu, tv, 4)
+            return corrected(m, var, J, [u * narrow_mask for u in d])
+        narrow = narrow_mask.reshape(-1).nonzero().squeeze(-1)
         flat = [u.reshape(-1) for u in (m, var, J)]
         fixed = corrected(*[u[narrow] for u in flat],
                           _remainder(tanh, scale, shift, kappa, mu.reshape(-1)[narrow], tv.reshape(-1)[narrow], 4))
@@ -504,7 +579,7 @@ def elementwise_moments(fn: Callable[[torch.Tensor], torch.Tensor], x: Gaussian,
         var = var - torch.diag_embed(var.diagonal(dim1=-2, dim2=-1)) + torch.diag_embed(indep)
     else:
         var = indep
-    return Gaussian(m, var, None if x.A is None else J.unsqueeze(-1) * x.A)
+    return Gaussian(m, var, None if x.A is None else _scale_rows(J, x.A))
 
 
 def layer_norm(x: Gaussian, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
@@ -534,6 +609,7 @@ def layer_norm(x: Gaussian, weight: Optional[torch.Tensor], bias: Optional[torch
     """
     x = x.materialised()
     mean, var, A = x
+    A = _dense(A)
     F = mean.shape[-1]
     # the expected spread of a sample over the features, not that of the mean (see the docstring)
     tv = x.total_var()
@@ -600,6 +676,7 @@ def conv2d(x: Gaussian, weight: torch.Tensor, bias: Optional[torch.Tensor], weig
     """
     f = torch.nn.functional.conv2d
     mean, var, A = x.materialised()
+    A = _dense(A)
     out_mean = f(mean, weight, bias, **conv)
     out_var = f(var, weight ** 2, None, **conv)
     out_A = None if A is None else _per_column(lambda c: f(c, weight, None, **conv), A)
@@ -633,5 +710,5 @@ def attention_values(v: Gaussian, attn: torch.Tensor) -> Gaussian:
     :param v: values with mean/var ``(N, H, T, d)`` and ``A`` ``(N, H, T, d, r)``; ``attn``: ``(N, H, T, T)``.
     """
     v = v.materialised()
-    A = None if v.A is None else torch.einsum("nhts,nhsdr->nhtdr", attn, v.A)
+    A = None if v.A is None else torch.einsum("nhts,nhsdr->nhtdr", attn, _dense(v.A))
     return Gaussian(attn @ v.mean, (attn ** 2) @ v.var, A)

@@ -15,6 +15,8 @@ guide                               ``var``, ``indices``, ``factor``
 ``AutoDiagonalNormal``              ``scale^2`` (guide order mapped to layout order by site name)
 ``AutoMultivariateNormal``          0; all coordinates; ``scale_tril``
 ``AutoLowRankMultivariateNormal``   ``cov_diag``; all coordinates; ``cov_factor``
+object with ``flat_posterior()``    as it returns (``AutoSampledLaplace``: its samples as a
+                                    factor of width ``K``; ``AutoDiagonalLaplace``: variances)
 object with ``flat_gaussian()``     0; its ``indices`` (a subnetwork); its ``scale_tril``
                                     (e.g. ``AutoSubnetLaplace``: the MAP everywhere else)
 a :class:`FlatPosterior`            as given (e.g. a diagonal Laplace approximation)
@@ -82,6 +84,9 @@ def read_posterior(guide, layout: SiteLayout) -> FlatPosterior:
     """
     if isinstance(guide, FlatPosterior):
         return _validated(guide, layout)
+    if hasattr(guide, "flat_posterior"):
+        p = guide.flat_posterior()
+        return _validated(FlatPosterior(*(None if t is None else t.detach() for t in p)), layout)
     if hasattr(guide, "flat_gaussian"):
         g = guide.flat_gaussian()
         mean = g.mean.detach()
@@ -116,8 +121,8 @@ def read_posterior(guide, layout: SiteLayout) -> FlatPosterior:
                                             post.cov_factor.detach()[perm]), layout)
     raise TypeError(
         f"AnalyticPredictive: unsupported guide {type(guide).__name__}. Supported: AutoNormal, AutoDiagonalNormal, "
-        "AutoMultivariateNormal, AutoLowRankMultivariateNormal, AutoDelta, a guide with flat_gaussian() "
-        "(AutoSubnetLaplace), or a FlatPosterior."
+        "AutoMultivariateNormal, AutoLowRankMultivariateNormal, AutoDelta, a guide with flat_posterior() "
+        "(AutoSampledLaplace, AutoDiagonalLaplace) or flat_gaussian() (AutoSubnetLaplace), or a FlatPosterior."
     )
 
 
@@ -167,6 +172,9 @@ class SitePosterior:
         self.has_var = {n: bool((v > 0).any()) for n, v in self.var.items()}
         self._idx = None if post.indices is None else post.indices.to(device)
         self._factor = None if post.factor is None else post.factor.to(**cast)
+        # full covariances of independent weights travel as per-example columns of A
+        # (moments.linear's lift); with a weight factor, A's columns are the weights' epsilon
+        self.lift = full and self._factor is None
 
     @property
     def factor_width(self) -> int:

@@ -63,6 +63,43 @@ def widest_activation(net: torch.nn.Module, example_shape, dtype) -> Optional[in
 AUTO_BATCH_ELEMENTS = 2 ** 21
 
 
+#: Under ``covariance="auto"``: the inputs on which both representations are compared.
+PROBE_ROWS = 32
+#: Under ``covariance="auto"``: the mean KL divergence (nats) of the diagonal predictive from the
+#: full one above which the full covariance is kept.
+COVARIANCE_TOLERANCE = 1e-4
+#: Under ``link="auto"``: the most classes for which the quasi-Monte Carlo link is used (its cost
+#: per example grows as ``C^2``; the Gumbel-max link's as ``C``).
+SOBOL_MAX_CLASSES = 32
+
+
+#: The model is read (traced) on this many examples of the inputs at hand.
+TRACE_ROWS = 16
+
+
+def _bridge_on_few(model, x) -> ModelBridge:
+    """The model's bridge, traced on the first :data:`TRACE_ROWS` examples of ``x`` (the structure is
+    all it reads, and tracing a large set costs more than a prediction); on all of ``x`` where the
+    model cannot run on so few (e.g. a data plate whose ``subsample_size`` is larger)."""
+    if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] > TRACE_ROWS:
+        try:
+            return ModelBridge(model, x[:TRACE_ROWS])
+        except ValueError:
+            pass
+    return ModelBridge(model, x)
+
+
+def _predictive_kl(p: Dict[str, torch.Tensor], q: Dict[str, torch.Tensor], likelihood: str) -> torch.Tensor:
+    """Mean over examples of :math:`\\mathrm{KL}(p \\,\\|\\, q)` between two outputs of
+    :meth:`AnalyticPredictive.__call__`: categorical (``probs``) or Gaussian (``mean``, ``var``)."""
+    if "probs" in p:
+        tiny = torch.finfo(p["probs"].dtype).tiny
+        a, b = p["probs"].clamp_min(tiny), q["probs"].clamp_min(tiny)
+        return (a * (a.log() - b.log())).sum(-1).mean()
+    ratio = p["var"] / q["var"]
+    return 0.5 * (ratio - 1 - ratio.log() + (p["mean"] - q["mean"]) ** 2 / q["var"]).mean()
+
+
 class AnalyticPredictive:
     """Posterior predictive by moment propagation, with the call of ``pyro.infer.Predictive``.
 
@@ -73,37 +110,47 @@ class AnalyticPredictive:
     :mod:`~pyro_subnet.infer.analytic.layers` for what is exact and what is approximated). At the
     output, with latent function :math:`f \\sim \\mathcal N(\\mu, \\Sigma)`:
 
-    * classification, ``link="gumbel_max"`` (default): :math:`\\mathbb E[\\mathrm{softmax}(f)]` as a
-      multinomial probit with Clark's maximum (:func:`~pyro_subnet.infer.links.gumbel_max_softmax`; uses the
+    * classification, ``link="sobol"`` (the default for up to :data:`SOBOL_MAX_CLASSES` classes):
+      :math:`\\mathbb E[\\mathrm{softmax}(f)]` by a fixed quasi-Monte Carlo rule over the logits alone
+      (:func:`~pyro_subnet.infer.links.sobol_softmax`: the Gaussian integral itself, to within its
+      rule's small error); ``link="gumbel_max"`` (the default above that): a multinomial probit with
+      Clark's maximum (:func:`~pyro_subnet.infer.links.gumbel_max_softmax`; closed form, uses the
       covariance between the logits); ``link="probit"``:
       :math:`p(y \\mid x) \\approx \\mathrm{softmax}(\\mu / \\sqrt{1 + \\tfrac{\\pi}{8} v})` (the paper's
       link; it uses the variances only and misses the tails when they are large);
     * regression: :math:`y \\mid x \\sim \\mathcal N(\\mu, v + \\sigma^2)`.
 
-    Cost. Independent weights (``AutoNormal``, ``AutoDiagonalNormal``) cost a few forward passes.
-    Correlated weights add a factor of width ``r`` (the number of shared standard normals) to every
-    activation, so the cost grows with ``r``; a dense covariance over ``k`` weights needs at least
-    ``k^2`` multiply-adds per example for its quadratic form. Measured on the digits MLP (3,760
-    weights, 539 test examples, one CPU thread), where 100-sample Monte Carlo takes 65-90 ms:
-    ``AutoNormal`` 3 ms, ``AutoLowRankMultivariateNormal`` of rank 100 24 ms, a 300-weight
-    ``AutoSubnetLaplace`` 45-65 ms, ``AutoMultivariateNormal`` over every weight about 1 s (slower
-    than Monte Carlo there). Replacing a subnetwork's covariance by its diagonal or its top 5-100
-    eigenpairs is faster but loses the correlations that set the predictive (NLL +4.6% to +28% on
-    digits; see ``benchmarks/analytic_predictive.py``).
+    Cost. Independent weights (``AutoNormal``, ``AutoDiagonalNormal``, ``AutoDiagonalLaplace``)
+    cost a few forward passes, also with the full covariance between the units of an example: it
+    travels as the unformed factor :math:`W \\mathrm{diag}(\\sqrt v)` of the layer that creates it
+    (:class:`~.moments.ScaledFactor`), not as a matrix. Correlated weights add a factor of width
+    ``r`` (the number of shared standard normals) to every activation, so the cost grows with ``r``;
+    a dense covariance over ``k`` weights needs at least ``k^2`` multiply-adds per example for its
+    quadratic form. Measured costs and accuracies are in ``benchmarks/results/analytic_predictive.txt``.
 
     :param model: a :class:`~pyro_subnet.nn.BayesianNet` (its plain network is walked layer by
         layer: ``nn.Sequential`` of ``Linear``, ``Conv2d``, elementwise activations, ``LayerNorm``,
-        ``Dropout``, ``Flatten``/``Unflatten``, ``TransformerEncoderLayer``/``TransformerEncoder``).
+        ``Dropout``, ``Flatten``/``Unflatten``, ``TransformerEncoderLayer``/``TransformerEncoder``),
+        or any model the bridge reads whose forward calls such layers in a chain (traced once:
+        :func:`~.forward_trace.walkable_network`).
     :param guide: ``AutoNormal``, ``AutoDiagonalNormal``, ``AutoMultivariateNormal``,
-        ``AutoLowRankMultivariateNormal``, ``AutoDelta``, a guide with ``flat_gaussian()``
-        (``AutoSubnetLaplace``: its covariance over the subnetwork, the MAP elsewhere), or a
+        ``AutoLowRankMultivariateNormal``, ``AutoDelta``, a guide with ``flat_posterior()``
+        (``AutoSampledLaplace``: its samples as a low-rank factor; ``AutoDiagonalLaplace``) or
+        ``flat_gaussian()`` (``AutoSubnetLaplace``: its covariance over the subnetwork, the MAP
+        elsewhere), or a
         :class:`~pyro_subnet.infer.analytic.posterior.FlatPosterior`. The guide is read again
         whenever one of its tensors (module parameters and buffers, the Pyro param store) has been
         replaced or changed in place, so a guide trained further is picked up; otherwise what the
         layers derive from the posterior is reused.
     :param covariance: ``"full"``: a covariance between the features of each example (MLPs only),
-        ``"diag"``: variances only (the paper's choice), ``"auto"``: full for MLPs whose layers are
-        at most 256 wide, diagonal otherwise.
+        ``"diag"``: variances only (the paper's choice), ``"auto"`` (default): chosen per posterior
+        by what it changes. Where the two cannot differ (not an MLP, or at most two linear layers:
+        the first, on the data, is exactly diagonal and the output layer's covariance is kept
+        anyway) the diagonal; otherwise both run on the first :data:`PROBE_ROWS` inputs and the full
+        one is kept when the mean KL divergence of the diagonal predictive from it exceeds
+        ``covariance_tolerance`` (the divergence is in :attr:`covariance_change`). The choice is made
+        again when the guide changes.
+    :param covariance_tolerance: nats; see ``covariance`` (default :data:`COVARIANCE_TOLERANCE`).
     :param batch_size: examples per pass (bounds memory); ``None``: all at once; ``"auto"``
         (default): all at once, except with correlated weights on CPU. There every activation carries
         an ``(N, F, r)`` tensor (a factor of width ``r``; ``F`` the largest activation of one example,
@@ -117,7 +164,7 @@ class AnalyticPredictive:
         (:func:`~.moments.elementwise_moments`: rectified Gaussian for ReLU, Gauss-Hermite otherwise)
         with the expected slope for covariances; ``"linearise"``: linearisation at the mean (the
         paper's choice; it overestimates the variance of saturating units with a large variance).
-    :param link: ``"gumbel_max"`` or ``"probit"`` (classification; see above).
+    :param link: ``"auto"``, ``"sobol"``, ``"gumbel_max"`` or ``"probit"`` (classification; see above).
     :param products: where a layer's correlated weights meet a correlated input (a covariance that
         spans layers: ``AutoMultivariateNormal``, ``AutoLowRankMultivariateNormal``, a subnetwork
         over several layers), the products :math:`(G\\varepsilon)(A\\varepsilon)` (see
@@ -145,15 +192,21 @@ class AnalyticPredictive:
     """
 
     def __init__(self, model, guide, covariance: str = "auto", batch_size: Union[int, str, None] = "auto",
-                 activations: str = "moments", link: str = "gumbel_max", products="auto"):
+                 activations: str = "moments", link: str = "auto", products="auto",
+                 covariance_tolerance: float = COVARIANCE_TOLERANCE):
         check_model(model, "AnalyticPredictive")
         if covariance not in ("auto", "full", "diag"):
             raise ValueError(f"AnalyticPredictive: covariance must be 'auto', 'full' or 'diag', got {covariance!r}.")
+        if not (isinstance(covariance_tolerance, numbers.Real) and covariance_tolerance >= 0):
+            raise ValueError(f"AnalyticPredictive: covariance_tolerance must be a number >= 0 (nats), got "
+                             f"{covariance_tolerance!r}.")
+        self.covariance_tolerance = float(covariance_tolerance)
         if activations not in ("moments", "linearise"):
             raise ValueError(f"AnalyticPredictive: activations must be 'moments' or 'linearise', got {activations!r}.")
         self.activations = activations
-        if link not in ("gumbel_max", "probit"):
-            raise ValueError(f"AnalyticPredictive: link must be 'gumbel_max' or 'probit', got {link!r}.")
+        if link not in ("auto", "sobol", "gumbel_max", "probit"):
+            raise ValueError(f"AnalyticPredictive: link must be 'auto', 'sobol', 'gumbel_max' or 'probit', got "
+                             f"{link!r}.")
         self.link = link
         if products not in (True, False, "auto"):
             raise ValueError(f"AnalyticPredictive: products must be True, False or 'auto', got {products!r}.")
@@ -170,6 +223,8 @@ class AnalyticPredictive:
         self.guide = guide
         self.batch_size = batch_size
         self.covariance = covariance
+        self.full = covariance == "full"
+        self.covariance_change = None
         self._cache = None
         self._modules = None
         self._widest = {}
@@ -181,7 +236,7 @@ class AnalyticPredictive:
             trace = getattr(guide, "prototype_trace", None)
             args = trace.nodes["_INPUT"]["args"] if trace is not None and "_INPUT" in trace.nodes else ()
             if args and torch.is_tensor(args[0]):
-                bridge = ModelBridge(model, args[0])
+                bridge = _bridge_on_few(model, args[0])
         if bridge is not None:
             self._read_model(bridge)
 
@@ -189,20 +244,22 @@ class AnalyticPredictive:
         """Read the model on inputs like ``x`` if that is not done yet (the first call does it), and
         return ``x`` checked against it."""
         if self.bridge is None:
-            self._read_model(ModelBridge(self.model, x))
+            self._read_model(_bridge_on_few(self.model, x))
         return self.bridge.check(x)[0]
 
     def _read_model(self, bridge: ModelBridge) -> None:
         """The walkable network of the model (its own plain module, or the layers its forward runs,
-        traced) and the covariance representation."""
+        traced) and which covariance representations can differ on it."""
         self.bridge = bridge
         self.net = walkable_network(bridge)
-        covariance = self.covariance
-        self.full = covariance == "full" or (covariance == "auto" and not layers.prefers_diagonal(self.net))
-        if self.full and layers.prefers_diagonal(self.net, max_width=10 ** 9):
+        mlp = not layers.prefers_diagonal(self.net, max_width=10 ** 9)
+        if self.covariance == "full" and not mlp:
             raise ValueError("AnalyticPredictive: covariance='full' supports MLPs only (Linear layers and "
                              "elementwise activations); use covariance='diag'.")
-        self._output_linear = None if self.full else layers.output_linear(self.net)
+        # "auto" weighs the two only where they can differ: an MLP with a hidden layer between two
+        # others (the first on the data is exactly diagonal, the output's covariance is kept anyway)
+        self._weigh_covariance = self.covariance == "auto" and mlp and layers.count_linear(self.net) > 2
+        self._output_linear = layers.output_linear(self.net)
 
     def _noise_var(self) -> float:
         """The observation noise variance: a noise site at the guide's median (a Laplace guide
@@ -214,23 +271,46 @@ class AnalyticPredictive:
                 return float(sigma.reshape(())) ** 2
         return float(bridge.likelihood.noise_scale) ** 2
 
-    def _site_posterior(self, dtype, device) -> SitePosterior:
+    def _site_posterior(self, x: torch.Tensor) -> SitePosterior:
         """The per-site posterior, read from the guide again only when one of its tensors has changed
         (a new tensor, or an in-place update such as an optimiser step: ``tensor._version``), so that
-        repeated predictions skip reading the guide and everything the layers derive from it."""
+        repeated predictions skip reading the guide and everything the layers derive from it. Under
+        ``covariance="auto"`` the representation is chosen then (:meth:`_choose_covariance`, on the
+        first rows of ``x``) and kept while the posterior stays the same."""
         if self._modules is None and isinstance(self.guide, torch.nn.Module) and getattr(
                 self.guide, "prototype_trace", True) is not None:
             self._modules = list(self.guide.modules())    # fixed once the guide is set up
         tensors = _guide_tensors(self.guide, self._modules)
-        key = (dtype, device, self.full, self.activations, self.products, len(tensors))
+        key = (x.dtype, x.device, self.activations, self.products, len(tensors))
         cached = self._cache
         if (cached is not None and cached[0] == key
                 and all(a is b and v == b._version for (a, v), b in zip(cached[1], tensors))):
             return cached[2]
-        post = SitePosterior(self.posterior(), self.bridge.layout, dtype, device, full=self.full,
-                             activations=self.activations, products=self.products, full_output_at=self._output_linear)
+        flat = self.posterior()
+        if self._weigh_covariance:
+            post = self._choose_covariance(flat, x)
+        else:
+            post = self._site_view(flat, x, self.full)
         self._cache = (key, [(t, t._version) for t in tensors], post)
         return post
+
+    def _site_view(self, flat: FlatPosterior, x: torch.Tensor, full: bool) -> SitePosterior:
+        return SitePosterior(flat, self.bridge.layout, x.dtype, x.device, full=full, activations=self.activations,
+                             products=self.products, full_output_at=self._output_linear)
+
+    def _choose_covariance(self, flat: FlatPosterior, x: torch.Tensor) -> SitePosterior:
+        """``covariance="auto"``: the diagonal representation unless the full one measurably changes
+        the predictive. Both run on the first :data:`PROBE_ROWS` inputs; the full one is kept when
+        the mean Kullback-Leibler divergence of the diagonal predictive from it,
+        :math:`\\tfrac1n \\sum_i \\mathrm{KL}(p_{\\text{full}}(y \\mid x_i) \\,\\|\\, p_{\\text{diag}}(y \\mid x_i))`
+        (categorical, or Gaussian for regression), exceeds ``covariance_tolerance`` nats. The
+        divergence is kept in :attr:`covariance_change`."""
+        probe = x[:PROBE_ROWS]
+        views = {full: self._site_view(flat, x, full) for full in (False, True)}
+        outs = {full: self._outputs(*self._latent(probe, views[full])) for full in views}
+        self.covariance_change = float(_predictive_kl(outs[True], outs[False], self.bridge.likelihood.name))
+        self.full = self.covariance_change > self.covariance_tolerance
+        return views[self.full]
 
     def posterior(self) -> FlatPosterior:
         """The guide's Gaussian over the flat weights, in the bridge's layout order."""
@@ -258,7 +338,9 @@ class AnalyticPredictive:
     def latent(self, x: torch.Tensor):
         """Mean ``(N, O)`` and variances ``(N, O)`` or covariance ``(N, O, O)`` of ``f(x)``."""
         x = self.prepare(x)
-        post = self._site_posterior(x.dtype, x.device)
+        return self._latent(x, self._site_posterior(x))
+
+    def _latent(self, x: torch.Tensor, post: SitePosterior):
         net = self.net
         outs = []
         step = self._batch_rows(post, x)
@@ -270,22 +352,30 @@ class AnalyticPredictive:
             raise ValueError(f"AnalyticPredictive: the network output has shape {tuple(outs[0].mean.shape)}, "
                              "expected (N, O).")
         mean = torch.cat([o.mean for o in outs])
-        if self.full or outs[0].full:
+        if post.full or outs[0].full:
             return mean, torch.cat([o.total_cov() for o in outs])
         return mean, torch.cat([o.total_var() for o in outs])
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> Dict[str, torch.Tensor]:
         """Predict at ``x`` (further model arguments such as ``y`` are ignored)."""
-        mean, var = self.latent(x)
+        return self._outputs(*self.latent(x))
+
+    def _outputs(self, mean: torch.Tensor, var: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The prediction from the latent moments: the link (classification) or the noise (regression)."""
         full = var.dim() == 3
         out = {"f_mean": mean, "f_var": var.diagonal(dim1=-2, dim2=-1) if full else var}
         if full:
             out["f_cov"] = var
         lik = self.bridge.likelihood
         if lik.name == "classification":
-            if self.link == "probit":
+            link = self.link
+            if link == "auto":
+                link = "sobol" if mean.shape[-1] <= SOBOL_MAX_CLASSES else "gumbel_max"
+            if link == "probit":
                 out["probs"] = links.probit(mean, out["f_var"])
+            elif link == "sobol":
+                out["probs"] = links.sobol_softmax(mean, var)
             else:
                 out["probs"] = links.gumbel_max_softmax(mean, var)
         elif lik.name == "binary":

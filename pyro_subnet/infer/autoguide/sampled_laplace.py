@@ -9,6 +9,7 @@ import pyro.distributions as dist
 import torch
 from tqdm.auto import trange
 
+from ..analytic.posterior import FlatPosterior
 from ..curvature import jvp
 from ..randomness import resolve_seed
 from . import prior as prior_lib
@@ -253,6 +254,16 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
 
     def _marginal_std(self):
         return self.samples.pow(2).mean(0).sqrt()
+
+    def flat_posterior(self) -> FlatPosterior:
+        """The Gaussian the samples stand for, over the flat weights: the centre everywhere and, on
+        the subnetwork, the covariance :math:`Z^\\top Z / K` of the ``K`` samples ``Z`` (exactly that
+        of the antithetic draws), as the factor :math:`Z^\\top / \\sqrt K` of width ``K``; e.g. for
+        :class:`~pyro_subnet.infer.AnalyticPredictive`."""
+        self._check_fitted()
+        mean = self.loc.detach()
+        factor = self.samples.T / self.samples.shape[0] ** 0.5
+        return FlatPosterior(mean, torch.zeros_like(mean), self.subnet_indices, factor)
 
     def get_posterior(self, *args, **kwargs) -> dist.Empirical:
         """The posterior samples of the subnetwork weights and their mirror images about the MAP
