@@ -160,10 +160,15 @@ class AnalyticPredictive:
         on every call. Measured on the digits MLP (539 test examples, one thread): a 300-weight
         subnetwork 70 -> 50 ms, ``AutoLowRankMultivariateNormal`` of rank 100 29 -> 24 ms,
         ``AutoMultivariateNormal`` over all 3,760 weights 1.5-2.2 s -> 0.85-1.35 s (three runs).
-    :param activations: ``"moments"`` (default): exact mean and variance of each unit
+    :param activations: ``"moments"``: exact mean and variance of each unit
         (:func:`~.moments.elementwise_moments`: rectified Gaussian for ReLU, Gauss-Hermite otherwise)
-        with the expected slope for covariances; ``"linearise"``: linearisation at the mean (the
-        paper's choice; it overestimates the variance of saturating units with a large variance).
+        with the expected slope for covariances, the predictive of the network at Gaussian weights;
+        ``"linearise"``: linearisation at the mean (the paper's choice; it overestimates the variance
+        of saturating units with a large variance); ``"auto"`` (default): ``"linearise"`` for a
+        Laplace guide with ``predictive="glm"`` (its posterior is that of the network linearised at
+        the MAP, so its predictive is the GLM one, the same that ``pyro.infer.Predictive`` draws
+        through it; exact for its covariance over the weights, see ``products``), ``"moments"``
+        otherwise.
     :param link: ``"auto"``, ``"sobol"``, ``"gumbel_max"`` or ``"probit"`` (classification; see above).
     :param products: where a layer's correlated weights meet a correlated input (a covariance that
         spans layers: ``AutoMultivariateNormal``, ``AutoLowRankMultivariateNormal``, a subnetwork
@@ -192,7 +197,7 @@ class AnalyticPredictive:
     """
 
     def __init__(self, model, guide, covariance: str = "auto", batch_size: Union[int, str, None] = "auto",
-                 activations: str = "moments", link: str = "auto", products="auto",
+                 activations: str = "auto", link: str = "auto", products="auto",
                  covariance_tolerance: float = COVARIANCE_TOLERANCE):
         check_model(model, "AnalyticPredictive")
         if covariance not in ("auto", "full", "diag"):
@@ -201,8 +206,13 @@ class AnalyticPredictive:
             raise ValueError(f"AnalyticPredictive: covariance_tolerance must be a number >= 0 (nats), got "
                              f"{covariance_tolerance!r}.")
         self.covariance_tolerance = float(covariance_tolerance)
-        if activations not in ("moments", "linearise"):
-            raise ValueError(f"AnalyticPredictive: activations must be 'moments' or 'linearise', got {activations!r}.")
+        if activations not in ("auto", "moments", "linearise"):
+            raise ValueError(f"AnalyticPredictive: activations must be 'auto', 'moments' or 'linearise', got "
+                             f"{activations!r}.")
+        if activations == "auto":
+            # a Laplace guide's posterior is that of the network linearised at the MAP: its
+            # predictive (the one its own Predictive draws) is the linearised one
+            activations = "linearise" if getattr(guide, "predictive", None) == "glm" else "moments"
         self.activations = activations
         if link not in ("auto", "sobol", "gumbel_max", "probit"):
             raise ValueError(f"AnalyticPredictive: link must be 'auto', 'sobol', 'gumbel_max' or 'probit', got "
