@@ -61,6 +61,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple, Optional, Union
 
+import numpy as np
 import torch
 
 from ..links import _SQRT_HALF
@@ -422,7 +423,6 @@ def _hermite(n: int, dtype, device):
     """Gauss-Hermite nodes ``z`` and weights ``w`` (summing to one) for ``E[f(z)], z ~ N(0, 1)``."""
     key = (n, dtype, device)
     if key not in _NODES:
-        import numpy as np
         z, w = np.polynomial.hermite_e.hermegauss(n)
         _NODES[key] = (torch.as_tensor(z, dtype=dtype, device=device),
                        torch.as_tensor(w / w.sum(), dtype=dtype, device=device))
@@ -436,7 +436,6 @@ _KAPPA = 1 / 1.702
 def _legendre(n: int, dtype, device):
     key = ("legendre", n, dtype, device)
     if key not in _NODES:
-        import numpy as np
         t, w = np.polynomial.legendre.leggauss(n)
         _NODES[key] = (torch.as_tensor((t + 1) / 2, dtype=dtype, device=device),
                        torch.as_tensor(w / 2, dtype=dtype, device=device))
