@@ -194,3 +194,21 @@ def test_laplace_guides_default_to_their_linearised_predictive():
     assert torch.allclose(P @ cov @ P.transpose(-1, -2), F @ F.transpose(-1, -2), atol=1e-10)
     nn_pred = ps.infer.AnalyticPredictive(model, guide, activations="moments")
     assert nn_pred.activations == "moments"
+
+
+@pytest.mark.parametrize("hidden", [(16,), (16, 12)])
+def test_diagonal_laplace_is_its_glm_predictive(hidden):
+    """Independent weights with linearised activations and no products of weight and input noise:
+    exactly the network linearised in the weights, f(x; MAP) and J diag(v) J^T (J by jacrev)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(60, 3, generator=g, dtype=torch.float64)
+    y = torch.sin(x.sum(-1, keepdim=True)) + 0.1 * torch.randn(60, 1, generator=g, dtype=torch.float64)
+    model = ps.nn.BayesianNet(_mlp(hidden, out=1), "regression", noise_scale=0.1)
+    guide = ps.infer.AutoDiagonalLaplace(model, map_steps=200, progress=False).fit(x, y)
+    pred = ps.infer.AnalyticPredictive(model, guide)
+    assert pred.activations == "linearise"
+    out = pred(x[:9])
+    post = guide.flat_posterior()
+    J = torch.func.jacrev(lambda t: model.network.flat(t, x[:9]))(post.mean)[:, 0]      # (9, D)
+    assert torch.allclose(out["mean"], model.network.flat(post.mean, x[:9])[:, 0], atol=1e-10)
+    assert torch.allclose(out["var"], (J ** 2 * post.var).sum(-1) + 0.1 ** 2, rtol=1e-8, atol=1e-12)

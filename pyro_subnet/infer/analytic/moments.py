@@ -300,9 +300,12 @@ def linear(x: Gaussian, lw: LinearWeights, full: bool = False, products: bool = 
         with ``A`` (``out x in x r`` per example) instead of forming ``W \Sigma W^T``
         (``out x in x in``); the output's ``var`` stays diagonal (the weights' own noise). Only for
         posteriors without a weight factor: the new columns are not the weights' ``epsilon``.
-    :param products: keep the products :math:`(G\\varepsilon)(A\\varepsilon)`: their mean, and their
-        covariance where ``lw.products`` is prepared; ``False``: neither, so the shared part of the
-        output stays linear in :math:`\\varepsilon`.
+    :param products: keep the products of weight noise and input noise: for correlated weights
+        :math:`(G\\varepsilon)(A\\varepsilon)`, their mean, and their covariance where ``lw.products`` is
+        prepared; for independent weights :math:`\\Delta\\,(a - \\mu)`, its variance
+        :math:`V \\mathrm{diag}(\\Sigma + A A^\\top)`. ``False``: none of them, so the output is
+        linear in the weights' noise (with linearised activations, the network linearised in the
+        weights: the GLM predictive).
 
     A known input (:attr:`Gaussian.exact`, e.g. the data) gives, whatever ``full``, an exactly
     diagonal independent part (each output unit has its own independent weights), so it stays
@@ -340,7 +343,7 @@ def linear(x: Gaussian, lw: LinearWeights, full: bool = False, products: bool = 
     if lw.weight_var_t is not None:
         wv, wvb = lw.weight_var_t[:-1], lw.weight_var_t[-1]
         second = mean ** 2
-        if not exact_input:
+        if not exact_input and products:     # the products of weight noise and input noise
             second = second + _diag(x)
             if A is not None:
                 second = second + _sq_norm(A)
