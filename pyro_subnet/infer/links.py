@@ -11,7 +11,7 @@ linearised Laplace guides, the analytic predictive) turns them into class probab
   all-ones direction that softmax ignores;
 * :func:`gumbel_max_softmax`: a multinomial probit with Clark's moments of a maximum, from the full
   covariance between the logits; unaffected by a common shift of the logits, and close to Monte
-  Carlo (``tests/infer/test_analytic_moments.py``);
+  Carlo (``tests/infer/test_analytic_layer_moments.py``);
 * :func:`sobol_softmax`: quasi-Monte Carlo over the logits alone (a fixed scrambled Sobol rule),
   from the full covariance; converges to the Gaussian integral itself, at ``S C^2`` operations per
   example;

@@ -2,7 +2,6 @@
 keeps the full covariance exactly where it changes the predictive by more than its tolerance, the
 quasi-Monte Carlo link converges to the Gaussian integral, and the sample-based Laplace guide is read."""
 
-import math
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from torch import nn
 
 import pyro_subnet as ps
 from pyro_subnet.infer import links
-from pyro_subnet.infer.analytic import FlatPosterior, layers, moments
+from pyro_subnet.infer.analytic import FlatPosterior, gaussian_activation, layers
 from pyro_subnet.infer.analytic.posterior import SitePosterior
 
 X = torch.randn(40, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
@@ -44,7 +43,7 @@ def test_unformed_factor_is_the_full_covariance(hidden):
         site = SitePosterior(post, model.layout, torch.float64, "cpu", full=True, full_output_at=prefix)
         assert site.lift
         site.lift = lift
-        outs[lift] = layers.propagate(net, moments.Gaussian(X, None), site)
+        outs[lift] = layers.propagate(net, gaussian_activation.Gaussian(X, None), site)
     assert torch.allclose(outs[True].mean, outs[False].mean, atol=1e-12)
     assert torch.allclose(outs[True].total_cov(), outs[False].total_cov(), atol=1e-12)
 
@@ -52,13 +51,13 @@ def test_unformed_factor_is_the_full_covariance(hidden):
 def test_scaled_factor_operations_match_the_formed_tensor():
     g = torch.Generator().manual_seed(0)
     M, rows, cols = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((5, 4), (7, 5), (7, 4)))
-    A = moments.ScaledFactor(rows, M, cols, (M ** 2).T)
+    A = gaussian_activation.ScaledFactor(rows, M, cols, (M ** 2).T)
     dense = A.dense()
     assert dense.shape == A.shape == (7, 5, 4)
     J, W = torch.rand(7, 5, generator=g, dtype=torch.float64), torch.randn(3, 5, generator=g, dtype=torch.float64)
-    assert torch.allclose(moments._sq_norm(A), (dense ** 2).sum(-1))
-    assert torch.allclose(moments._scale_rows(J, A).dense(), J.unsqueeze(-1) * dense)
-    assert torch.allclose(moments._left_matmul(W, A), W @ dense)
+    assert torch.allclose(gaussian_activation._sq_norm(A), (dense ** 2).sum(-1))
+    assert torch.allclose(gaussian_activation._scale_rows(J, A).dense(), J.unsqueeze(-1) * dense)
+    assert torch.allclose(gaussian_activation._left_matmul(W, A), W @ dense)
 
 
 def _kl(p, q):

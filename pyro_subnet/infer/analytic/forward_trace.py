@@ -33,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 
 from ...nn.bridge import ModelBridge, NetworkOutput, _CatchObserved, observed_parameter
 from ...nn.functional import _SetSiteValues
-from . import layers, moments
+from . import gaussian_activation, layers
 
 #: Elementwise torch functions and the module with the same moments rule.
 FUNCTIONS = {
@@ -186,7 +186,7 @@ def _traced(module, prefix, x, post):
         elif step[0] == "act":
             x = layers.propagate(step[1], x, post, prefix)
         elif i < last:     # a reshape between layers (after the last layer the output is (N, O) already)
-            x = moments.reshape(lambda t, s=step[1]: t.reshape(t.shape[0], *s), x)
+            x = gaussian_activation.reshape(lambda t, s=step[1]: t.reshape(t.shape[0], *s), x)
     return x
 
 

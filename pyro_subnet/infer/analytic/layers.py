@@ -2,7 +2,7 @@
 
 :func:`propagate` runs the plain network ``model.network.module`` on ``(mean, var)`` pairs: each
 module is handled by the rule registered for its type in :data:`RULES` (a rule is
-``rule(module, prefix, x, posterior) -> x`` on :class:`~.moments.Gaussian` activations, where ``prefix`` is the module's
+``rule(module, prefix, x, posterior) -> x`` on :class:`~.gaussian_activation.Gaussian` activations, where ``prefix`` is the module's
 path, so that its weight sites are ``prefix + "weight"`` etc.). Containers (``nn.Sequential``,
 ``nn.TransformerEncoder``) are walked in order. A module with no rule raises an error that names
 it; :func:`register` adds a rule for a new type.
@@ -13,7 +13,7 @@ What is exact and what is approximated:
   within or across layers (full-rank, low-rank, subnetwork, diagonal), hence the whole predictive
   of a single linear layer on data (tested to 1e-5 against the closed form);
 * carried to first order: correlated weights (a factor ``F``) through the shared standard normal
-  ``epsilon`` (the ``A`` of :class:`~.moments.Gaussian`), across layers, residual branches and
+  ``epsilon`` (the ``A`` of :class:`~.gaussian_activation.Gaussian`), across layers, residual branches and
   attention;
 * approximated: (1) activations: each unit's mean and variance are matched (exact for ReLU,
   a probit fit for tanh/sigmoid, quadrature otherwise) and covariances carried by the expected
@@ -28,24 +28,17 @@ What is exact and what is approximated:
   independent parts of a residual branch and its input are taken as uncorrelated; (5) where a
   layer's correlated weights meet a correlated input, the covariance of their products
   :math:`(G\\varepsilon)(A\\varepsilon)` (a product of two posterior variances; see
-  :mod:`~.moments`) is added by linear layers where it is cheap (``products="auto"`` with
+  :mod:`~.linear_moments`) is added by linear layers where it is cheap (``products="auto"`` with
   ``activations="moments"``: a subnetwork, not a dense factor over every weight) and dropped in
-  ``Conv2d``. Measured on the digits MLP with a 300-weight subnetwork Laplace over both layers:
-  without it the output variances are 0.85x Monte Carlo (1.00x with either layer's subnetwork
-  alone) and the NLL 8.7% below 4,000-sample Monte Carlo; with it 1.01x and 1.5% below (the link
-  on the Monte Carlo latent moments is 1.2% below).
+  ``Conv2d`` (what they change on a digits MLP: ``docs/measured.md``).
 
 Where it is weakest: a ``LayerNorm`` applied to a residual stream that carries a heavy-tailed
 attention branch. A mean-field posterior that leaves the query and key weights near the prior
-makes the attention nearly one-hot on a random token (digits transformer, AutoNormal: attention
-weights with standard deviation 0.29 around a mean of 0.125), so the branch is a mixture rather
-than a Gaussian, and normalising by its norm is where Gaussian moments go wrong. Measured NLL
-(``benchmarks/analytic_predictive.py``; seed 0 against 1,000-sample, seed 1 against 10,000-sample
-Monte Carlo): pre-norm blocks -0.7% / +1.0%, pre-norm with a final ``LayerNorm`` +3.1% / +1.5%,
-post-norm +9.3% / +6.0%. On the post-norm block (+8.8% against 4,000-sample Monte Carlo) neither
-exact attention moments (the sampled E[alpha] and E[alpha^2]: +12.7%) nor an exact Gaussian
-``LayerNorm`` (sampling its Gaussian input: +14.6%) closes the gap, while the sampled mean of the
-first LayerNorm's output brings it to +2.7%: the Gaussian form of its input is the limit there.
+makes the attention nearly one-hot on a random token, so the branch is a mixture rather than a
+Gaussian, and normalising by its norm is where Gaussian moments go wrong: post-norm blocks are the
+least accurate case, and neither exact attention moments nor an exact Gaussian ``LayerNorm`` fix
+it, while the exact mean of the first LayerNorm's output does (the Gaussian form of its input is
+the limit there; figures in ``docs/measured.md``).
 
 With ``full`` activations (MLPs) a known input (the data) still gives a diagonal first layer
 (exact) and covariances appear from the second linear layer on; with diagonal activations the
@@ -61,10 +54,10 @@ import torch
 from torch import nn
 
 from .. import links
-from . import moments
+from . import gaussian_activation, linear_moments, nonlinear_moments, norm_attention_moments
 from .posterior import SitePosterior
 
-Rule = Callable[[nn.Module, str, moments.Gaussian, SitePosterior], moments.Gaussian]
+Rule = Callable[[nn.Module, str, gaussian_activation.Gaussian, SitePosterior], gaussian_activation.Gaussian]
 RULES: Dict[Type[nn.Module], Rule] = {}
 
 ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.Mish,
@@ -98,7 +91,7 @@ def rule_for(module: nn.Module, path: str) -> Rule:
     )
 
 
-def propagate(module: nn.Module, x: moments.Gaussian, post: SitePosterior, prefix: str = "") -> moments.Gaussian:
+def propagate(module: nn.Module, x: gaussian_activation.Gaussian, post: SitePosterior, prefix: str = "") -> gaussian_activation.Gaussian:
     """Moments of ``module``'s output for the input moments ``x``."""
     return rule_for(module, prefix)(module, prefix, x, post)
 
@@ -155,8 +148,8 @@ for _t in ELEMENTWISE:
 
 def _elementwise(fn, x, post):
     if post.activations == "moments":
-        return moments.elementwise_moments(fn, x)
-    return moments.elementwise(fn, x)
+        return nonlinear_moments.elementwise_moments(fn, x)
+    return nonlinear_moments.elementwise(fn, x)
 
 
 def _linear_params(post: SitePosterior, w: str, b: str, has_bias: bool, rows: slice = slice(None)):
@@ -183,12 +176,12 @@ def _linear(module, prefix, x, post):
     # the output layer, until A is as wide as the features: from there a covariance matrix is cheaper.
     lift = post.lift and not output and not x.full
     if lift and x.A is not None and x.A.shape[-1] >= x.mean.shape[-1]:
-        x, lift = moments.Gaussian(x.mean, x.total_cov()), False
+        x, lift = gaussian_activation.Gaussian(x.mean, x.total_cov()), False
     full = (post.full and not lift) or output
-    lw = post.cached(("linear", prefix, full), lambda: moments.prepare_linear(
+    lw = post.cached(("linear", prefix, full), lambda: linear_moments.prepare_linear(
         *_linear_params(post, prefix + "weight", prefix + "bias", module.bias is not None), full=full,
         products=post.products))
-    return moments.linear(x, lw, full=full, products=post.products is not False, lift=lift)
+    return linear_moments.linear(x, lw, full=full, products=post.products is not False, lift=lift)
 
 
 @register(nn.Conv2d)
@@ -205,7 +198,7 @@ def _conv2d(module, prefix, x, post):
     if grids is not None:
         fw = grids[0].movedim(-1, 0)
         fb = grids[1].movedim(-1, 0) if has_bias else fw.new_zeros(fw.shape[0], fw.shape[1])
-    return moments.conv2d(x, post.mean[w], post.mean[b] if has_bias else None,
+    return linear_moments.conv2d(x, post.mean[w], post.mean[b] if has_bias else None,
                           post.independent_var(w), post.independent_var(b) if has_bias else None, fw, fb,
                           stride=module.stride, padding=module.padding, dilation=module.dilation,
                           groups=module.groups, products=post.products is not False)
@@ -214,13 +207,13 @@ def _conv2d(module, prefix, x, post):
 @register(nn.Flatten)
 def _flatten(module, prefix, x, post):
     _require_diagonal("Flatten", x)
-    return moments.reshape(module, x)
+    return gaussian_activation.reshape(module, x)
 
 
 @register(nn.Unflatten)
 def _unflatten(module, prefix, x, post):
     _require_diagonal("Unflatten", x)
-    return moments.reshape(module, x)
+    return gaussian_activation.reshape(module, x)
 
 
 @register(nn.LayerNorm)
@@ -231,7 +224,7 @@ def _layer_norm(module, prefix, x, post):
     if len(module.normalized_shape) != 1:
         raise NotImplementedError(f"AnalyticPredictive: LayerNorm at {prefix!r} over more than the last "
                                   "dimension is not supported.")
-    return moments.layer_norm(x, post.mean[w] if affine else None, post.mean[b] if has_bias else None, module.eps,
+    return norm_attention_moments.layer_norm(x, post.mean[w] if affine else None, post.mean[b] if has_bias else None, module.eps,
                               post.marginal_var(w) if affine else None, post.marginal_var(b) if has_bias else None)
 
 
@@ -255,14 +248,14 @@ def _self_attention(module, prefix, x, post):
     N, T = mean.shape[:2]
     heads = lambda t: t.reshape(N, T, H, d).transpose(1, 2)  # noqa: E731  (N, H, T, d)
     attn = links.softmax(heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(d))
-    lw = post.cached(("values", prefix), lambda: moments.prepare_linear(
+    lw = post.cached(("values", prefix), lambda: linear_moments.prepare_linear(
         *_linear_params(post, w, b, has_bias, rows=slice(2 * E, 3 * E)), products=post.products))
-    v = moments.linear(x, lw, products=post.products is not False)
+    v = linear_moments.linear(x, lw, products=post.products is not False)
     r = None if v.A is None else v.A.shape[-1]
-    v = moments.Gaussian(heads(v.mean), heads(v.var),
+    v = gaussian_activation.Gaussian(heads(v.mean), heads(v.var),
                          None if v.A is None else v.A.reshape(N, T, H, d, r).transpose(1, 2))
-    o = moments.attention_values(v, attn)
-    o = moments.Gaussian(o.mean.transpose(1, 2).reshape(N, T, E), o.var.transpose(1, 2).reshape(N, T, E),
+    o = norm_attention_moments.attention_values(v, attn)
+    o = gaussian_activation.Gaussian(o.mean.transpose(1, 2).reshape(N, T, E), o.var.transpose(1, 2).reshape(N, T, E),
                          None if o.A is None else o.A.transpose(1, 2).reshape(N, T, E, r))
     return propagate(module.out_proj, o, post, prefix + "out_proj.")
 
@@ -273,9 +266,9 @@ def _activation(fn, prefix, x, post):
     return _elementwise(fn, x, post)
 
 
-def _time_first(x: moments.Gaussian) -> moments.Gaussian:
+def _time_first(x: gaussian_activation.Gaussian) -> gaussian_activation.Gaussian:
     x = x.materialised()
-    return moments.Gaussian(x.mean.transpose(0, 1), x.var.transpose(0, 1),
+    return gaussian_activation.Gaussian(x.mean.transpose(0, 1), x.var.transpose(0, 1),
                             None if x.A is None else x.A.transpose(0, 1))
 
 
@@ -300,11 +293,11 @@ def _encoder_layer(module, prefix, x, post):
         return propagate(getattr(module, f"norm{i}"), h, post, f"{prefix}norm{i}.")
 
     if module.norm_first:
-        x = moments.add(x, sa(norm(1, x)))
-        x = moments.add(x, ff(norm(2, x)))
+        x = gaussian_activation.add(x, sa(norm(1, x)))
+        x = gaussian_activation.add(x, ff(norm(2, x)))
     else:
-        x = norm(1, moments.add(x, sa(x)))
-        x = norm(2, moments.add(x, ff(x)))
+        x = norm(1, gaussian_activation.add(x, sa(x)))
+        x = norm(2, gaussian_activation.add(x, ff(x)))
     return x if batch_first else _time_first(x)
 
 

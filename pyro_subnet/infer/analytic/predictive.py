@@ -10,7 +10,7 @@ import torch
 
 from ...nn.bridge import ModelBridge, check_model
 from .. import links
-from . import layers, moments
+from . import gaussian_activation, layers
 from .forward_trace import walkable_network
 from .posterior import FlatPosterior, SitePosterior, read_posterior
 
@@ -58,8 +58,8 @@ def widest_activation(net: torch.nn.Module, example_shape, dtype) -> Optional[in
 
 
 #: Under ``batch_size="auto"``, on CPU with correlated weights: the numbers in a pass's largest
-#: ``(rows, F, r)`` activation (2^21: 8 MB in float32). Measured on the digits MLP, the fastest
-#: passes held 1-6 million (rows 64-128 for r = 300, 16-32 for r = 3,760).
+#: ``(rows, F, r)`` activation (2^21: 8 MB in float32: a pass that stays in cache; see
+#: ``docs/measured.md``).
 AUTO_BATCH_ELEMENTS = 2 ** 21
 
 
@@ -123,7 +123,7 @@ class AnalyticPredictive:
     Cost. Independent weights (``AutoNormal``, ``AutoDiagonalNormal``, ``AutoDiagonalLaplace``)
     cost a few forward passes, also with the full covariance between the units of an example: it
     travels as the unformed factor :math:`W \\mathrm{diag}(\\sqrt v)` of the layer that creates it
-    (:class:`~.moments.ScaledFactor`), not as a matrix. Correlated weights add a factor of width
+    (:class:`~.gaussian_activation.ScaledFactor`), not as a matrix. Correlated weights add a factor of width
     ``r`` (the number of shared standard normals) to every activation, so the cost grows with ``r``;
     a dense covariance over ``k`` weights needs at least ``k^2`` multiply-adds per example for its
     quadratic form. Measured costs and accuracies are in ``benchmarks/results/analytic_predictive.txt``.
@@ -157,11 +157,9 @@ class AnalyticPredictive:
         traced once by :func:`widest_activation`), and passes whose largest such tensor holds
         about :data:`AUTO_BATCH_ELEMENTS` numbers are faster: they stay in cache and in the memory
         the allocator keeps, where whole-set tensors are handed back to the OS and page-faulted anew
-        on every call. Measured on the digits MLP (539 test examples, one thread): a 300-weight
-        subnetwork 70 -> 50 ms, ``AutoLowRankMultivariateNormal`` of rank 100 29 -> 24 ms,
-        ``AutoMultivariateNormal`` over all 3,760 weights 1.5-2.2 s -> 0.85-1.35 s (three runs).
+        on every call (figures in ``docs/measured.md``).
     :param activations: ``"moments"``: exact mean and variance of each unit
-        (:func:`~.moments.elementwise_moments`: rectified Gaussian for ReLU, Gauss-Hermite otherwise)
+        (:func:`~.nonlinear_moments.elementwise_moments`: rectified Gaussian for ReLU, Gauss-Hermite otherwise)
         with the expected slope for covariances, the predictive of the network at Gaussian weights;
         ``"linearise"``: linearisation at the mean (the paper's choice; it overestimates the variance
         of saturating units with a large variance); ``"auto"`` (default): ``"linearise"`` for a
@@ -173,7 +171,7 @@ class AnalyticPredictive:
     :param products: where a layer's correlated weights meet a correlated input (a covariance that
         spans layers: ``AutoMultivariateNormal``, ``AutoLowRankMultivariateNormal``, a subnetwork
         over several layers), the products :math:`(G\\varepsilon)(A\\varepsilon)` (see
-        :mod:`~pyro_subnet.infer.analytic.moments`): ``True``: their mean and covariance (exact
+        :mod:`~pyro_subnet.infer.analytic.linear_moments`): ``True``: their mean and covariance (exact
         where the output is quadratic in the weights, e.g. two linear layers; memory ``P^2`` per
         example for ``P`` correlated weights in a layer; ``Conv2d`` keeps their mean only);
         ``False``: neither; ``"auto"`` (default): with ``activations="moments"`` their mean, and
@@ -187,13 +185,17 @@ class AnalyticPredictive:
     ``"probs"`` ``(N, C)`` (classification) or ``"mean"`` and ``"var"`` (regression; shaped as the
     observed site: ``(N,)`` for one output; ``var`` includes the noise).
 
+    >>> pyro.set_rng_seed(0)
+    >>> x, y = torch.randn(10, 2), torch.randint(0, 3, (10,))
     >>> net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 3))
     >>> model = ps.nn.BayesianNet(net, likelihood="classification")
     >>> guide = pyro.infer.autoguide.AutoNormal(model)
     >>> svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), pyro.infer.Trace_ELBO())
-    >>> for _ in range(100): svi.step(x, y)
-    >>> ps.infer.AnalyticPredictive(model, guide)(x)["probs"].shape
-    torch.Size([10, 3])
+    >>> for _ in range(100):
+    ...     loss = svi.step(x, y)
+    >>> probs = ps.infer.AnalyticPredictive(model, guide)(x)["probs"]
+    >>> probs.shape, torch.allclose(probs.sum(-1), torch.ones(10))
+    (torch.Size([10, 3]), True)
     """
 
     def __init__(self, model, guide, covariance: str = "auto", batch_size: Union[int, str, None] = "auto",
@@ -357,7 +359,7 @@ class AnalyticPredictive:
         for start in range(0, x.shape[0], step):      # (step >= 1: check_model_data rejects an empty x)
             xb = x[start:start + step]
             # The data is known (var None): the first layer's output is then exactly diagonal.
-            outs.append(layers.propagate(net, moments.Gaussian(xb, None), post))
+            outs.append(layers.propagate(net, gaussian_activation.Gaussian(xb, None), post))
         if outs[0].mean.dim() != 2:
             raise ValueError(f"AnalyticPredictive: the network output has shape {tuple(outs[0].mean.shape)}, "
                              "expected (N, O).")

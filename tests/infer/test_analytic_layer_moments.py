@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pyro_subnet.infer import links
-from pyro_subnet.infer.analytic import moments
+from pyro_subnet.infer.analytic import gaussian_activation, linear_moments, nonlinear_moments, norm_attention_moments
 
 
 def _gaussian(N=200, F=6, scale=3.0, seed=0):
@@ -19,8 +19,8 @@ def test_elementwise_moments_match_monte_carlo(fn):
     # unit standard deviations up to about 2 (the quadrature is exact to ~1e-3 there; wider units
     # are good to a few per cent, see _quadrature_moments)
     mean, cov = _gaussian(N=40, scale=1.0)
-    x = moments.Gaussian(mean, cov)
-    out = moments.elementwise_moments(fn, x, num_nodes=16)
+    x = gaussian_activation.Gaussian(mean, cov)
+    out = nonlinear_moments.elementwise_moments(fn, x, num_nodes=16)
     z = torch.randn(50000, *mean.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     h = mean + torch.einsum("nkl,snl->snk", torch.linalg.cholesky(cov), z)
     y = fn(h)
@@ -41,8 +41,8 @@ def test_default_saturating_moments_are_close(fn):
     """The default for tanh/sigmoid (probit fit, remainder only for narrow units) against 16 nodes."""
     mean = torch.linspace(-4, 4, 41, dtype=torch.float64)[:, None].expand(41, 6)
     var = torch.tensor([0.01, 0.1, 1.0, 4.0, 25.0, 400.0], dtype=torch.float64).expand(41, 6)
-    a = moments.elementwise_moments(fn, moments.Gaussian(mean, var))
-    b = moments.elementwise_moments(fn, moments.Gaussian(mean, var), num_nodes=16)
+    a = nonlinear_moments.elementwise_moments(fn, gaussian_activation.Gaussian(mean, var))
+    b = nonlinear_moments.elementwise_moments(fn, gaussian_activation.Gaussian(mean, var), num_nodes=16)
     assert (a.mean - b.mean).abs().max() < 0.02
     big = b.var > 1e-2 * b.var.max()
     assert ((a.var - b.var).abs() / b.var)[big].max() < 0.1
@@ -50,8 +50,8 @@ def test_default_saturating_moments_are_close(fn):
 
 def test_relu_moments_closed_form():
     # the rectified Gaussian: mean s/sqrt(2 pi), E[relu^2] = s^2 / 2 at mu = 0
-    x = moments.Gaussian(torch.zeros(1, 1, dtype=torch.float64), torch.full((1, 1), 4.0, dtype=torch.float64))
-    out = moments.elementwise_moments(torch.nn.ReLU(), x)
+    x = gaussian_activation.Gaussian(torch.zeros(1, 1, dtype=torch.float64), torch.full((1, 1), 4.0, dtype=torch.float64))
+    out = nonlinear_moments.elementwise_moments(torch.nn.ReLU(), x)
     m = 2.0 / (2 * torch.pi) ** 0.5
     assert torch.allclose(out.mean, torch.tensor([[m]], dtype=torch.float64), atol=1e-12)
     assert torch.allclose(out.var, torch.tensor([[2.0 - m * m]], dtype=torch.float64), atol=1e-12)
@@ -122,13 +122,13 @@ def test_product_covariance_matches_the_quadratic_forms():
     G = torch.zeros(out, n_in + 1, r, dtype=torch.float64)
     G[[0, 0, 1, 2, 2], [1, 3, 3, 0, 4]] = torch.randn(5, r, generator=g, dtype=torch.float64)
     A = torch.randn(2, 3, n_in, r, generator=g, dtype=torch.float64)           # (N, T, in, r)
-    lw = moments.prepare_linear(torch.zeros(out, n_in, dtype=torch.float64), None, None, G, products=True)
+    lw = linear_moments.prepare_linear(torch.zeros(out, n_in, dtype=torch.float64), None, None, G, products=True)
     used = A[..., lw.factor_inputs, :]
     B = torch.einsum("kir,ntis->ntkrs", G[:, :-1], A)
     want = (torch.einsum("ntkrs,ntlrs->ntkl", B, B) + torch.einsum("ntkrs,ntlsr->ntkl", B, B))
-    full = moments._product_covariance(used, lw.products, out, full=True)
+    full = linear_moments._product_covariance(used, lw.products, out, full=True)
     assert torch.allclose(full, want, atol=1e-12)
-    assert torch.allclose(moments._product_covariance(used, lw.products, out, full=False),
+    assert torch.allclose(linear_moments._product_covariance(used, lw.products, out, full=False),
                           want.diagonal(dim1=-2, dim2=-1), atol=1e-12)
 
 
@@ -140,12 +140,12 @@ def test_product_terms_auto_keeps_a_subnetwork_and_drops_a_dense_factor():
     dense = torch.randn(10, 51, 20, generator=g, dtype=torch.float64)
     sparse = torch.zeros_like(dense)
     sparse[torch.randint(10, (24,), generator=g), torch.randint(50, (24,), generator=g)] = 1.0
-    assert moments.prepare_linear(W, None, None, sparse).products is not None
-    assert moments.prepare_linear(W, None, None, dense).products is None
-    assert moments.prepare_linear(W, None, None, dense, products=True).products is not None
-    assert moments.prepare_linear(W, None, None, sparse, products=False).products is None
+    assert linear_moments.prepare_linear(W, None, None, sparse).products is not None
+    assert linear_moments.prepare_linear(W, None, None, dense).products is None
+    assert linear_moments.prepare_linear(W, None, None, dense, products=True).products is not None
+    assert linear_moments.prepare_linear(W, None, None, sparse, products=False).products is None
     with pytest.raises(ValueError, match="products"):
-        moments.prepare_linear(W, None, None, sparse, products="always")
+        linear_moments.prepare_linear(W, None, None, sparse, products="always")
 
 
 def test_sparse_factor_path_matches_dense():
@@ -157,14 +157,14 @@ def test_sparse_factor_path_matches_dense():
     G = torch.zeros(out, n_in + 1, r, dtype=torch.float64)
     rows, cols = torch.randint(out, (12,), generator=g), torch.randint(n_in + 1, (12,), generator=g)
     G[rows, cols] = torch.randn(12, r, generator=g, dtype=torch.float64)
-    lw = moments.prepare_linear(W, b, None, G, full=True)
+    lw = linear_moments.prepare_linear(W, b, None, G, full=True)
     assert lw.sparse_idx is not None
     dense = lw._replace(sparse_idx=None, sparse_factor=None)
-    x = moments.Gaussian(torch.randn(N, n_in, generator=g, dtype=torch.float64),
+    x = gaussian_activation.Gaussian(torch.randn(N, n_in, generator=g, dtype=torch.float64),
                          torch.rand(N, n_in, generator=g, dtype=torch.float64),
                          torch.randn(N, n_in, r, generator=g, dtype=torch.float64))
     for full in (False, True):
-        a, d = moments.linear(x, lw, full), moments.linear(x, dense, full)
+        a, d = linear_moments.linear(x, lw, full), linear_moments.linear(x, dense, full)
         for u, v in zip(a, d):
             assert torch.allclose(u, v, atol=1e-12)
 
@@ -191,7 +191,7 @@ def test_layer_norm_mean_is_second_order_accurate():
     N, F = 20, 16
     mean = torch.randn(N, F, generator=g, dtype=torch.float64)
     var = 0.05 + 0.2 * torch.rand(N, F, generator=g, dtype=torch.float64)
-    out = moments.layer_norm(moments.Gaussian(mean, var), None, None, 1e-5)
+    out = norm_attention_moments.layer_norm(gaussian_activation.Gaussian(mean, var), None, None, 1e-5)
     mc = sum(torch.nn.functional.layer_norm(mean + var.sqrt() * torch.randn(50000, N, F, generator=g, dtype=torch.float64),
                                             (F,), eps=1e-5).mean(0) for _ in range(8)) / 8
     s = (mean.var(-1, unbiased=False, keepdim=True) + var.mean(-1, keepdim=True) + 1e-5).sqrt()
@@ -212,8 +212,8 @@ def test_layer_norm_diagonal_path_matches_the_matrix_form(shared):
     mean, var = torch.randn(N, T, F, **f64), torch.rand(N, T, F, **f64)
     A = torch.randn(N, T, F, 2, **f64) if shared else None
     w, b, wv, bv = torch.randn(F, **f64), torch.randn(F, **f64), torch.rand(F, **f64), torch.rand(F, **f64)
-    diag = moments.layer_norm(moments.Gaussian(mean, var, A), w, b, 1e-5, wv, bv)
-    full = moments.layer_norm(moments.Gaussian(mean, torch.diag_embed(var), A), w, b, 1e-5, wv, bv)
+    diag = norm_attention_moments.layer_norm(gaussian_activation.Gaussian(mean, var, A), w, b, 1e-5, wv, bv)
+    full = norm_attention_moments.layer_norm(gaussian_activation.Gaussian(mean, torch.diag_embed(var), A), w, b, 1e-5, wv, bv)
     assert torch.allclose(diag.mean, full.mean, atol=1e-12)
     assert torch.allclose(diag.var, full.var.diagonal(dim1=-2, dim2=-1), atol=1e-12)
     if shared:
