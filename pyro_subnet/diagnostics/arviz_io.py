@@ -170,8 +170,18 @@ def to_inference_data(obj, *args, num_samples: int = 100, num_chains: int = 2, m
         for iid draws it should be 1 up to Monte Carlo error). MCMC-like objects keep their own.
     :param model: the model, for guides that do not carry it as ``guide.model``.
 
-    >>> idata = ps.to_inference_data(mcmc)                                      # doctest: +SKIP
-    >>> arviz.loo(idata)                                                        # doctest: +SKIP
+    >>> import arviz
+    >>> model = ps.nn.BayesianNet(nn.Linear(2, 1), likelihood="regression", noise_scale=0.5)
+    >>> x = torch.randn(40, 2); y = x @ torch.tensor([1.0, -1.0]) + 0.5 * torch.randn(40)
+    >>> mcmc = pyro.infer.MCMC(ps.infer.SGHMC(model), num_samples=30, warmup_steps=30, num_chains=1,
+    ...                        disable_progbar=True)
+    >>> mcmc.run(x, y)
+    >>> idata = ps.to_inference_data(mcmc)          # the data of the run; arviz.from_pyro(mcmc) works too
+    >>> sorted(idata.groups())
+    ['log_likelihood', 'observed_data', 'posterior', 'posterior_predictive', 'sample_stats']
+    >>> idata.log_likelihood["obs"].shape
+    (1, 30, 40)
+    >>> loo = arviz.loo(idata)                      # elpd_loo, p_loo and the Pareto k per point
     """
     if _is_mcmc_like(obj):
         kernel = getattr(obj, "kernel", None)
@@ -219,8 +229,12 @@ def summary_numbers(data) -> Dict[str, float]:
     its R-hat), ``elpd_loo`` and the fraction of Pareto ``k > 0.7`` (points whose LOO estimate is
     unreliable).
 
-    >>> ps.diagnostics.arviz_io.summary_numbers(idata)            # doctest: +SKIP
-    {'ess_bulk_min': 41.2, 'r_hat_max': 1.03, 'elpd_loo': -112.5, 'pareto_k_bad': 0.0}
+    >>> model = ps.nn.BayesianNet(nn.Linear(2, 1), likelihood="regression", noise_scale=0.5)
+    >>> x = torch.randn(40, 2); y = x @ torch.tensor([1.0, -1.0]) + 0.5 * torch.randn(40)
+    >>> guide = pyro.infer.autoguide.AutoNormal(model)      # two chains of its draws
+    >>> idata = ps.to_inference_data(guide, x, y, num_samples=50)
+    >>> sorted(ps.diagnostics.arviz_io.summary_numbers(idata))
+    ['elpd_loo', 'ess_bulk_min', 'll_ess_bulk_median', 'll_ess_bulk_p10', 'll_r_hat_median', 'll_r_hat_p90', 'pareto_k_bad', 'r_hat_max']
     """
     import arviz as az
     post = data["posterior"]

@@ -200,8 +200,17 @@ def gather_chains(mcmc, dst: int = 0) -> Optional[GatheredChains]:
         ready for :func:`pyro_subnet.to_inference_data`; ``None`` on the other ranks. In a single
         process, the chains of ``mcmc`` itself.
 
-    >>> chains = distributed.gather_chains(mcmc)                      # doctest: +SKIP
-    >>> if distributed.rank() == 0: idata = ps.to_inference_data(chains)   # doctest: +SKIP
+    In a single process (no ``torchrun``) it returns the chains of ``mcmc`` itself:
+
+    >>> from pyro_subnet.infer import distributed
+    >>> model = ps.nn.BayesianNet(nn.Linear(2, 1), likelihood="regression", noise_scale=0.5)
+    >>> x = torch.randn(40, 2); y = x @ torch.tensor([1.0, -1.0]) + 0.5 * torch.randn(40)
+    >>> mcmc = pyro.infer.MCMC(ps.infer.SGHMC(model), num_samples=20, warmup_steps=20, disable_progbar=True)
+    >>> mcmc.run(x, y)
+    >>> chains = distributed.gather_chains(mcmc)
+    >>> if distributed.rank() == 0:
+    ...     print(chains, ps.to_inference_data(chains).posterior["weight"].shape)
+    GatheredChains(num_chains=1, num_samples=20) (1, 20, 1, 2)
     """
     samples = {k: v.detach().cpu() for k, v in mcmc.get_samples(group_by_chain=True).items()}
     diag = mcmc.diagnostics() if callable(getattr(mcmc, "diagnostics", None)) else {}

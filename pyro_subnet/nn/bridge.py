@@ -46,9 +46,10 @@ example: the model is run on windows of ``B`` examples with the plate's indices 
 ...         self.fc.weight = PyroSample(dist.Normal(0.0, 1.0).expand([1, 1]).to_event(2))
 ...         self.fc.bias = PyroSample(dist.Normal(0.0, 10.0).expand([1]).to_event(1))
 ...     def forward(self, x, y=None):
+...         mu = self.fc(x).squeeze(-1)          # the weights are drawn outside the data plate
 ...         sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
 ...         with pyro.plate("data", x.shape[0]):
-...             return pyro.sample("obs", dist.Normal(self.fc(x).squeeze(-1), sigma), obs=y)
+...             return pyro.sample("obs", dist.Normal(mu, sigma), obs=y)
 >>> bridge = ModelBridge(Regression(), torch.randn(8, 1))
 >>> bridge.layout.names, bridge.noise_site, bridge.likelihood.name
 (['fc.weight', 'fc.bias'], 'sigma', 'regression')

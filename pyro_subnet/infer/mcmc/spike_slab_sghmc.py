@@ -102,6 +102,7 @@ class SpikeSlabSGHMC(SGHMC):
     >>> import pyro, torch
     >>> from torch import nn
     >>> from pyro_subnet.nn import BayesianNet
+    >>> pyro.set_rng_seed(0)
     >>> model = BayesianNet(nn.Linear(10, 1), likelihood="regression", noise_scale=0.5)
     >>> x = torch.randn(200, 10); y = 2 * x[:, 0] + 0.5 * torch.randn(200)
     >>> kernel = SpikeSlabSGHMC(model, friction=0.5, spike_scale=0.02)

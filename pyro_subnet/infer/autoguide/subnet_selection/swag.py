@@ -32,7 +32,18 @@ def swag_diagonal_variance(model, theta: torch.Tensor, x: torch.Tensor, y: torch
     :param seed: seed of the mini-batch order (``None``: drawn from torch's global generator, so
         ``pyro.set_rng_seed`` governs it).
 
-    >>> # swag_diagonal_variance(model, theta_map, x, y, num_snapshots=20)   # doctest: +SKIP
+    :param model: the model's :class:`~pyro_subnet.nn.ModelBridge`.
+    :param theta: the flat MAP weights ``(D,)`` the snapshots start from.
+
+    >>> from pyro_subnet.infer import fit_map
+    >>> from pyro_subnet.nn import BayesianNet, as_bridge
+    >>> pyro.set_rng_seed(0)
+    >>> x = torch.randn(64, 2); y = x @ torch.tensor([1.0, -1.0]) + 0.1 * torch.randn(64)
+    >>> bridge = as_bridge(BayesianNet(nn.Linear(2, 1), "regression", noise_scale=0.1), x)
+    >>> theta_map = fit_map(bridge, x, y, num_steps=200, lr=0.05, progress=False).theta
+    >>> var = swag_diagonal_variance(bridge, theta_map, x, y, num_snapshots=10, batch_size=16)
+    >>> var.shape, bool((var > 0).all())
+    (torch.Size([3]), True)
     """
     seed = resolve_seed(seed, shared=False)      # one seed for every retry
     for _ in range(max_retries + 1):
