@@ -86,32 +86,56 @@ class SMCInfo(NamedTuple):
 
 
 class AnnealedTarget:
-    """The partial posteriors of a model, from two functions.
+    """The partial posteriors of a model, from two functions (and, optionally, a start density).
 
     :param log_prior: ``theta (P, D) -> (P,)``.
     :param log_lik: ``(theta (P, D), start, stop) -> (P, stop - start)`` pointwise log-likelihoods
         of the examples ``start:stop`` of the (already shuffled) data.
     :param path: the :class:`~.data_schedules.DataPath` of batches.
+    :param log_reference: ``theta (P, D) -> (P,)``, a normalised density ``q`` the particles start
+        from instead of the prior (e.g. a Laplace approximation). The path then bridges from ``q``
+        to the posterior while the data come in,
+
+        .. math:: \\pi_s(\\theta) \\propto q(\\theta)^{1 - s/B}\\, p(\\theta)^{s/B}
+                  \\prod_b p(D_b \\mid \\theta)^{c_b(s)},
+
+        which is ``q`` at level 0 and the posterior at level ``B``: the prior comes in at the pace
+        of the data, as if each batch carried :math:`(p/q)^{1/B}` (:meth:`batch_loglik` adds
+        :math:`(\\log p - \\log q)/B` to every batch), so the schedules, the weights and the
+        evidence estimate (of :math:`p(D)`, since :math:`\\int q = 1`) are those of the plain path.
     """
 
-    def __init__(self, log_prior: Callable, log_lik: Callable, path: DataPath):
+    def __init__(self, log_prior: Callable, log_lik: Callable, path: DataPath,
+                 log_reference: Optional[Callable] = None):
         self.log_prior, self.log_lik, self.path = log_prior, log_lik, path
+        self.log_reference = log_reference
 
     def batch_loglik(self, theta: torch.Tensor) -> Callable[[int], torch.Tensor]:
-        """``b -> (P,)`` summed log-likelihood of batch ``b`` at ``theta`` (no gradient)."""
+        """``b -> (P,)`` summed log-likelihood of batch ``b`` at ``theta`` (no gradient); with a
+        reference, plus the batch's share of :math:`\\log p - \\log q`."""
+        share = []
+
         def f(b):
             with torch.no_grad():
-                return self.log_lik(theta, *self.path.bounds(b)).sum(-1)
+                ll = self.log_lik(theta, *self.path.bounds(b)).sum(-1)
+                if self.log_reference is None:
+                    return ll
+                if not share:
+                    share.append((self.log_prior(theta) - self.log_reference(theta)) / self.path.num_batches)
+                return ll + share[0]
         return f
 
     def log_density(self, level: float):
         """``theta -> (log pi_level (P,), gradient (P, D))`` and the number of examples it uses."""
         n, c = self.path.included(level)
+        lam = min(1.0, level / self.path.num_batches)
 
         def f(theta):
             with torch.enable_grad():
                 t = theta.detach().requires_grad_(True)
                 lp = self.log_prior(t)
+                if self.log_reference is not None:
+                    lp = lam * lp + (1 - lam) * self.log_reference(t)
                 if n > 0:
                     lp = lp + (self.log_lik(t, 0, n) * c.to(t)).sum(-1)
                 (g,) = torch.autograd.grad(lp.sum(), t)
@@ -176,7 +200,8 @@ def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def init(particles: torch.Tensor, step_size: float = 0.5) -> SMCState:
-    """Equally weighted particles (draws from the prior) at level 0."""
+    """Equally weighted particles at level 0 (draws from the prior, or from the target's
+    ``log_reference``)."""
     if particles.dim() != 2:
         raise ValueError(f"particles must have shape (P, D), got {tuple(particles.shape)}.")
     p = particles.shape[0]

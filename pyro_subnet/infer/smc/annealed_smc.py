@@ -39,6 +39,38 @@ class SMCKernel:
         return f"SMCKernel({self.move!r})"
 
 
+def _start_gaussian(start, dim: Optional[int] = None, like: Optional[torch.Tensor] = None) -> torch.distributions.Normal:
+    """The diagonal Gaussian ``N(mean, diag(var))`` of ``start`` (see :class:`AnnealedSMC`'s
+    ``start``), checked; with ``dim``, checked against the model's weights and cast like ``like``."""
+    post = start.flat_posterior() if hasattr(start, "flat_posterior") else start
+    mean, var = getattr(post, "mean", None), getattr(post, "var", None)
+    if not (torch.is_tensor(mean) and torch.is_tensor(var) and mean.dim() == 1 and var.shape == mean.shape):
+        raise TypeError(f"AnnealedSMC: start must be a fitted guide with flat_posterior() (e.g. "
+                        f"ps.infer.AutoDiagonalLaplace) or an object with mean and var tensors (D,), got "
+                        f"{type(start).__name__}.")
+    if getattr(post, "factor", None) is not None or not bool((var > 0).all() and torch.isfinite(var).all()):
+        raise ValueError("AnnealedSMC: start must be a diagonal Gaussian with positive variances on every weight "
+                         "(e.g. ps.infer.AutoDiagonalLaplace); a subnetwork or low-rank posterior leaves weights "
+                         "without spread.")
+    if dim is not None and mean.numel() != dim:
+        raise ValueError(f"AnnealedSMC: start has {mean.numel()} weights, the model {dim}; was it fitted to this "
+                         "model?")
+    if like is not None:
+        mean, var = mean.detach().to(like), var.detach().to(like)
+    return torch.distributions.Normal(mean, var.sqrt())
+
+
+def _reference_log_prob(reference: torch.distributions.Normal, noise_log_prob=None):
+    """``theta (P, D [+ 1]) -> (P,)``: the start density of the weights, times the noise's prior
+    for a learned noise (the last coordinate, which starts from its prior)."""
+    dim = reference.loc.shape[-1]
+
+    def log_q(t):
+        lq = reference.log_prob(t[:, :dim]).sum(-1)
+        return lq if noise_log_prob is None else lq + noise_log_prob(t[:, -1])
+    return log_q
+
+
 class AnnealedSMC:
     """Sequential Monte Carlo over a :class:`~pyro_subnet.nn.BayesianNet`'s weights, with the data
     brought in mini-batch by mini-batch (data annealing).
@@ -92,6 +124,14 @@ class AnnealedSMC:
     :param seed: seed of the sampler's generator (``None``: drawn from torch's global RNG); the
         prior draws use torch's global RNG.
     :param progress: show a progress bar (data included, ESS, acceptance).
+    :param start: where the particles start: ``None`` (default), the prior; or a diagonal Gaussian
+        over the flat weights, a fitted guide with ``flat_posterior()`` such as
+        :class:`~pyro_subnet.infer.AutoDiagonalLaplace` (or an object with ``mean`` and ``var``,
+        variances positive). The targets then bridge from that Gaussian ``q`` to the posterior as
+        the data come in, :math:`\\pi_s \\propto q^{1 - s/B} p^{s/B} \\prod_b p(D_b \\mid \\theta)^{c_b(s)}`
+        (:class:`~.annealed.AnnealedTarget`'s ``log_reference``): the particles begin where the
+        posterior's mass is instead of walking there from the prior, and the weights and the
+        evidence estimate stay those of an SMC sampler (the evidence is still :math:`p(D)`).
 
     A regression model with ``noise_scale=None`` gets its noise as one more latent per particle,
     :math:`\\log\\sigma \\sim \\mathcal{N}(\\log\\sigma_0, 1)` around the likelihood's current value;
@@ -121,8 +161,11 @@ class AnnealedSMC:
                  num_leapfrog_steps: int = 5, step_size: float = 0.5, target_accept: Optional[float] = None,
                  batches_per_step: int = 1, batch_growth: float = 1.0, max_steps: int = 10000,
                  seed: Optional[int] = None, progress: bool = True, max_mcmc_steps: Optional[int] = None,
-                 target_correlation: float = 0.5, covariance: str = "diagonal"):
+                 target_correlation: float = 0.5, covariance: str = "diagonal", start=None):
         check_model(model, 'AnnealedSMC')
+        self.start = start
+        if start is not None:
+            _start_gaussian(start)       # fail early on a start that is not a diagonal Gaussian
         if not isinstance(num_particles, int) or num_particles < 2:
             raise ValueError(f"num_particles must be an integer >= 2, got {num_particles!r}.")
         if not isinstance(num_chains, int) or num_chains < 1:
@@ -236,7 +279,8 @@ class AnnealedSMC:
         return normal.log_prob, lambda n: normal.sample((n,))
 
     def _run_chain(self, chain: int, x, y, current: Optional[dict], checkpoint_every: int) -> dict:
-        """One SMC sampler from the prior (or from ``current``, a saved unfinished chain) to all data."""
+        """One SMC sampler from the prior or ``start`` (or from ``current``, a saved unfinished chain) to all
+        data."""
         bridge, run = self.bridge, self._run
         part = distributed.shard(self.num_particles)
         # A learned noise scale is one more latent per particle, log sigma (see _noise_prior).
@@ -250,18 +294,24 @@ class AnnealedSMC:
         xs, ys = x[perm], y[perm]
         bs = None if self.schedule == "full" else self.batch_size
         path = DataPath(x.shape[0], bs, self.batch_growth)
+        reference = None if self.start is None else _start_gaussian(self.start, bridge.layout.dim, x)
+        log_reference = None if reference is None else _reference_log_prob(reference, noise_log_prob)
         if learn_noise:
             target = AnnealedTarget(self._noise_log_prior(bridge, noise_log_prob), self._noise_log_lik(bridge, xs, ys),
-                                    path)
+                                    path, log_reference)
         else:
             log_lik = particle_log_lik(bridge)   # all particles at once, one GEMM per layer for MLPs
-            target = AnnealedTarget(bridge.log_prior, lambda t, a, b: log_lik(t, xs[a:b], ys[a:b]), path)
+            target = AnnealedTarget(bridge.log_prior, lambda t, a, b: log_lik(t, xs[a:b], ys[a:b]), path,
+                                    log_reference)
         if current is None:
             # The prior draws come from the chain's own seed too (a forked global stream: torch's
             # distributions take no generator), so a chain is a function of the seed alone.
             with torch.no_grad(), torch.random.fork_rng():
                 torch.manual_seed(run["seed"] + chain)
-                particles = bridge.sample_prior(self.num_particles, dtype=x.dtype, device=x.device)
+                if reference is None:
+                    particles = bridge.sample_prior(self.num_particles, dtype=x.dtype, device=x.device)
+                else:
+                    particles = reference.sample((self.num_particles,))
                 if learn_noise:
                     particles = torch.cat([particles, noise_sample(self.num_particles)[:, None].to(particles)], -1)
             # Rank 0's prior draws for everyone; each rank keeps its share of the particles.
