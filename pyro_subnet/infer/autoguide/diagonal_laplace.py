@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from numbers import Number
-from typing import Mapping, Optional, Tuple
+from typing import Mapping, Tuple
 
 import pyro
 import pyro.distributions as dist
@@ -21,45 +21,6 @@ from .linearised_laplace import LinearisedLaplaceGuide, broadest_within
 #: diagonal posterior over every weight drops the correlations that cancel in function space, so
 #: it needs larger precisions than a full-covariance one to predict as well.
 VALIDATION_GRID = torch.logspace(-2, 4, 31, dtype=torch.float64)
-
-
-def tune_em_diagonal(ggn1: torch.Tensor, theta: torch.Tensor, groups: torch.Tensor, init: torch.Tensor,
-                     sse: Optional[float] = None, num_obs: int = 0, init_scale: float = 1.0,
-                     tune_prior: bool = True, max_iter: int = 500, rtol: float = 1e-7) -> Tuple[torch.Tensor, float]:
-    """MacKay's fixed-point (EM) updates for a diagonal Laplace posterior, where
-    :math:`\\Sigma_{ii} = 1 / (g_i + p_i)` makes the effective number of parameters a sum,
-    :math:`\\gamma_g = \\sum_{i \\in g} g_i / (g_i + p_i)`:
-    :math:`p_g \\leftarrow \\gamma_g / \\|\\hat\\theta_g\\|^2` (:func:`.prior.mackay_update`) and, given
-    ``sse``, the Gaussian noise :math:`\\sigma^2 \\leftarrow \\mathrm{SSE} / (M - \\gamma)` with
-    :math:`g = g_1 / \\sigma^2` (MacKay, 1992, eq. 4.23-4.24). The diagonal counterpart of
-    :func:`.prior.tune_em` / :func:`.prior.tune_em_noise`, in ``O(D)`` per step.
-
-    :param ggn1: ``(D,)`` GGN diagonal (at unit noise when ``sse`` is given).
-    :param theta: ``(D,)`` MAP weights.
-    :param groups: ``(D,)`` group ids from :func:`.prior.structure_groups`.
-    :param init: ``(D,)`` starting precisions.
-    :param sse: residual sum of squares at the MAP, to tune the noise too (``None``: fixed noise).
-    :param num_obs: number of observed values ``M = N O``.
-    :param init_scale: starting noise scale.
-    :param tune_prior: ``False`` keeps ``init`` and tunes the noise only.
-    :returns: ``((D,) precisions, noise scale)`` (the scale is ``init_scale`` when ``sse`` is ``None``).
-    """
-    num = int(groups.max()) + 1
-    g1, th = ggn1.detach().double(), theta.detach().double()
-    zeros = lambda: torch.zeros(num, dtype=g1.dtype, device=g1.device)  # noqa: E731
-    theta_sq = zeros().index_add_(0, groups, th ** 2)
-    p = init.detach().double().clone()
-    var = float(init_scale) ** 2
-    for _ in range(max_iter):
-        g = g1 / var if sse is not None else g1
-        gamma = zeros().index_add_(0, groups, g / (g + p))
-        new = prior_lib.mackay_update(theta_sq, gamma)[groups] if tune_prior else p
-        new_var = float(sse) / max(num_obs - float(gamma.sum()), 1.0) if sse is not None else var
-        converged = bool(((new - p).abs() <= rtol * p).all()) and abs(new_var - var) <= rtol * var
-        p, var = new, max(new_var, 1e-12)
-        if converged:
-            break
-    return p.to(init.dtype), math.sqrt(var)
 
 
 def covariance_factor(C: torch.Tensor) -> torch.Tensor:
@@ -119,7 +80,7 @@ class AutoDiagonalLaplace(LinearisedLaplaceGuide):
         patterns to numbers (per layer), a tensor ``(D,)`` (per weight), ``"marglik"`` (maximise the
         evidence above, L-BFGS), ``"em"`` (MacKay's fixed point :math:`p_g = \\gamma_g /
         \\|\\hat\\theta_g\\|^2`, :math:`\\gamma_g = \\sum_{d \\in g} g_d / (g_d + p_d)`:
-        :func:`tune_em_diagonal`), or ``"validation"``: one number from ``validation_grid`` by the GLM
+        :func:`.prior.tune_em_diagonal`), or ``"validation"``: one number from ``validation_grid`` by the GLM
         predictive's NLL on the held-out data given to ``fit(..., validation=(x_val, y_val))``, the
         broadest posterior within ``validation_tolerance`` of the best (:func:`.linearised_laplace.broadest_within`).
         A learned noise scale (a noise site such as ``sigma``, or ``BayesianNet(noise_scale=None)``)
@@ -168,14 +129,6 @@ class AutoDiagonalLaplace(LinearisedLaplaceGuide):
 
     # ------------------------------------------------------------------------------------------
     # Data sums below run over this rank's share (all of it in one process) and are all-reduced.
-    def _log_lik(self, theta, x, y) -> torch.Tensor:
-        total = theta.new_zeros(())
-        x, y, _ = distributed.local_share(x, y)
-        with torch.no_grad():
-            for xb, yb in iter_batches((x, y), self.batch_size, device=theta.device):
-                total = total + self.bridge.log_likelihood(theta, xb, yb).sum()
-        return distributed.all_reduce_sum(total)
-
     def _ggn_diagonal(self, theta, x, y) -> torch.Tensor:
         x, y, _ = distributed.local_share(x, y)
         g = ggn(self.bridge.network, self.bridge.likelihood, theta, (x, y), structure="diag",
@@ -209,7 +162,7 @@ class AutoDiagonalLaplace(LinearisedLaplaceGuide):
             sse = prior_lib.residual_sum_of_squares(self.bridge.network, theta, (x, y), self.batch_size)
             num_obs = y.reshape(len(y), -1).numel()
             if spec == "em":
-                p, scale = tune_em_diagonal(g1, theta, groups, p, sse, num_obs, lik.noise_scale, tune_prior)
+                p, scale = prior_lib.tune_em_diagonal(g1, theta, groups, p, sse, num_obs, lik.noise_scale, tune_prior)
             else:
                 p, scale = prior_lib.tune_marglik_noise(g1, theta, groups, p, sse, num_obs, lik.noise_scale,
                                                         tune_prior=tune_prior)
@@ -218,7 +171,7 @@ class AutoDiagonalLaplace(LinearisedLaplaceGuide):
         elif spec == "marglik":
             p = prior_lib.tune_marglik(g, theta, groups, p)
         elif spec == "em":
-            p, _ = tune_em_diagonal(g, theta, groups, p)
+            p, _ = prior_lib.tune_em_diagonal(g, theta, groups, p)
         self.loc = theta.detach().clone()
         self.subnet_indices = everything
         self.ggn = g.detach()

@@ -16,7 +16,8 @@ exact for a linear-Gaussian model evaluated at its posterior mean. Two ways to t
 * ``"em"``: the fixed-point (MacKay / EM) update of Antorán et al. (ICML 2022, ICLR 2023),
   :math:`p_g \\leftarrow \\gamma_g / \\|\\hat\\theta_g\\|^2` with the effective number of parameters
   :math:`\\gamma_g = \\sum_{i \\in g} (1 - p_i \\Sigma_{ii})`, whose fixed points are the
-  stationary points of :math:`\\log Z`. :func:`mackay_update` is the bare update, which a
+  stationary points of :math:`\\log Z` (:func:`tune_em` from a dense posterior,
+  :func:`tune_em_diagonal` from a diagonal one). :func:`mackay_update` is the bare update, which a
   sample-based guide can feed with estimated :math:`\\gamma` instead.
 """
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from numbers import Number
-from typing import Mapping
+from typing import Mapping, Optional, Tuple
 
 import torch
 
@@ -263,6 +264,45 @@ def tune_em_noise(ggn1: torch.Tensor, theta_s: torch.Tensor, groups: torch.Tenso
         new = mackay_update(theta_sq, gamma)[groups] if tune_prior else p
         new_var = float(sse) / max(num_obs - float(gamma.sum()), 1.0)
         converged = ((new - p).abs() <= rtol * p).all() and abs(new_var - var) <= rtol * var
+        p, var = new, max(new_var, 1e-12)
+        if converged:
+            break
+    return p.to(init.dtype), math.sqrt(var)
+
+
+def tune_em_diagonal(ggn1: torch.Tensor, theta: torch.Tensor, groups: torch.Tensor, init: torch.Tensor,
+                     sse: Optional[float] = None, num_obs: int = 0, init_scale: float = 1.0,
+                     tune_prior: bool = True, max_iter: int = 500, rtol: float = 1e-7) -> Tuple[torch.Tensor, float]:
+    """MacKay's fixed-point (EM) updates for a diagonal Laplace posterior, where
+    :math:`\\Sigma_{ii} = 1 / (g_i + p_i)` makes the effective number of parameters a sum,
+    :math:`\\gamma_g = \\sum_{i \\in g} g_i / (g_i + p_i)`:
+    :math:`p_g \\leftarrow \\gamma_g / \\|\\hat\\theta_g\\|^2` (:func:`mackay_update`) and, given
+    ``sse``, the Gaussian noise :math:`\\sigma^2 \\leftarrow \\mathrm{SSE} / (M - \\gamma)` with
+    :math:`g = g_1 / \\sigma^2` (MacKay, 1992, eq. 4.23-4.24). The diagonal counterpart of
+    :func:`tune_em` / :func:`tune_em_noise`, in ``O(D)`` per step.
+
+    :param ggn1: ``(D,)`` GGN diagonal (at unit noise when ``sse`` is given).
+    :param theta: ``(D,)`` MAP weights.
+    :param groups: ``(D,)`` group ids from :func:`structure_groups`.
+    :param init: ``(D,)`` starting precisions.
+    :param sse: residual sum of squares at the MAP, to tune the noise too (``None``: fixed noise).
+    :param num_obs: number of observed values ``M = N O``.
+    :param init_scale: starting noise scale.
+    :param tune_prior: ``False`` keeps ``init`` and tunes the noise only.
+    :returns: ``((D,) precisions, noise scale)`` (the scale is ``init_scale`` when ``sse`` is ``None``).
+    """
+    num = int(groups.max()) + 1
+    g1, th = ggn1.detach().double(), theta.detach().double()
+    zeros = lambda: torch.zeros(num, dtype=g1.dtype, device=g1.device)  # noqa: E731
+    theta_sq = zeros().index_add_(0, groups, th ** 2)
+    p = init.detach().double().clone()
+    var = float(init_scale) ** 2
+    for _ in range(max_iter):
+        g = g1 / var if sse is not None else g1
+        gamma = zeros().index_add_(0, groups, g / (g + p))
+        new = mackay_update(theta_sq, gamma)[groups] if tune_prior else p
+        new_var = float(sse) / max(num_obs - float(gamma.sum()), 1.0) if sse is not None else var
+        converged = bool(((new - p).abs() <= rtol * p).all()) and abs(new_var - var) <= rtol * var
         p, var = new, max(new_var, 1e-12)
         if converged:
             break

@@ -98,14 +98,6 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
 
     # ------------------------------------------------------------------------------------------
     # Data sums below run over this rank's share (all of it in one process) and are all-reduced.
-    def _log_lik(self, theta, x, y) -> torch.Tensor:
-        total = theta.new_zeros(())
-        x, y, _ = distributed.local_share(x, y)
-        with torch.no_grad():
-            for xb, yb in iter_batches((x, y), self.batch_size, device=theta.device):
-                total = total + self.bridge.log_likelihood(theta, xb, yb).sum()
-        return distributed.all_reduce_sum(total)
-
     def _ggn(self, theta, idx, x, y) -> torch.Tensor:
         x, y, _ = distributed.local_share(x, y)
         G = ggn(self.bridge.network, self.bridge.likelihood, theta, (x, y), indices=idx, structure="dense",
