@@ -30,9 +30,7 @@ from .data import Dataset
 from .data.shift import ood_inputs, shifted_inputs
 from .diagnostics import to_inference_data
 from .diagnostics.arviz_io import summary_numbers
-from .infer import AnalyticPredictive, AutoSampledLaplace, AutoSubnetLaplace, curvature
-from .infer.analytic import FlatPosterior
-from .infer.autoguide import prior as prior_lib
+from .infer import AnalyticPredictive, AutoDiagonalLaplace, AutoSampledLaplace, AutoSubnetLaplace
 from .infer.map import fit_map
 from .infer.mcmc import SGHMC, SpikeSlabSGHMC
 from .infer.smc import AnnealedSMC
@@ -407,58 +405,31 @@ def run_spike_slab_sghmc(ctx: Context) -> MethodResult:
     return result
 
 
-def _tune_on_validation(ctx: Context, theta: torch.Tensor, ggn_diag: torch.Tensor, grid=None) -> torch.Tensor:
-    """The prior precision (one scalar, from ``grid``) of a diagonal Laplace whose analytic
-    predictive has the lowest NLL on ``ctx.validation``."""
-    x_val, y_val = ctx.validation
-    grid = torch.logspace(-2, 4, 25).tolist() if grid is None else grid
-    best, best_nll = None, float("inf")
-    for a in grid:
-        out = AnalyticPredictive(ctx.model, FlatPosterior(theta, 1.0 / (ggn_diag + a)), covariance="diag",
-                                 activations="linearise")(x_val)
-        nll = metrics.nll(out["probs"], y_val) if "probs" in out else metrics.nll(out["mean"], y_val, var=out["var"])
-        if nll < best_nll:
-            best, best_nll = a, nll
-    return torch.full_like(theta, best)
-
-
 def run_analytic(ctx: Context) -> MethodResult:
-    """MAP + diagonal (GGN) Laplace, predicted in one pass by
-    :class:`~pyro_subnet.infer.AnalyticPredictive`; its prior precision is tuned on the held-out
-    split (or, without one, by the diagonal evidence; a learned noise always by the evidence)."""
+    """MAP + diagonal GGN Laplace over every weight (:class:`~pyro_subnet.infer.AutoDiagonalLaplace`),
+    predicted in one pass by :class:`~pyro_subnet.infer.AnalyticPredictive`. A learned noise and
+    one prior precision are tuned together by the diagonal evidence; with a fixed noise the prior
+    precision is chosen on the held-out split by the GLM predictive's NLL (a diagonal posterior
+    over every weight with its evidence-tuned precision is far too wide: the diagonal drops the
+    correlations that cancel in function space), or by the evidence without one."""
     theta = ctx.theta_map
     t0 = time.perf_counter()
-    lik = ctx.model.likelihood
-    ggn = curvature.ggn(ctx.model.network, lik, theta, (ctx.ds.x_train, ctx.ds.y_train), structure="diag")
-    prior = ctx.model.prior_precision(dtype=theta.dtype, device=theta.device)
-    one_group = torch.zeros(len(theta), dtype=torch.long, device=theta.device)
-    if ctx.learns_noise:
-        # Noise scale and one prior precision by the diagonal Laplace evidence.
-        sse = prior_lib.residual_sum_of_squares(ctx.model.network, theta, (ctx.ds.x_train, ctx.ds.y_train))
-        ggn1 = ggn * lik.noise_scale ** 2
-        prior, scale = prior_lib.tune_marglik_noise(ggn1, theta, one_group, prior, sse, len(ctx.ds.y_train),
-                                                    lik.noise_scale)
-        lik.set_noise_scale(scale)
-        ggn = ggn1 / scale ** 2
-    elif ctx.validation is not None:
-        # One prior precision by the held-out NLL: a diagonal Laplace over every weight with its
-        # evidence-tuned precision is far too wide (the diagonal drops the correlations that
-        # cancel in function space). One analytic pass per grid value makes the search cheap.
-        prior = _tune_on_validation(ctx, theta, ggn)
-    else:
-        prior = prior_lib.tune_marglik(ggn, theta, one_group, prior)
-    diag = {"prior_precision": float(prior[0]), **({"noise_scale": lik.noise_scale} if ctx.learns_noise else {})}
+    spec = "marglik" if ctx.learns_noise or ctx.validation is None else "validation"
+    guide = AutoDiagonalLaplace(ctx.model, prior_precision=spec, validation_grid=torch.logspace(-2, 4, 25),
+                                progress=ctx.progress).fit(ctx.ds.x_train, ctx.ds.y_train, map_theta=theta,
+                                                           validation=ctx.validation)
+    diag = {"prior_precision": float(guide.prior_prec[0]), "log_evidence": float(guide.log_marginal_likelihood()),
+            **({"noise_scale": ctx.model.noise_scale} if ctx.learns_noise else {})}
     # A Laplace posterior belongs to the network linearised at the MAP: activations linearised
     # at the mean give exactly that model's predictive (moment matching would instead push the
     # Gaussian through the nonlinear network, whose mean drifts away from the MAP's).
-    predictor = AnalyticPredictive(ctx.model, FlatPosterior(theta, 1.0 / (ggn + prior)), covariance="diag",
-                                   activations="linearise")
+    predictor = AnalyticPredictive(ctx.model, guide, covariance="diag", activations="linearise")
 
     def predict(x):
         out = predictor(x)
         return out["probs"] if "probs" in out else (out["mean"], out["var"])
     return MethodResult.timed("AnalyticPredictive", ctx, ctx.map_seconds + time.perf_counter() - t0, predict,
-                              diagnostics=diag)
+                              diagnostics=diag, guide=guide)
 
 
 def _laplace_result(name: str, ctx: Context, guide, fit_seconds: float, diag: Dict[str, float]) -> MethodResult:

@@ -103,21 +103,23 @@ ps.plots.reliability_diagram({k: v[0] for k, v in rows.items()}, ds.y_test, path
 # ## Regression: which Gaussian, and which network
 #
 # Any Gaussian over the flat weights works. A diagonal GGN Laplace around the MAP of a
-# gap-regression network (`ps.infer.curvature.ggn` with `structure="diag"`) is *not*
-# wider in the gap between the two clusters of data than inside them: the known failure of
-# factorised posteriors at "in-between" uncertainty (Foong et al., 2019).
+# gap-regression network (`ps.infer.AutoDiagonalLaplace`, read through its `flat_posterior()`)
+# is *not* wider in the gap between the two clusters of data than inside them: the known failure
+# of factorised posteriors at "in-between" uncertainty (Foong et al., 2019).
 #
 # The subnetwork Laplace guide keeps a full covariance over 30 weights, which `AnalyticPredictive`
 # reads (`flat_gaussian()`). It then matters which network the Gaussian is pushed through:
 #
-# * `activations="moments"` (the default) matches each activation's mean and variance under its
+# * `activations="moments"` matches each activation's mean and variance under its
 #   Gaussian input: it approximates sampling the *network itself* (`guide.predict(method="nn")`).
 #   Where the subnetwork's correlated weights meet activations that carry the same correlations
 #   (a subnetwork over two layers), it also keeps the covariance of their products (`products`;
 #   on a digits MLP with 300 such weights they are 15% of the output variance);
 # * `activations="linearise"` linearises each activation at the mean: for a Laplace posterior
 #   that is exactly the *linearised* network of the GLM predictive (`guide.predict()`), the one
-#   the Laplace approximation was built for, and the one whose band grows in the gap.
+#   the Laplace approximation was built for, and the one whose band grows in the gap. It is what
+#   the default, `activations="auto"`, takes for a Laplace guide (whose `Predictive` draws the
+#   GLM predictive); any other Gaussian gets `"moments"`.
 
 # %%
 reg = ps.data.gap_regression(n=60 if QUICK else 200, noise=0.1)
@@ -125,9 +127,8 @@ rnet = nn.Sequential(nn.Linear(1, 50), nn.Tanh(), nn.Linear(50, 1))
 rmodel = ps.nn.BayesianNet(rnet, likelihood="regression", noise_scale=0.1)
 theta = ps.infer.fit_map(rmodel, reg.x_train, reg.y_train, num_steps=500 if QUICK else 3000, lr=1e-2,
                          batch_size=None, progress=False).theta
-g = ps.infer.curvature.ggn(rmodel.network, rmodel.likelihood, theta, (reg.x_train, reg.y_train),
-                           structure="diag")
-diagonal = ps.infer.analytic.FlatPosterior(theta, 1 / (g + rmodel.prior_precision()))
+diagonal = ps.infer.AutoDiagonalLaplace(rmodel, progress=False)      # the model's own prior
+diagonal.fit(reg.x_train, reg.y_train, map_theta=theta)
 subnet = ps.infer.AutoSubnetLaplace(rmodel, subnet=ps.subnet.LargestVariance(30, method="diag_laplace"),
                                     prior_precision="marglik", progress=False)
 subnet.fit(reg.x_train, reg.y_train, map_theta=theta)
@@ -135,7 +136,7 @@ gap_mask = reg.x_test[:, 0].abs() < 0.8
 inside = (reg.x_test[:, 0].abs() > 1.1) & (reg.x_test[:, 0].abs() < 1.9)
 variances = {
     "diagonal Laplace": ps.infer.AnalyticPredictive(rmodel, diagonal)(reg.x_test)["var"],
-    "subnet, moments": ps.infer.AnalyticPredictive(rmodel, subnet)(reg.x_test)["var"],
+    "subnet, moments": ps.infer.AnalyticPredictive(rmodel, subnet, activations="moments")(reg.x_test)["var"],
     "subnet, sampled network (2000)": subnet.predict(reg.x_test, method="nn", num_samples=2000)[1][:, 0],
     "subnet, linearise": ps.infer.AnalyticPredictive(rmodel, subnet, activations="linearise")(reg.x_test)["var"],
     "subnet, GLM predictive": subnet.predict(reg.x_test)[1][:, 0],

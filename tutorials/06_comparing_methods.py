@@ -17,7 +17,7 @@
 # | `SGHMC` | the exact posterior, by mini-batch Hamiltonian dynamics | many gradient steps |
 # | `SpikeSlabSGHMC` | the same, with a spike-and-slab prior pruning 90% of the weights | many gradient steps |
 # | `AnnealedSMC` | the exact posterior, by particles tempered through the data | particles x steps |
-# | `AnalyticPredictive` | a diagonal Laplace, predicted by moment propagation | one forward pass |
+# | `AnalyticPredictive` | `AutoDiagonalLaplace`: linearised Laplace over all weights, diagonal covariance | a GGN diagonal, one forward pass |
 #
 # The main job, `pyro-subnet`, runs exactly these (`pyro_subnet.main_job.METHODS`); here we call
 # them from Python on scikit-learn's breast-cancer set (569 examples, 30 features, two classes)
