@@ -163,8 +163,8 @@ def to_inference_data(obj, *args, num_samples: int = 100, num_chains: int = 2, m
     :param obj: ``pyro.infer.MCMC``, an MCMC-like object (``get_samples``, ``num_chains``,
         e.g. :class:`~pyro_subnet.infer.AnnealedSMC`), or a guide (any callable that samples the
         latent sites, e.g. an ``AutoGuide``).
-    :param args, kwargs: the model's arguments, e.g. ``(x, y)``. For MCMC-like objects they
-        default to those of the run.
+    :param args: the model's arguments, e.g. ``(x, y)``, and keyword arguments ``kwargs``. For
+        MCMC-like objects they default to those of the run.
     :param num_samples: draws per chain taken from a guide.
     :param num_chains: chains of independent guide draws (2 by default, so that R-hat is defined;
         for iid draws it should be 1 up to Monte Carlo error). MCMC-like objects keep their own.

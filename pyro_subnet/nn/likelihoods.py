@@ -81,7 +81,7 @@ class Categorical(Likelihood):
 
 class Bernoulli(Likelihood):
     """``y_n ~ Bernoulli(sigmoid(f_n))`` with one logit per example (``f`` of shape ``(N, 1)``, ``y``
-    of 0/1 values): :math:`\Lambda_n = p_n (1 - p_n)`, :math:`L_n = \sqrt{p_n (1 - p_n)}`."""
+    of 0/1 values): :math:`\\Lambda_n = p_n (1 - p_n)`, :math:`L_n = \\sqrt{p_n (1 - p_n)}`."""
 
     name = "binary"
 

@@ -170,11 +170,11 @@ def linear(x: Gaussian, lw: LinearWeights, full: bool = False, products: bool = 
     :param full: return a full covariance ``(..., out, out)`` even for diagonal input (the mixing
         ``W diag(v) W^T`` correlates the outputs); a full input always gives a full output.
     :param lift: with a diagonal input and weights without a factor, carry the covariance that the
-        input's independent variances induce between the outputs, :math:`W \mathrm{diag}(v) W^\top`,
-        as new columns of ``A``: :math:`A_h = [W A,\; W \mathrm{diag}(\sqrt v)]`, each new column a
+        input's independent variances induce between the outputs, :math:`W \\mathrm{diag}(v) W^\\top`,
+        as new columns of ``A``: :math:`A_h = [W A,\\; W \\mathrm{diag}(\\sqrt v)]`, each new column a
         standard normal of this example (examples are independent, so per-example columns are as
         good as shared ones). The total covariance is that of ``full``, at the cost of a product
-        with ``A`` (``out x in x r`` per example) instead of forming ``W \Sigma W^T``
+        with ``A`` (``out x in x r`` per example) instead of forming ``W \\Sigma W^T``
         (``out x in x in``); the output's ``var`` stays diagonal (the weights' own noise). Only for
         posteriors without a weight factor: the new columns are not the weights' ``epsilon``.
     :param products: keep the products of weight noise and input noise: for correlated weights

@@ -92,8 +92,9 @@ class AutoDiagonalLaplace(LinearisedLaplaceGuide):
     :param predictive: what ``pyro.infer.Predictive(model, guide=guide)`` draws: ``"glm"`` (default)
         the observation from the network linearised at the MAP; ``"nn"`` (an explicit opt-in) the
         model's own network at the sampled weights, a different (often much wider) predictive.
-    :param map_steps, map_lr, batch_size, progress, validation_tolerance: see
-        :class:`.LinearisedLaplaceGuide`.
+
+    ``map_steps``, ``map_lr``, ``batch_size``, ``progress`` and ``validation_tolerance`` are those of
+    :class:`.LinearisedLaplaceGuide`.
 
     >>> import torch
     >>> import pyro_subnet as ps

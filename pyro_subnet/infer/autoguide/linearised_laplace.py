@@ -45,7 +45,7 @@ from .subnet_selection import All, PredictiveVariance
 
 class LinearisedModel(BatchAwareModel):
     """The model with its network linearised at a Laplace guide's MAP: the same latent sites and
-    priors, the observation from :math:`f(x; \hat\theta) + J_S(x)(\theta_S - \hat\theta_S)`: the
+    priors, the observation from :math:`f(x; \\hat\\theta) + J_S(x)(\\theta_S - \\hat\\theta_S)`: the
     generalised linear model whose posterior the guide holds (Immer et al., 2021), batch-aware
     over draws.
 
@@ -311,7 +311,7 @@ class LinearisedLaplaceGuide(AutoGuide):
         """Draw every latent site: subnetwork coordinates from the posterior, the rest at the MAP
         (a noise site at its tuned value). Given the model's inputs (as ``pyro.infer.Predictive``
         passes them) and ``predictive="glm"``, also draw the observed site from the linearised
-        network, :math:`y \sim p(y \mid f(x; \hat\theta) + J_S(x)(\theta_S - \hat\theta_S))` (a JVP for
+        network, :math:`y \\sim p(y \\mid f(x; \\hat\\theta) + J_S(x)(\\theta_S - \\hat\\theta_S))` (a JVP for
         every draw at once), so that ``Predictive(model, guide=guide)`` returns the GLM predictive
         (the site is auxiliary: Predictive conditions the model on it; ArviZ conversions skip it).
         ``predictive="nn"`` leaves the observation to the model: its network at the sampled weights."""
@@ -347,7 +347,7 @@ class LinearisedLaplaceGuide(AutoGuide):
         pyro.sample(bridge.obs_name, fn, infer={"is_auxiliary": True})
 
     def linearised_output(self, delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The linearised network :math:`f(x; \hat\theta) + J_S(x)\,\delta` for subnetwork offsets
+        """The linearised network :math:`f(x; \\hat\\theta) + J_S(x)\\,\\delta` for subnetwork offsets
         ``delta`` of shape ``(*batch, k)``: ``(*batch, N, O)``, one JVP for every offset at once."""
         lead = delta.shape[:-1]
         f, Jv = jvp(self.bridge.network, self.loc, x, delta.reshape(-1, delta.shape[-1]), self.subnet_indices)

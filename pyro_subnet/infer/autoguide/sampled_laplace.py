@@ -77,8 +77,9 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
         ``pyro.set_rng_seed`` governs it.
     :param predictive: what ``pyro.infer.Predictive(model, guide=guide)`` draws (``"glm"``, default,
         or ``"nn"``; see :class:`~pyro_subnet.infer.AutoSubnetLaplace`).
-    :param map_steps, map_lr, batch_size, progress, validation_tolerance: see
-        :class:`.LinearisedLaplaceGuide`.
+
+    ``map_steps``, ``map_lr``, ``batch_size``, ``progress`` and ``validation_tolerance`` are those of
+    :class:`.LinearisedLaplaceGuide`.
 
     >>> import pyro_subnet as ps
     >>> from torch import nn

@@ -62,8 +62,9 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         the observation from the network linearised at the MAP, the predictive of the Laplace
         posterior; ``"nn"`` (an explicit opt-in) the model's own network at the sampled weights,
         which for a nonlinear network is a different predictive (often much wider).
-    :param map_steps, map_lr, batch_size, progress, validation_tolerance: see
-        :class:`.LinearisedLaplaceGuide`.
+
+    ``map_steps``, ``map_lr``, ``batch_size``, ``progress`` and ``validation_tolerance`` are those of
+    :class:`.LinearisedLaplaceGuide`.
 
     >>> import pyro_subnet as ps
     >>> from torch import nn

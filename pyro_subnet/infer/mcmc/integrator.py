@@ -76,7 +76,8 @@ def step(state: SGHMCState, potential_and_grad, step_size: float, friction: floa
     """One SGHMC step.
 
     :param potential_and_grad: ``theta -> (U, grad U)`` on a fresh mini-batch.
-    :param step_size: ``epsilon`` for this step. :param friction: ``alpha`` in ``(0, 1]``.
+    :param step_size: ``epsilon`` for this step.
+    :param friction: ``alpha`` in ``(0, 1]``.
     :param preconditioner: object with ``update(state, grad, noise, noise_scale)``.
     :param adapt: update the preconditioner with this step's gradient.
     :param mask: ``(D,)`` 0/1 tensor of weights kept (``None``: all).

@@ -30,7 +30,9 @@ class NetPotential:
     """``U`` of a model through its :class:`~pyro_subnet.nn.ModelBridge`, on kernel-drawn
     mini-batches.
 
-    :param bridge: the model's bridge. :param x, y: the full training data.
+    :param bridge: the model's bridge.
+    :param x: the full training inputs.
+    :param y: the full training targets.
     :param batch_size: mini-batch size ``B`` (``None`` or ``>= N``: full batch).
     :param log_prior: ``theta (D,) -> log p(theta)`` of the weight sites (default: the model's
         own prior); the spike-and-slab kernel injects its EM prior here.

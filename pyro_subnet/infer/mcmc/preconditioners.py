@@ -59,7 +59,9 @@ class Identity:
 class RMSprop(Identity):
     """pSGLD's preconditioner: ``h = EMA_beta(g^2)``, ``G ~ 1 / sqrt(h)``.
 
-    :param beta: EMA decay. :param min_gain, max_gain: clamp of ``G``.
+    :param beta: EMA decay.
+    :param min_gain: lower clamp of ``G``.
+    :param max_gain: upper clamp of ``G``.
     :param min_count: observations before ``G`` leaves ``I``.
     """
 
@@ -88,7 +90,9 @@ class VariationalBayes(RMSprop):
     identity), ``G ~ 1 / sqrt(h)`` = the mean-field VB standard deviation up to a constant.
 
     :param beta: EMA decay (the Stein estimate is noisy: keep it close to 1).
-    :param min_gain, max_gain: clamp of ``G``. :param min_count: observations before ``G`` leaves ``I``.
+    :param min_gain: lower clamp of ``G``.
+    :param max_gain: upper clamp of ``G``.
+    :param min_count: observations before ``G`` leaves ``I``.
     """
 
     def __init__(self, beta: float = 0.995, min_gain: float = 1e-2, max_gain: float = 10.0, min_count: int = 200):

@@ -87,11 +87,15 @@ class SpikeSlabSGHMC(SGHMC):
         ``w[o, ...]``: an output neuron of a linear layer, a filter of a convolution).
     :param target_sparsity: fraction ``S`` of the sparse sites' weights to prune, ranked by group
         mean-square magnitude across all sparse sites (``None``: no pruning).
-    :param prune_start, prune_end: calls of ``sample`` over which sparsity ramps up to ``S``
+    :param prune_start: first call of ``sample`` of the ramp of the sparsity up to ``S``
         (default: the second half of warm-up).
-    :param learn_slab_scale, learn_spike_scale: M-step on the scales (off by default, also following
-        Deng et al.'s advice for deep networks).
-    :param sa_c, sa_A, sa_alpha: stochastic-approximation weights ``omega_k = c / (A + k)^alpha``.
+    :param prune_end: the call of ``sample`` at which the sparsity reaches ``S``.
+    :param learn_slab_scale: M-step on the slab scale (off by default, also following Deng et al.'s
+        advice for deep networks).
+    :param learn_spike_scale: M-step on the spike scale (off by default).
+    :param sa_c: ``c`` of the stochastic-approximation weights ``omega_k = c / (A + k)^alpha``.
+    :param sa_A: their ``A``.
+    :param sa_alpha: their ``alpha``.
 
     ``kernel.inclusion_probabilities()`` gives site -> per-weight ``P(gamma = 1 | data)`` (the SA
     average of the E-step along the chain); ``diagnostics()`` adds per-draw ``"sparsity"``

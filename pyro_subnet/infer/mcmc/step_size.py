@@ -11,7 +11,7 @@ a factor ``1 + kappa_j`` with
 
 .. math::
 
-    \kappa_j = \frac{\epsilon\, G_j V_j}{2 \alpha}
+    \\kappa_j = \\frac{\\epsilon\\, G_j V_j}{2 \\alpha}
 
 (less when, as here, the batches of an epoch are disjoint and their errors cancel). The
 adaptation holds the ``quantile`` (0.9) of ``kappa`` at ``noise_ratio`` (0.2). ``V`` is estimated

@@ -108,9 +108,9 @@ class AnnealedSMC:
     :param batches_per_step: batches per step of the ``"linear"`` schedule.
     :param batch_growth: ``"adaptive"`` only: the data enter in stages of batches, each stage
         ``batch_growth - 1`` times the data already in, tempered together (1: one batch per stage;
-        2: the data double from stage to stage, which on the digits benchmark takes about 70
-        steps instead of about 105 and 2.7x to 3.2x instead of 1.8x to 2.1x fewer
-        example-gradients than ``"full"``; see :class:`~.data_schedules.Adaptive`).
+        2: the data double from stage to stage, which takes fewer steps and fewer
+        example-gradients than one batch per stage; see :class:`~.data_schedules.Adaptive`, and
+        ``docs/measured.md`` for the figures).
     :param max_steps: safety limit on SMC steps per chain (error if exceeded).
     :param max_mcmc_steps: most move steps per SMC step (default ``10 * num_mcmc_steps``): after
         each ``num_mcmc_steps`` the moves go on until the particles decorrelate from where the
@@ -221,8 +221,9 @@ class AnnealedSMC:
             **kwargs):
         """Run ``num_chains`` independent SMC samplers on the data ``(x, y)``.
 
-        :param x: inputs ``(N, ...)``; :param y: targets ``(N,)`` (or ``(N, O)`` for regression).
-            The arguments are kept (``_args``) for ``arviz.from_pyro`` and ``Predictive``.
+        :param x: inputs ``(N, ...)``.
+        :param y: targets ``(N,)`` (or ``(N, O)`` for regression). The arguments are kept
+            (``_args``) for ``arviz.from_pyro`` and ``Predictive``.
         :param checkpoint: a file path: every ``checkpoint_every`` SMC steps and after every chain the
             sampler's :meth:`state_dict` is written there (``torch.save``), so that a run that is
             interrupted can be continued (under ``torch.distributed`` each rank writes
