@@ -153,8 +153,8 @@ def conjugate_gradients(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch
     x = x0.clone()
     Mx = matvec(x)
     r = b - Mx
-    # A right-hand side near zero (the mean step at a converged MAP) is measured against the
-    # others, so that its relative residual cannot stall the batch.
+    # A right-hand side near zero (the mean step at a converged MAP) has its residual divided by a
+    # norm floored at a millionth of the largest, so that its relative residual cannot stall the batch.
     bnorm = b.norm(dim=-1)
     bnorm = bnorm.clamp_min(max(1e-6 * float(bnorm.max()), torch.finfo(b.dtype).tiny))
     z = r / precond

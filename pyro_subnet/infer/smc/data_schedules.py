@@ -17,6 +17,7 @@ coefficient changes: that is where data annealing saves work (Millard, Murphy, G
 *Investigating Batch Inference in a Sequential Monte Carlo Framework for Neural Networks*; the
 adaptive rule follows BlackJAX's ``adaptive_tempered`` ESS bisection).
 
+>>> from pyro_subnet.infer.smc import DataPath
 >>> path = DataPath(num_data=10, batch_size=4)
 >>> path.num_batches, path.included(1.5)
 (3, (8, tensor([1.0000, 1.0000, 1.0000, 1.0000, 0.5000, 0.5000, 0.5000, 0.5000])))
@@ -126,15 +127,13 @@ class Adaptive:
     whole examples costs the ESS that per-example variance ``m`` times; tempering a stage of
     ``M`` examples by :math:`\\phi` brings in the same amount of data, :math:`\\phi M = m`, for
     :math:`\\phi^2 M = m^2 / M` times it. With stages as large as the data already in, the number
-    of steps per doubling of the data stays about constant (10 to 13 on the digits benchmark,
-    where full-batch tempering takes about 10 per doubling of the temperature), while each step
-    costs only the data included so far. The last stage (from half the data to all of it) still
-    costs as many full-data steps as the last doubling of tempering or more (a stage of ``M``
-    new examples carries twice the per-example variance of tempering all ``2M``), and the
-    stages together about twice that: measured, 2.7x to 3.2x fewer example-gradients than
-    full-batch tempering on digits (three seeds; 1.8x to 2.1x with one batch per stage) and
-    2.5x to 2.6x on synthetic data with ``N`` from 1000 to 16000 (the ratio did not grow with
-    ``N``).
+    of steps per doubling of the data stays about constant, while each step costs only the data
+    included so far. The last stage (from half the data to all of it) still costs as many
+    full-data steps as the last doubling of tempering or more (a stage of ``M`` new examples
+    carries twice the per-example variance of tempering all ``2M``), and the stages together
+    about twice that: the saving over full-batch tempering in example-gradients is bounded by
+    the cost of that last stage, not by the ratio of the data to a batch (the measured steps
+    and savings are in ``docs/measured.md``).
 
     :param ess_threshold: target ESS as a fraction of the number of particles.
     :param tol: bisection tolerance on the level.
