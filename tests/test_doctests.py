@@ -2,10 +2,12 @@
 
 The examples are found with :mod:`doctest` in every module of ``pyro_subnet`` (each module is
 imported; its docstrings, and those of its classes, functions and methods, are searched). Each
-docstring's examples run as one test in the module's namespace plus ``torch``, ``pyro``, ``nn``
-(``torch.nn``) and ``ps`` (``pyro_subnet``), the names the examples take as imported. Output is
-compared with ``ELLIPSIS`` and ``NORMALIZE_WHITESPACE``. No example may be skipped: an example
-that cannot run here is not an example.
+docstring's examples run as one test in a namespace of only ``torch``, ``pyro``, ``nn``
+(``torch.nn``) and ``ps`` (``pyro_subnet``), the names the examples take as imported, and not in
+the module's own namespace: what an example needs beyond them it imports or reaches as ``ps.``,
+as a reader who copies it must. Output is compared with ``ELLIPSIS`` and
+``NORMALIZE_WHITESPACE``. No example may be skipped: an example that cannot run here is not an
+example.
 
 Examples whose output depends on random draws seed themselves (``pyro.set_rng_seed``); the test
 seeds the global generators with a seed of its own first, so an example that only passes under
@@ -33,7 +35,7 @@ def _collect():
     tests, errors = [], []
     for name in MODULES:
         try:
-            found = finder.find(importlib.import_module(name), extraglobs=NAMESPACE)
+            found = finder.find(importlib.import_module(name), globs=dict(NAMESPACE))
         except ValueError as e:           # a docstring doctest cannot parse (e.g. a stray directive)
             errors.append(f"{name}: {e}")
             continue

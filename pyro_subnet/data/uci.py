@@ -65,7 +65,7 @@ def hidden_units(name: str) -> int:
 def load_uci(name: str, split: int = 0, dtype=torch.float32) -> Dataset:
     """Split ``split`` (0-19) of UCI set ``name`` (boston, concrete, energy, yacht).
 
-    >>> ds = load_uci("yacht", split=3)
+    >>> ds = ps.data.load_uci("yacht", split=3)
     >>> ds.x_train.shape, ds.x_test.shape
     (torch.Size([277, 6]), torch.Size([31, 6]))
     """

@@ -40,7 +40,7 @@ class SpikeSlab(TorchDistribution):
     :param slab_scale: standard deviation ``sigma_1`` of the slab (positive).
     :param inclusion_prob: prior probability ``pi`` in ``(0, 1)`` of the slab.
 
-    >>> d = SpikeSlab(0.01, 1.0, 0.5)
+    >>> d = ps.distributions.SpikeSlab(0.01, 1.0, 0.5)
     >>> float(d.log_prob(torch.tensor(0.0))) > float(d.log_prob(torch.tensor(1.0)))
     True
     >>> d.inclusion_probability(torch.tensor([0.0, 1.0])).round(decimals=2)

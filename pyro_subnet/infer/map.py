@@ -68,7 +68,7 @@ def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Op
     >>> pyro.set_rng_seed(0)
     >>> model = BayesianNet(nn.Linear(2, 1), likelihood="regression", noise_scale=0.1)
     >>> x = torch.randn(50, 2); y = x @ torch.tensor([1.0, -2.0])
-    >>> fit_map(model, x, y, num_steps=500, lr=0.05, progress=False).theta[:2].round(decimals=1)
+    >>> ps.infer.fit_map(model, x, y, num_steps=500, lr=0.05, progress=False).theta[:2].round(decimals=1)
     tensor([ 1., -2.])
     """
     bridge = as_bridge(model, x)

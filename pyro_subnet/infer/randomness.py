@@ -22,6 +22,7 @@ def resolve_seed(seed: Optional[int], shared: bool = True) -> int:
     selection).
 
     >>> import pyro
+    >>> from pyro_subnet.infer.randomness import resolve_seed
     >>> pyro.set_rng_seed(0); a = resolve_seed(None)
     >>> pyro.set_rng_seed(0); a == resolve_seed(None), resolve_seed(7)
     (True, 7)

@@ -55,7 +55,7 @@ class BayesianNet(PyroModule):
         ``(name, shape) -> distribution`` with event shape ``shape``.
 
     >>> net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 3))
-    >>> model = BayesianNet(net, likelihood="classification", prior_scale=1.0)
+    >>> model = ps.nn.BayesianNet(net, likelihood="classification", prior_scale=1.0)
     >>> x, y = torch.randn(10, 2), torch.randint(0, 3, (10,))
     >>> trace = pyro.poutine.trace(model).get_trace(x, y)
     >>> sorted(n for n in trace.nodes if n not in ("_INPUT", "_RETURN", "data"))

@@ -50,7 +50,7 @@ example: the model is run on windows of ``B`` examples with the plate's indices 
 ...         sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
 ...         with pyro.plate("data", x.shape[0]):
 ...             return pyro.sample("obs", dist.Normal(mu, sigma), obs=y)
->>> bridge = ModelBridge(Regression(), torch.randn(8, 1))
+>>> bridge = ps.nn.ModelBridge(Regression(), torch.randn(8, 1))
 >>> bridge.layout.names, bridge.noise_site, bridge.likelihood.name
 (['fc.weight', 'fc.bias'], 'sigma', 'regression')
 """

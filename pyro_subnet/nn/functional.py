@@ -168,7 +168,7 @@ class FunctionalNet(NetworkFunction):
         ``example_input`` is needed to discover the sites by tracing it once).
     :param example_input: an input batch, only for PyroModule networks.
 
-    >>> f = FunctionalNet(nn.Linear(3, 2))
+    >>> f = ps.nn.FunctionalNet(nn.Linear(3, 2))
     >>> theta = f.layout.flatten(f.initial_values())
     >>> f.flat(theta, torch.randn(5, 3)).shape
     torch.Size([5, 2])

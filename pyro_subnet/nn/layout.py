@@ -24,7 +24,7 @@ class SiteLayout:
 
     :param sites: ``(name, shape)`` pairs, in the order that defines the flat vector.
 
-    >>> layout = SiteLayout([("fc.weight", (3, 2)), ("fc.bias", (3,))])
+    >>> layout = ps.nn.SiteLayout([("fc.weight", (3, 2)), ("fc.bias", (3,))])
     >>> layout.dim
     9
     >>> theta = torch.arange(9.0)

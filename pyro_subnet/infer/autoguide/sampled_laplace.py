@@ -86,7 +86,7 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
     >>> model = ps.nn.BayesianNet(nn.Sequential(nn.Linear(1, 20), nn.Tanh(), nn.Linear(20, 1)),
     ...                           likelihood="regression", noise_scale=0.1)
     >>> ds = ps.data.gap_regression(n=40)
-    >>> guide = AutoSampledLaplace(model, num_posterior_samples=16, map_steps=300, progress=False)
+    >>> guide = ps.infer.AutoSampledLaplace(model, num_posterior_samples=16, map_steps=300, progress=False)
     >>> mean, var = guide.fit(ds.x_train, ds.y_train).predict(ds.x_test)
     >>> guide.samples.shape
     torch.Size([16, 61])

@@ -71,8 +71,8 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
     >>> net = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1))
     >>> model = ps.nn.BayesianNet(net, likelihood="regression", noise_scale=0.1)
     >>> x = torch.linspace(-1, 1, 40)[:, None]; y = torch.sin(3 * x[:, 0])
-    >>> guide = AutoSubnetLaplace(model, subnet=ps.subnet.LargestMagnitude(10),
-    ...                           map_steps=500, progress=False).fit(x, y)
+    >>> guide = ps.infer.AutoSubnetLaplace(model, subnet=ps.subnet.LargestMagnitude(10),
+    ...                                    map_steps=500, progress=False).fit(x, y)
     >>> mean, var = guide.predict(x)
     >>> guide.flat_gaussian().scale_tril.shape
     torch.Size([10, 10])

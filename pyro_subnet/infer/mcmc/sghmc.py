@@ -104,7 +104,7 @@ class SGHMC(MCMCKernel):
     >>> from pyro_subnet.nn import BayesianNet
     >>> model = BayesianNet(nn.Linear(2, 1), likelihood="regression", noise_scale=0.5)
     >>> x = torch.randn(100, 2); y = x @ torch.tensor([1.0, -1.0]) + 0.5 * torch.randn(100)
-    >>> kernel = SGHMC(model, friction=0.5, subsample_size=20)
+    >>> kernel = ps.infer.SGHMC(model, friction=0.5, subsample_size=20)
     >>> mcmc = pyro.infer.MCMC(kernel, num_samples=200, warmup_steps=200, disable_progbar=True)
     >>> mcmc.run(x, y)
     >>> mcmc.get_samples()["weight"].shape

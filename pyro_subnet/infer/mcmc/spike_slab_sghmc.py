@@ -109,7 +109,7 @@ class SpikeSlabSGHMC(SGHMC):
     >>> pyro.set_rng_seed(0)
     >>> model = BayesianNet(nn.Linear(10, 1), likelihood="regression", noise_scale=0.5)
     >>> x = torch.randn(200, 10); y = 2 * x[:, 0] + 0.5 * torch.randn(200)
-    >>> kernel = SpikeSlabSGHMC(model, friction=0.5, spike_scale=0.02)
+    >>> kernel = ps.infer.SpikeSlabSGHMC(model, friction=0.5, spike_scale=0.02)
     >>> mcmc = pyro.infer.MCMC(kernel, num_samples=300, warmup_steps=300, disable_progbar=True)
     >>> mcmc.run(x, y)
     >>> (kernel.inclusion_probabilities()["weight"][0, :3] > 0.5).tolist()

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Union
 class Constant:
     """``eps_t = step_size``.
 
-    >>> Constant(0.1)(100)
+    >>> ps.infer.mcmc.Constant(0.1)(100)
     0.1
     """
 
@@ -40,7 +40,7 @@ class PolynomialDecay:
     :param decay_steps: steps over which the step size roughly halves (for ``power = 1``).
     :param power: decay exponent (``0.55`` is the usual SGLD choice).
 
-    >>> round(PolynomialDecay(1.0, decay_steps=10, power=1.0)(10), 3)
+    >>> round(ps.infer.mcmc.PolynomialDecay(1.0, decay_steps=10, power=1.0)(10), 3)
     0.5
     """
 
@@ -62,7 +62,7 @@ class CyclicalCosine:
     :param step_size: step size at the start of each cycle.
     :param cycle_length: steps per cycle ``L`` (e.g. ``ceil(total_steps / num_cycles)``).
 
-    >>> s = CyclicalCosine(1.0, cycle_length=10)
+    >>> s = ps.infer.mcmc.CyclicalCosine(1.0, cycle_length=10)
     >>> s(0), round(s(5), 3), s(10)
     (1.0, 0.5, 1.0)
     """

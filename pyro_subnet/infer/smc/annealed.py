@@ -28,6 +28,7 @@ slots, so particles move between ranks. Random draws come from one generator sha
 (:class:`~.kernels.ParticleNoise`), so the run does not depend on the number of ranks beyond
 rounding (which can still flip an accept/reject decision in a long run).
 
+>>> from pyro_subnet.infer.smc import Adaptive, AnnealedTarget, DataPath, Move, init, step
 >>> target = AnnealedTarget(lambda t: -0.5 * (t ** 2).sum(-1),
 ...                         lambda t, a, b: -0.5 * (t[:, :1] - torch.ones(1, b - a)) ** 2,
 ...                         DataPath(num_data=8, batch_size=2))

@@ -149,7 +149,7 @@ class AnnealedSMC:
     >>> from pyro_subnet.nn import BayesianNet
     >>> model = BayesianNet(nn.Linear(2, 1), "regression", noise_scale=0.5)
     >>> x = torch.randn(40, 2); y = x @ torch.tensor([1.0, -1.0]) + 0.5 * torch.randn(40)
-    >>> smc = AnnealedSMC(model, num_particles=64, batch_size=10, schedule="adaptive", progress=False)
+    >>> smc = ps.infer.AnnealedSMC(model, num_particles=64, batch_size=10, schedule="adaptive", progress=False)
     >>> smc.run(x, y)
     >>> smc.get_samples()["weight"].shape
     torch.Size([64, 1, 2])

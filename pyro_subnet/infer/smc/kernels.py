@@ -21,6 +21,7 @@ HMC (Neal 2011): ``num_leapfrog_steps`` leapfrog steps of size :math:`\\epsilon`
 A ``LogDensity`` is a function ``theta (P, D) -> (log pi (P,), grad (P, D))``; particles are
 independent, so the gradient of the summed log density is every particle's own gradient.
 
+>>> from pyro_subnet.infer.smc.kernels import mala
 >>> def log_density(theta):
 ...     return -0.5 * (theta ** 2).sum(-1), -theta
 >>> g = torch.Generator().manual_seed(0)

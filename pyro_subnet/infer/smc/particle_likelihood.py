@@ -25,6 +25,7 @@ never depend on which path ran (the tests compare them).
 
 >>> from torch import nn
 >>> from pyro_subnet.nn import BayesianNet, ModelBridge
+>>> from pyro_subnet.infer.smc.particle_likelihood import particle_log_lik
 >>> x, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
 >>> bridge = ModelBridge(BayesianNet(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), "classification"), x)
 >>> theta = torch.randn(7, bridge.layout.dim)

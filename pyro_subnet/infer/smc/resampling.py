@@ -7,6 +7,7 @@ draws one uniform per stratum :math:`((j + U_j)/M)`; systematic shares one unifo
 :math:`((j + U)/M)` and has the lowest variance in practice (Douc, Cappe and Moulines 2005,
 *Comparison of resampling schemes for particle filtering*).
 
+>>> from pyro_subnet.infer.smc import systematic
 >>> g = torch.Generator().manual_seed(0)
 >>> systematic(g, torch.tensor([0.5, 0.25, 0.25]), 4).tolist()
 [0, 0, 1, 2]

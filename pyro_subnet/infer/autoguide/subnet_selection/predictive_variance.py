@@ -60,7 +60,7 @@ class PredictiveVariance(SubnetSelection):
     :param overshoot: the greedy selects ``k + overshoot`` weights, then backward elimination
         drops the ``overshoot`` whose removal costs the least (default ``min(k, 256)``).
 
-    >>> PredictiveVariance(78)
+    >>> ps.subnet.PredictiveVariance(78)
     PredictiveVariance(k=78)
     """
 

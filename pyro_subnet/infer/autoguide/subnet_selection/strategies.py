@@ -33,7 +33,7 @@ def training_data(data):
 class LargestMagnitude(SubnetSelection):
     """The ``k`` weights of largest :math:`|\\hat\\theta_d|`.
 
-    >>> LargestMagnitude(100)
+    >>> ps.subnet.LargestMagnitude(100)
     LargestMagnitude(k=100)
     """
 
@@ -64,7 +64,7 @@ class LargestVariance(SubnetSelection):
         (``num_snapshots``, ``lr``, ``batch_size``, ``seed``).
     :param batch_size: mini-batch size of the diagonal GGN.
 
-    >>> LargestVariance(1000, method="diag_laplace")
+    >>> ps.subnet.LargestVariance(1000, method="diag_laplace")
     LargestVariance(k=1000, method='diag_laplace')
     """
 

@@ -41,7 +41,7 @@ def swag_diagonal_variance(model, theta: torch.Tensor, x: torch.Tensor, y: torch
     >>> x = torch.randn(64, 2); y = x @ torch.tensor([1.0, -1.0]) + 0.1 * torch.randn(64)
     >>> bridge = as_bridge(BayesianNet(nn.Linear(2, 1), "regression", noise_scale=0.1), x)
     >>> theta_map = fit_map(bridge, x, y, num_steps=200, lr=0.05, progress=False).theta
-    >>> var = swag_diagonal_variance(bridge, theta_map, x, y, num_snapshots=10, batch_size=16)
+    >>> var = ps.subnet.swag_diagonal_variance(bridge, theta_map, x, y, num_snapshots=10, batch_size=16)
     >>> var.shape, bool((var > 0).all())
     (torch.Size([3]), True)
     """
