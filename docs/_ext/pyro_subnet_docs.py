@@ -274,7 +274,9 @@ class MarkdownDirective(_Generated):
             text = f.read()
         if "start-after" in self.options:
             lines = text.splitlines()
-            start = next(n for n, ln in enumerate(lines) if self.options["start-after"] in ln)
+            start = next((n for n, ln in enumerate(lines) if self.options["start-after"] in ln), None)
+            if start is None:
+                raise self.error(f"{self.arguments[0]} has no line with {self.options['start-after']!r}")
             text = "\n".join(lines[start + 1:])
         return self.parse(markdown_to_rst(text), path)
 
