@@ -54,12 +54,17 @@ def test_predictive_through_a_guide_on_a_nonlinear_net_is_its_glm_predictive(kin
     assert far.shape == obs[:300].shape and not torch.allclose(far.var(0), obs.var(0), rtol=0.3)
 
 
-def test_predictive_class_frequencies_are_the_glm_probabilities():
+@pytest.mark.parametrize("laplace", ["subnet", "diagonal"])
+def test_predictive_class_frequencies_are_the_glm_probabilities(laplace):
     ds = ps.data.two_moons(n=100)
     torch.manual_seed(0)
     model = ps.nn.BayesianNet(nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 2)), "classification")
-    guide = ps.infer.AutoSubnetLaplace(model, subnet=ps.subnet.All(), prior_precision=1.0, map_steps=500,
-                                       progress=False).fit(ds.x_train, ds.y_train)
+    if laplace == "subnet":
+        guide = ps.infer.AutoSubnetLaplace(model, subnet=ps.subnet.All(), prior_precision=1.0, map_steps=500,
+                                           progress=False)
+    else:
+        guide = ps.infer.AutoDiagonalLaplace(model, prior_precision=1.0, map_steps=500, progress=False)
+    guide.fit(ds.x_train, ds.y_train)
     probs = guide.predict(ds.x_test, link="mc", num_samples=4000, generator=torch.Generator().manual_seed(0))
     pyro.set_rng_seed(0)
     obs = pyro.infer.Predictive(model, guide=guide, num_samples=4000, parallel=True)(ds.x_test)["obs"]

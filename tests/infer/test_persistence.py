@@ -23,6 +23,8 @@ def _guide(kind, model):
     if kind == "subnet":
         return ps.infer.AutoSubnetLaplace(model, subnet=ps.subnet.LargestMagnitude(12), prior_precision="marglik",
                                           map_steps=200, progress=False)
+    if kind == "diagonal":
+        return ps.infer.AutoDiagonalLaplace(model, prior_precision="marglik", map_steps=200, progress=False)
     return ps.infer.AutoSampledLaplace(model, num_posterior_samples=8, prior_precision="em", num_em_steps=3,
                                        map_steps=200, max_iter=50, progress=False)
 
@@ -34,7 +36,7 @@ def _torch_roundtrip(obj):
     return torch.load(buf, weights_only=False)
 
 
-@pytest.mark.parametrize("kind", ["subnet", "sampled"])
+@pytest.mark.parametrize("kind", ["subnet", "sampled", "diagonal"])
 def test_laplace_guides_round_trip_with_learned_noise(kind):
     ds = ps.data.gap_regression(n=40)
     model = _regression_model()
@@ -42,6 +44,8 @@ def test_laplace_guides_round_trip_with_learned_noise(kind):
     learned = model.noise_scale
     assert abs(learned - 1.0) > 0.1                      # the noise was learned, away from its start
     mean0, var0 = guide.predict(ds.x_test)
+    # (the sampled guide has no closed-form evidence)
+    evidence = float(guide.log_marginal_likelihood()) if kind != "sampled" else None
 
     copies = {"torch.save": _torch_roundtrip(guide), "pickle": pickle.loads(pickle.dumps(guide))}
     fresh = _guide(kind, _regression_model(seed=1))      # another model, other weights, noise at 1
@@ -52,6 +56,8 @@ def test_laplace_guides_round_trip_with_learned_noise(kind):
         assert torch.allclose(mean, mean0, atol=1e-6, rtol=0) and torch.allclose(var, var0, atol=1e-6, rtol=0), how
         assert g.model.noise_scale == pytest.approx(learned, rel=1e-12), how
         assert torch.equal(g.prior_prec, guide.prior_prec), how
+        if evidence is not None:
+            assert float(g.log_marginal_likelihood()) == pytest.approx(evidence, rel=1e-6), how
     # Saving did not change the live guide.
     mean, var = guide.predict(ds.x_test)
     assert torch.equal(mean, mean0) and torch.equal(var, var0)
