@@ -320,14 +320,15 @@ def arviz_diagnostics(obj) -> Dict[str, float]:
 
 
 def run_annealed_smc(ctx: Context) -> MethodResult:
-    """Data-annealed SMC (adaptive schedule over stages that double the data, MALA moves) from a
-    diagonal Laplace approximation at the MAP under the model's own prior, bridged to the
-    posterior as the data come in (``AnnealedSMC(start=...)``; ``options["annealed_smc"]["start"]
-    = "prior"`` starts from the prior instead)."""
+    """Data-annealed SMC (adaptive schedule over stages that double the data, MALA moves) from
+    the prior; ``options["annealed_smc"]["start"] = "laplace"`` starts from a diagonal Laplace
+    approximation at the MAP under the model's own prior instead, bridged to the posterior as the
+    data come in (``AnnealedSMC(start=...)``: better in distribution, worse under shift on digits,
+    see the README)."""
     t0 = time.perf_counter()
     opt = lambda k, d: ctx.option("annealed_smc", k, d)  # noqa: E731
     start, seconds = None, 0.0
-    if opt("start", "laplace") == "laplace":
+    if opt("start", "prior") == "laplace":
         theta = ctx.theta_map
         t0 = time.perf_counter()
         start = AutoDiagonalLaplace(ctx.model, progress=False).fit(ctx.ds.x_train, ctx.ds.y_train, map_theta=theta)
