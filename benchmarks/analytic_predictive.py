@@ -233,6 +233,7 @@ def main():
     x, y, xt, yt = ds.x_train, ds.y_train, ds.x_test, ds.y_test
 
     representations = {"default": {}, "diag": dict(covariance="diag"), "full": dict(covariance="full"),
+                       "sobol": dict(link="sobol"),
                        "paper": dict(activations="linearise", link="probit", covariance="diag")}
     for widths in ((100,), (100, 100)):
         torch.manual_seed(args.seed)
@@ -276,7 +277,8 @@ def main():
         guide = train_autonormal(model, x, y, args.steps)
         model.subsample_size = None
         compare(f"digits transformer ({name}), AutoNormal (SVI)", model, guide, xt, yt, log, args.reference,
-                sequential=False)
+                variants={"default": {}, "sobol": dict(link="sobol"),
+                          "paper": dict(activations="linearise", link="probit")}, sequential=False)
 
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

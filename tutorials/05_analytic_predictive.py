@@ -20,9 +20,13 @@
 #   ReLU (a rectified Gaussian), a probit fit with a quadrature correction for tanh and sigmoid
 #   (`activations="linearise"` linearises at the mean instead, as the paper does);
 # * at the output, $f \sim N(\mu, \Sigma)$ gives $N(\mu, \Sigma + \sigma^2 I)$ for regression and,
-#   for classification, the probability that each class's logit is the largest (Clark's
-#   moment-matched maximum, `link="gumbel_max"`, which uses the covariance between logits); the
-#   paper's probit link $\mathrm{softmax}(\mu/\sqrt{1 + \pi v / 8})$ is `link="probit"`.
+#   for classification $\mathbb E[\mathrm{softmax}(f)]$: as the probability that each class's logit
+#   is the largest (Clark's moment-matched maximum, `link="gumbel_max"`, the default), or by a fixed
+#   quasi-Monte Carlo rule over the logits alone (`link="sobol"`); the
+#   paper's probit link $\mathrm{softmax}(\mu/\sqrt{1 + \pi v / 8})$ is `link="probit"`;
+# * between the units of one example the covariance is kept where it changes the predictive
+#   (`covariance="auto"`), carried as an unformed factor so that it costs little more than the
+#   variances alone.
 #
 # It reads any Gaussian guide: `AutoNormal`, `AutoDiagonalNormal`, `AutoMultivariateNormal`,
 # `AutoLowRankMultivariateNormal`, our Laplace guides, or a `FlatPosterior(mean, var)`.

@@ -211,3 +211,13 @@ def test_diagonal_laplace_is_its_glm_predictive(hidden):
     J = torch.func.jacrev(lambda t: model.network.flat(t, x[:9]))(post.mean)[:, 0]      # (9, D)
     assert torch.allclose(out["mean"], model.network.flat(post.mean, x[:9])[:, 0], atol=1e-10)
     assert torch.allclose(out["var"], (J ** 2 * post.var).sum(-1) + 0.1 ** 2, rtol=1e-8, atol=1e-12)
+
+
+def test_the_predictor_applies_the_chosen_link_to_its_latent_moments():
+    model = ps.nn.BayesianNet(_mlp(), likelihood="classification")
+    post = _independent(model, 0.3)
+    for link, fn in (("sobol", links.sobol_softmax), ("gumbel_max", links.gumbel_max_softmax)):
+        pred = ps.infer.AnalyticPredictive(model, post, link=link)
+        mean, cov = pred.latent(X)
+        assert torch.allclose(pred(X)["probs"], fn(mean, cov), atol=1e-12)
+    assert ps.infer.AnalyticPredictive(model, post).link == "gumbel_max"

@@ -68,9 +68,6 @@ PROBE_ROWS = 32
 #: Under ``covariance="auto"``: the mean KL divergence (nats) of the diagonal predictive from the
 #: full one above which the full covariance is kept.
 COVARIANCE_TOLERANCE = 1e-4
-#: Under ``link="auto"``: the most classes for which the quasi-Monte Carlo link is used (its cost
-#: per example grows as ``C^2``; the Gumbel-max link's as ``C``).
-SOBOL_MAX_CLASSES = 32
 
 
 #: The model is read (traced) on this many examples of the inputs at hand.
@@ -110,12 +107,14 @@ class AnalyticPredictive:
     :mod:`~pyro_subnet.infer.analytic.layers` for what is exact and what is approximated). At the
     output, with latent function :math:`f \\sim \\mathcal N(\\mu, \\Sigma)`:
 
-    * classification, ``link="sobol"`` (the default for up to :data:`SOBOL_MAX_CLASSES` classes):
-      :math:`\\mathbb E[\\mathrm{softmax}(f)]` by a fixed quasi-Monte Carlo rule over the logits alone
-      (:func:`~pyro_subnet.infer.links.sobol_softmax`: the Gaussian integral itself, to within its
-      rule's small error); ``link="gumbel_max"`` (the default above that): a multinomial probit with
-      Clark's maximum (:func:`~pyro_subnet.infer.links.gumbel_max_softmax`; closed form, uses the
-      covariance between the logits); ``link="probit"``:
+    * classification, ``link="gumbel_max"`` (default): :math:`\\mathbb E[\\mathrm{softmax}(f)]` as a
+      multinomial probit with Clark's maximum (:func:`~pyro_subnet.infer.links.gumbel_max_softmax`;
+      closed form, uses the covariance between the logits); ``link="sobol"``: a fixed quasi-Monte
+      Carlo rule over the logits alone (:func:`~pyro_subnet.infer.links.sobol_softmax`: the
+      Gaussian integral itself, ``S C^2`` operations per example). On trained networks the latent is
+      not exactly Gaussian, and the closed form is as close to Monte Carlo over the weights as the
+      exact Gaussian integral (``benchmarks/results/analytic_predictive.txt``), at less cost;
+      ``link="probit"``:
       :math:`p(y \\mid x) \\approx \\mathrm{softmax}(\\mu / \\sqrt{1 + \\tfrac{\\pi}{8} v})` (the paper's
       link; it uses the variances only and misses the tails when they are large);
     * regression: :math:`y \\mid x \\sim \\mathcal N(\\mu, v + \\sigma^2)`.
@@ -167,7 +166,7 @@ class AnalyticPredictive:
         the MAP, so its predictive is the GLM one, the same that ``pyro.infer.Predictive`` draws
         through it; exact for its covariance over the weights, see ``products``), ``"moments"``
         otherwise.
-    :param link: ``"auto"``, ``"sobol"``, ``"gumbel_max"`` or ``"probit"`` (classification; see above).
+    :param link: ``"gumbel_max"``, ``"sobol"`` or ``"probit"`` (classification; see above).
     :param products: where a layer's correlated weights meet a correlated input (a covariance that
         spans layers: ``AutoMultivariateNormal``, ``AutoLowRankMultivariateNormal``, a subnetwork
         over several layers), the products :math:`(G\\varepsilon)(A\\varepsilon)` (see
@@ -199,7 +198,7 @@ class AnalyticPredictive:
     """
 
     def __init__(self, model, guide, covariance: str = "auto", batch_size: Union[int, str, None] = "auto",
-                 activations: str = "auto", link: str = "auto", products="auto",
+                 activations: str = "auto", link: str = "gumbel_max", products="auto",
                  covariance_tolerance: float = COVARIANCE_TOLERANCE):
         check_model(model, "AnalyticPredictive")
         if covariance not in ("auto", "full", "diag"):
@@ -216,9 +215,8 @@ class AnalyticPredictive:
             # predictive (the one its own Predictive draws) is the linearised one
             activations = "linearise" if getattr(guide, "predictive", None) == "glm" else "moments"
         self.activations = activations
-        if link not in ("auto", "sobol", "gumbel_max", "probit"):
-            raise ValueError(f"AnalyticPredictive: link must be 'auto', 'sobol', 'gumbel_max' or 'probit', got "
-                             f"{link!r}.")
+        if link not in ("sobol", "gumbel_max", "probit"):
+            raise ValueError(f"AnalyticPredictive: link must be 'gumbel_max', 'sobol' or 'probit', got {link!r}.")
         self.link = link
         if products not in (True, False, "auto"):
             raise ValueError(f"AnalyticPredictive: products must be True, False or 'auto', got {products!r}.")
@@ -382,8 +380,6 @@ class AnalyticPredictive:
         lik = self.bridge.likelihood
         if lik.name == "classification":
             link = self.link
-            if link == "auto":
-                link = "sobol" if mean.shape[-1] <= SOBOL_MAX_CLASSES else "gumbel_max"
             if link == "probit":
                 out["probs"] = links.probit(mean, out["f_var"])
             elif link == "sobol":
