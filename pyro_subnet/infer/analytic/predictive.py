@@ -86,7 +86,7 @@ def _bridge_on_few(model, x) -> ModelBridge:
     return ModelBridge(model, x)
 
 
-def _predictive_kl(p: Dict[str, torch.Tensor], q: Dict[str, torch.Tensor], likelihood: str) -> torch.Tensor:
+def _predictive_kl(p: Dict[str, torch.Tensor], q: Dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean over examples of :math:`\\mathrm{KL}(p \\,\\|\\, q)` between two outputs of
     :meth:`AnalyticPredictive.__call__`: categorical (``probs``) or Gaussian (``mean``, ``var``)."""
     if "probs" in p:
@@ -318,7 +318,7 @@ class AnalyticPredictive:
         probe = x[:PROBE_ROWS]
         views = {full: self._site_view(flat, x, full) for full in (False, True)}
         outs = {full: self._outputs(*self._latent(probe, views[full])) for full in views}
-        self.covariance_change = float(_predictive_kl(outs[True], outs[False], self.bridge.likelihood.name))
+        self.covariance_change = float(_predictive_kl(outs[True], outs[False]))
         self.full = self.covariance_change > self.covariance_tolerance
         return views[self.full]
 
