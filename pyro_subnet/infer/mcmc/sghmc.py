@@ -21,6 +21,11 @@ from .preconditioners import PreconditionerState, make_preconditioner
 from .step_size_schedules import make_schedule
 
 
+#: With a fixed step size, the gradient noise (for the end-of-warm-up warning) is estimated on
+#: every this-many steps of warm-up instead of every step.
+FIXED_STEP_NOISE_EVERY = 5
+
+
 class SGHMC(MCMCKernel):
     """Stochastic-gradient HMC (Chen, Fox & Guestrin, ICML 2014) with a diagonal preconditioner,
     for :class:`pyro.infer.MCMC`, driven like NUTS but on mini-batches:
@@ -335,10 +340,14 @@ class SGHMC(MCMCKernel):
             return self._warm_start_sample(params)
         if self._t == self._warm_start_calls() and self._t > 0:
             self._restart_adaptation()
-        # Gradient noise is estimated in warm-up: it sets the step size (or, for a fixed one, warns).
-        self.potential.estimate_noise = self._warming_up()
+        # Gradient noise is estimated in warm-up: it sets the step size (every step), or for a fixed
+        # one only feeds the warning at the end of warm-up (every FIXED_STEP_NOISE_EVERY-th step:
+        # the estimate costs a second backward pass).
+        warming = self._warming_up()
         lp_sum, diverged = 0.0, False
         for _ in range(self.steps_per_sample):
+            self.potential.estimate_noise = warming and (self.adapt_step_size or
+                                                         self._k % FIXED_STEP_NOISE_EVERY == 0)
             eps = self._step_size_now()
             self._state, info = integrator.step(self._state, self.potential, eps, self.friction,
                                                 self.preconditioner, self._adapting(), self._mask())
