@@ -110,15 +110,10 @@ def output_linear(module: nn.Module, prefix: str = "") -> Optional[str]:
     return None
 
 
-def prefers_diagonal(module: nn.Module, max_width: int = 256) -> bool:
-    """Whether the network needs diagonal activations (conv, attention, normalisation, reshapes) or
-    is too wide for a per-example covariance."""
-    for m in module.modules():
-        if isinstance(m, DIAGONAL_ONLY):
-            return True
-        if isinstance(m, nn.Linear) and m.out_features > max_width:
-            return True
-    return False
+def is_mlp(module: nn.Module) -> bool:
+    """Whether every layer of the network can carry a per-example covariance between features
+    (none of :data:`DIAGONAL_ONLY`: conv, attention, normalisation, reshapes)."""
+    return not any(isinstance(m, DIAGONAL_ONLY) for m in module.modules())
 
 
 def count_linear(module: nn.Module) -> int:

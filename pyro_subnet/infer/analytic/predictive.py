@@ -262,7 +262,7 @@ class AnalyticPredictive:
         traced) and which covariance representations can differ on it."""
         self.bridge = bridge
         self.net = walkable_network(bridge)
-        mlp = not layers.prefers_diagonal(self.net, max_width=10 ** 9)
+        mlp = layers.is_mlp(self.net)
         if self.covariance == "full" and not mlp:
             raise ValueError("AnalyticPredictive: covariance='full' supports MLPs only (Linear layers and "
                              "elementwise activations); use covariance='diag'.")
