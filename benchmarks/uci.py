@@ -128,12 +128,12 @@ def make_model(ds, seed: int) -> BayesianNet:
 
 
 def run_split(name: str, split: int, methods: Sequence[str], quick: bool = False, seed: int = 0,
-              progress: bool = False) -> Dict[str, Dict[str, float]]:
+              progress: bool = False, map_prior: str = "fixed") -> Dict[str, Dict[str, float]]:
     """Every method on one split; returns method -> {"ll", "rmse", "time_s", diagnostics...}."""
     ds = load_uci(name, split)
     cfg = settings(quick, len(ds.x_train))
     ctx = Context(ds, make_model(ds, seed), quick=quick, seed=seed, progress=progress, diagnostics=False,
-                  map_steps=cfg["map_steps"], options=cfg["options"])
+                  map_steps=cfg["map_steps"], options=cfg["options"], map_prior=map_prior)
     ctx.theta_map                            # the shared MAP (and its noise), timed once
     out = {}
     for m in methods:
@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "--resume, a comma-separated list of such files is read (new results go to the first)")
     p.add_argument("--resume", action="store_true", help="skip splits already in the --json files")
     p.add_argument("--out", default=None, help="also write the table to this file")
+    p.add_argument("--map-prior", choices=("fixed", "evidence"), default="fixed",
+                   help="the shared MAP's prior: the fixed Normal(0, 1) (default) or its scale chosen by the "
+                   "evidence framework (fit_map_by_evidence), which every method then uses")
     p.add_argument("--progress", action="store_true")
     return p
 
@@ -226,6 +229,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for path in args.json.split(","):
             if Path(path).exists():
                 records += [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    records = [r for r in records if r.get("map_prior", "fixed") == args.map_prior]
     done = {(r["dataset"], r["split"]) for r in records}
     # Split-major order: a run stopped early has the same splits for every data set.
     for k in range(args.splits):
@@ -233,8 +237,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             if k >= num_splits(d) or (d, k) in done:
                 continue
             t0 = time.perf_counter()
-            rec = {"dataset": d, "split": k, "quick": args.quick,
-                   "methods": run_split(d, k, methods, args.quick, args.seed, args.progress)}
+            rec = {"dataset": d, "split": k, "quick": args.quick, "map_prior": args.map_prior,
+                   "methods": run_split(d, k, methods, args.quick, args.seed, args.progress, args.map_prior)}
             records.append(rec)
             summary = " ".join(f"{m}={v['ll']:.2f}" for m, v in rec["methods"].items())
             print(f"[{d} split {k}: {time.perf_counter() - t0:.0f}s] LL {summary}", flush=True)
@@ -242,7 +246,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 with open(args.json.split(",")[0], "a") as fh:
                     fh.write(json.dumps(rec) + "\n")
     records = [r for r in records if r["dataset"] in args.datasets and r["split"] < args.splits]
-    table = format_table(records, methods, args.datasets)
+    table = f"# MAP prior: {args.map_prior}\n" + format_table(records, methods, args.datasets)
     print(table)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ from .data.shift import ood_inputs, shifted_inputs
 from .diagnostics import to_inference_data
 from .diagnostics.arviz_io import summary_numbers
 from .infer import AnalyticPredictive, AutoDiagonalLaplace, AutoSampledLaplace, AutoSubnetLaplace
+from .infer.evidence_map import fit_map_by_evidence
 from .infer.map import fit_map
 from .infer.mcmc import SGHMC, SpikeSlabSGHMC
 from .infer.smc import AnnealedSMC
@@ -153,6 +154,7 @@ class Context:
     map_steps: int = 2000
     map_lr: float = 3e-3
     map_batch_size: int = 128
+    map_prior: str = "fixed"             # "evidence": the prior scale by the evidence framework (fit_map_by_evidence)
     diagnostics: bool = True
     options: Dict[str, Dict[str, object]] = field(default_factory=dict)
     validation: Optional[Tuple[torch.Tensor, torch.Tensor]] = None   # held out of ds.x_train, for tuning
@@ -160,6 +162,10 @@ class Context:
     _map: Optional[torch.Tensor] = None
     _map_seconds: float = 0.0
     _map_noise: Optional[float] = None
+
+    def __post_init__(self):
+        if self.map_prior not in ("fixed", "evidence"):
+            raise ValueError(f"Context: map_prior must be 'fixed' or 'evidence', got {self.map_prior!r}.")
 
     def option(self, method: str, key: str, default):
         """Setting ``key`` of ``method``: ``options[method][key]`` if given, else ``default``."""
@@ -186,9 +192,10 @@ class Context:
         if self._map is None:
             t0 = time.perf_counter()
             torch.manual_seed(self.seed)
-            self._map = fit_map(self.model, self.ds.x_train, self.ds.y_train, num_steps=self.map_steps,
-                                lr=self.map_lr, batch_size=self.map_batch_size, progress=self.progress,
-                                seed=self.seed).theta
+            fit = fit_map_by_evidence if self.map_prior == "evidence" else fit_map
+            self._map = fit(self.model, self.ds.x_train, self.ds.y_train, num_steps=self.map_steps,
+                            lr=self.map_lr, batch_size=self.map_batch_size, progress=self.progress,
+                            seed=self.seed).theta
             self._map_seconds = time.perf_counter() - t0
             if self.learns_noise:
                 self._map_noise = self.model.noise_scale

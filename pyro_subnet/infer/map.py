@@ -50,7 +50,7 @@ def neg_log_joint(bridge, theta, x, y, num_data: int, noise_scale=None) -> torch
 
 def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Optional[int] = 256,
             init: Optional[torch.Tensor] = None,
-            progress: bool = True, seed: Optional[int] = None) -> MAPResult:
+            progress: bool = True, seed: Optional[int] = None, fit_noise: bool = True) -> MAPResult:
     """Find the MAP weights of ``model`` on ``(x, y)``.
 
     :param model: a Pyro model (see :class:`~pyro_subnet.nn.ModelBridge`) or its bridge; a learned
@@ -61,6 +61,8 @@ def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Op
     :param init: starting weights ``(D,)`` (default: the wrapped network's own weights).
     :param progress: show a progress bar with the loss.
     :param seed: seed for the mini-batch order.
+    :param fit_noise: fit a learned noise scale jointly (default); ``False`` holds it at the
+        likelihood's current value (the evidence framework sets it by the evidence instead).
     :returns: :class:`MAPResult` with the weights and the loss curve.
 
     >>> from torch import nn
@@ -84,7 +86,8 @@ def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Op
     theta0 = bridge.initial_theta(dtype=x.dtype, device=x.device) if init is None else init.to(x)
     theta = theta0.detach().clone().requires_grad_(True)
     params = [theta]
-    learn_noise = getattr(bridge.likelihood, "learn_noise", False)
+    learns_noise = getattr(bridge.likelihood, "learn_noise", False)
+    learn_noise = learns_noise and fit_noise
     if learn_noise:
         log_noise = torch.tensor(math.log(bridge.likelihood.noise_scale), dtype=x.dtype,
                                  device=x.device).requires_grad_(True)
@@ -123,5 +126,6 @@ def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Op
         raise RuntimeError("fit_map: the weights became NaN or infinite; lower lr.")
     if learn_noise:
         bridge.likelihood.set_noise_scale(float(log_noise.detach().exp()))
+    if learns_noise:
         return MAPResult(theta.detach(), losses, bridge.likelihood.noise_scale)
     return MAPResult(theta.detach(), losses)

@@ -109,6 +109,21 @@ class BayesianNet(PyroModule):
     def noise_scale(self):
         return getattr(self.likelihood, "noise_scale", None)
 
+    def set_prior_scale(self, prior_scale: Union[float, Mapping[str, float]]) -> None:
+        """Replace the default Normal prior's scale (a number or a dict of site patterns, as in the
+        constructor), e.g. with one chosen by the evidence (:func:`~pyro_subnet.infer.fit_map_by_evidence`).
+        Bridges and guides built from now on see the new prior."""
+        if self.prior is not None or self._pyro_net is not None:
+            raise ValueError("set_prior_scale: only the default Normal prior has a scale; this model's prior is "
+                             "its own (prior= or PyroSample sites).")
+        old = self.prior_scale
+        self.prior_scale = prior_scale
+        try:
+            self._scales = {n: self._scale_for(n) for n in self.layout.names}
+        except ValueError:
+            self.prior_scale = old
+            raise
+
     def _scale_for(self, name: str) -> float:
         s = self.prior_scale
         if isinstance(s, Mapping):
