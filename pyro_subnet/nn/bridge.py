@@ -159,13 +159,17 @@ def _is_real(support) -> bool:
 def _unchecked(fn):
     """A copy of a traced distribution that does not check its arguments: the methods evaluate the
     prior at proposals that may be rejected for being NaN or out of the support (the user's own
-    distribution objects, e.g. a PyroSample prior, are left as they are)."""
-    fn = copy.deepcopy(fn)
-    d = fn
-    while d is not None:
+    distribution objects, e.g. a PyroSample prior, are left as they are). Shallow copies of the
+    wrapper chain (``Independent``, expanded, masked, transformed) down to the base distribution:
+    the flag lives on each object, and the parameter tensors they share are not written to."""
+    top = d = copy.copy(fn)
+    while True:
         d._validate_args = False
-        d = getattr(d, "base_dist", None)
-    return fn
+        base = getattr(d, "base_dist", None)
+        if base is None:
+            return top
+        d.base_dist = base = copy.copy(base)
+        d = base
 
 
 def _latent_sites(trace, exclude) -> List[_Site]:
@@ -224,6 +228,8 @@ class NetworkOutput(NetworkFunction):
         self.is_pyro = net.is_pyro
         self.min_rows = 1
         self._init_function(net.layout)
+        # the output width is the net's: share the input-shape probes of check_data with it
+        self._probe_cache = net.__dict__.setdefault("_probe_cache", {})
 
     @property
     def module(self) -> nn.Module:
@@ -322,20 +328,29 @@ class ModelBridge:
 
     :param model: a Pyro model ``model(x, y=None)`` with one observed site inside a data plate.
     :param x: inputs ``(N, ...)`` (a few examples suffice: the model is traced on them).
+    :param lazy_priors: decide whether each site's prior depends on the other latents (a second
+        prior draw of the model; what the prior densities, prior draws and the Gaussian view of the
+        prior rely on) when first asked instead of now. For a caller that only evaluates the network,
+        such as the analytic predictive, which never asks. The later draw runs the model as it is
+        then (its modules' modes, e.g. inside a training context that updates running statistics),
+        so methods that use the prior keep the default.
 
     The bridge holds the current value of a learned noise scale (``likelihood.noise_scale``):
     a method that fits it writes it there, and the network is evaluated at it.
     """
 
-    def __init__(self, model, x):
+    def __init__(self, model, x, lazy_priors: bool = False):
         if not callable(model):
             raise TypeError(f"expected a Pyro model (a callable such as a PyroModule), got {type(model).__name__}.")
         self.model = model
         x = as_tensor(x, "x", _reference_tensor(model))
         if x.dim() == 0 or x.shape[0] == 0:
             raise ValueError(f"x must have a leading data dimension with at least one example, got shape {tuple(x.shape)}.")
-        with torch.random.fork_rng():   # two prior draws, leaving the user's random stream where it was
-            trace, other = self._trace(x), self._trace(x)
+        with torch.random.fork_rng():   # a prior draw, leaving the user's random stream where it was
+            trace = self._trace(x)
+            # the seed of a second prior draw, made only where one is needed (:meth:`_second_trace`)
+            self._second_seed = int(torch.randint(2 ** 62, ()))
+        self._traced_x = x
         obs = self._find_observed(trace, x.shape[0])
         self.obs_name = obs
         node = trace.nodes[obs]
@@ -354,6 +369,9 @@ class ModelBridge:
         latents = _latent_sites(trace, exclude={obs})
         self.noise_site, self.noise = None, None
         fixed_noise = None
+        # a second prior draw: it tells a noise scale apart from what depends on the weights, and
+        # whether the priors depend on other latents
+        other = self._second_trace() if kind == "regression" or not lazy_priors else None
         if kind == "regression":
             scale, scale2 = _observed_scale(node["fn"]), _observed_scale(other.nodes[obs]["fn"])
             for site in latents:
@@ -382,7 +400,11 @@ class ModelBridge:
         self.likelihood = self._make_likelihood(kind, fixed_noise)
         self.network = self._make_network(kind, trace, x)
         self.layout = self.network.layout
-        self._static = self._priors_are_static(trace, other)
+        if isinstance(self.network, ModelNetwork):
+            f = observed_parameter(node["fn"])
+            if f.shape[0] == x.shape[0]:    # the trace ran the network on x: the probe check_data would make
+                self.network._probe_cache = {(tuple(x.shape[1:]), x.dtype, x.device.type): int(f.shape[-1])}
+        self._static_value = None if lazy_priors else self._priors_are_static(other)
         self._prior_cache = {}
 
     # ----------------------------------------------------------------------------------------
@@ -443,7 +465,26 @@ class ModelBridge:
             raise UnsupportedModelError(f"the model cannot be run as model(x) ({e}); pyro_subnet evaluates a "
                                         "Bayesian network as model(x) with the targets y optional.") from e
 
-    def _priors_are_static(self, trace, other) -> bool:
+    def _second_trace(self):
+        """A second prior draw of the model on the traced inputs, made where it is needed (telling a
+        noise site apart, :attr:`_static`): from a seed drawn after the first draw, so that it
+        differs from the first even where the user reseeds before each bridge, and is the same draw
+        each time it is made."""
+        with torch.random.fork_rng():      # (forks the CPU and CUDA generators, the ones seeded here)
+            torch.default_generator.manual_seed(self._second_seed)
+            if torch.cuda.is_available():
+                torch.cuda.manual_seed_all(self._second_seed)
+            return self._trace(self._traced_x)
+
+    @property
+    def _static(self) -> bool:
+        """Whether each site's prior is the same whatever the other latents are
+        (:meth:`_priors_are_static`; decided on first use under ``lazy_priors``)."""
+        if self._static_value is None:
+            self._static_value = self._priors_are_static(self._second_trace())
+        return self._static_value
+
+    def _priors_are_static(self, other) -> bool:
         """Whether each site's prior is the same whatever the other latents are: the priors of a
         second prior draw give every site the same log density as the first trace's priors."""
         for site in self.sites + ([self.noise] if self.noise is not None else []):

@@ -82,6 +82,18 @@ def test_a_hierarchical_prior_is_evaluated_through_the_model():
     model, x = Hierarchical(), torch.randn(5, 2)
     bridge = ModelBridge(model, x)
     assert not bridge._static and set(bridge.layout.names) == {"tau", "fc.weight", "fc.bias"}
+    # lazy_priors: decided on first use, from a second draw that is the same whenever it is made, even
+    # where the user reseeds before each bridge; the user's random stream is left alone throughout
+    torch.manual_seed(3)
+    lazy = ModelBridge(model, x, lazy_priors=True)
+    state = torch.get_rng_state()
+    assert lazy._static_value is None and not lazy._static and torch.equal(state, torch.get_rng_state())
+    # a classifier needs no second draw to be read: one model run, the second on first use
+    classifier, runs = ClassifierBNN(2, 5, 3), []
+    classifier.register_forward_pre_hook(lambda m, a: runs.append(1))
+    lazy = ModelBridge(classifier, torch.randn(7, 2), lazy_priors=True)
+    assert len(runs) == 1 and lazy._static and len(runs) == 2
+    assert ModelBridge(classifier, torch.randn(7, 2))._static_value and len(runs) == 4
     theta = torch.randn(3, bridge.layout.dim)
     for draw in theta:
         values = bridge.constrained(bridge.layout.unflatten(draw))
