@@ -250,7 +250,7 @@ def test_auto_batch_size_chunks_correlated_passes_without_changing_them(monkeypa
         auto(x[:0])
 
 
-def test_widest_activation_traces_shapes_on_the_meta_device():
+def test_widest_activation_traces_shapes_on_one_example():
     """The "auto" batch size's F: the largest module output of one example, inner layers included."""
     from pyro_subnet.infer.analytic.predictive import widest_activation
     mlp = nn.Sequential(nn.Linear(784, 50), nn.Tanh(), nn.Linear(50, 10))
@@ -262,3 +262,9 @@ def test_widest_activation_traces_shapes_on_the_meta_device():
     assert widest_activation(conv, (64,), torch.float32) == 4 * 8 * 8    # channels x pixels
     assert widest_activation(transformer.eval(), (64,), torch.float32) == 8 * 32   # tokens x feed-forward width
     assert widest_activation(mlp, (3,), torch.float32) is None           # a shape the network cannot take
+    # the pass leaves nothing changed: the modules' modes, the random stream, the fused attention path
+    transformer.train()
+    state = torch.get_rng_state()
+    assert widest_activation(transformer, (64,), torch.float64) == 8 * 32
+    assert all(m.training for m in transformer.modules()) and torch.equal(state, torch.get_rng_state())
+    assert torch.backends.mha.get_fastpath_enabled()

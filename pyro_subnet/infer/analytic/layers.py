@@ -148,20 +148,20 @@ def _elementwise(fn, x, post):
 
 
 def _linear_params(post: SitePosterior, w: str, b: str, has_bias: bool, rows: slice = slice(None)):
-    """Mean, independent variances ``(out, in+1)`` and factor ``(out, in+1, r)`` of ``[W, b]``."""
+    """Mean, independent variances ``(out, in+1)`` and factor ``(out, in+1, r)`` of ``[W, b]``, and
+    which entries of the factor are correlated ``(out, in+1)``
+    (:meth:`~.posterior.SitePosterior.linear_factor`)."""
     weight = post.mean[w][rows]
     bias = post.mean[b][rows] if has_bias else None
-    names = [w, b] if has_bias else [w]
     wv = None
     if post.has_var[w] or (has_bias and post.has_var[b]):
         bv = post.var[b][rows] if has_bias else weight.new_zeros(weight.shape[0])
         wv = torch.cat([post.var[w][rows], bv[:, None]], 1)
-    grids = post.factor(names)
-    G = None
-    if grids is not None:
-        gb = grids[1][rows] if has_bias else grids[0].new_zeros(weight.shape[0], grids[0].shape[-1])
-        G = torch.cat([grids[0][rows], gb[:, None, :]], 1)
-    return weight, bias, wv, G
+    grid = post.linear_factor(w, b if has_bias else None)
+    G = correlated = None
+    if grid is not None:
+        G, correlated = grid[0][rows], grid[1][rows]
+    return weight, bias, wv, G, correlated
 
 
 @register(nn.Linear)
@@ -173,9 +173,10 @@ def _linear(module, prefix, x, post):
     if lift and x.A is not None and x.A.shape[-1] >= x.mean.shape[-1]:
         x, lift = gaussian_activation.Gaussian(x.mean, x.total_cov()), False
     full = (post.full and not lift) or output
-    lw = post.cached(("linear", prefix, full), lambda: linear_moments.prepare_linear(
+    exact = x.exact     # (the data: the first layer, whose input needs less of the weights' terms)
+    lw = post.cached(("linear", prefix, full, exact), lambda: linear_moments.prepare_linear(
         *_linear_params(post, prefix + "weight", prefix + "bias", module.bias is not None), full=full,
-        products=post.products))
+        products=post.products, exact_input=exact))
     return linear_moments.linear(x, lw, full=full, products=post.products is not False, lift=lift)
 
 

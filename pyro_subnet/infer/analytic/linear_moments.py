@@ -57,9 +57,12 @@ class LinearWeights(NamedTuple):
 
     ``weight`` ``(out, in)``, ``bias`` ``(out,)`` or ``None``; ``weight_var_t``: the independent
     variances of ``[W, b]`` transposed, ``(in + 1, out)``; ``factor``: ``G`` ``(out, in + 1, r)``;
-    ``factor_flat``: ``G`` as ``(in + 1, out * r)``; ``weight_sq_t``: ``(W^2)^T``; ``factor_sq_t``:
-    :math:`(\\sum_r G_{kir}^2)^T`, ``(in, out)``; ``outer``: :math:`W_{ki} W_{li}` as ``(in, out * out)`` and
-    ``cross``: :math:`\\mathrm{Cov}_G(W_{ki}, W_{li})` as ``(in, out * out)`` (full covariances only);
+    ``factor_flat``: ``G`` as ``(in + 1, out * r)`` (``None`` where the sparse form below is kept);
+    ``weight_sq_t``: ``(W^2)^T``; ``factor_sq_t``: :math:`(\\sum_r G_{kir}^2)^T`, ``(in, out)``;
+    ``outer``: :math:`W_{ki} W_{li}` as ``(in, out * out)`` and ``cross``:
+    :math:`\\mathrm{Cov}_G(W_{ki}, W_{li})` as ``(in, out * out)`` (full covariances only); the terms
+    that only an uncertain input reads are ``None`` where :func:`prepare_linear` was told the input
+    is known;
     ``sparse_idx`` ``(out, m)`` and ``sparse_factor`` ``(out, m, r)``: when few entries of ``[W, b]``
     are correlated (a subnetwork), the ``m`` correlated inputs of each output unit (padded with
     zero rows), so that :math:`G\\tilde\\mu` costs ``N out m r`` instead of ``N out (in + 1) r``;
@@ -86,28 +89,38 @@ class LinearWeights(NamedTuple):
 
 
 def prepare_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], weight_var: Optional[torch.Tensor] = None,
-                   factor: Optional[torch.Tensor] = None, full: bool = False,
-                   products: Union[bool, str] = "auto") -> LinearWeights:
+                   factor: Optional[torch.Tensor] = None, correlated: Optional[torch.Tensor] = None,
+                   full: bool = False, products: Union[bool, str] = "auto",
+                   exact_input: bool = False) -> LinearWeights:
     """:class:`LinearWeights` from the weight mean ``(out, in)``, bias mean, independent variances of
     ``[W, b]`` ``(out, in + 1)`` and factor ``G`` ``(out, in + 1, r)`` (see :func:`linear`).
+    ``correlated``: which entries of ``G`` are not zero, ``(out, in + 1)``, where the caller knows
+    (default: read off ``G``).
     ``products``: whether to prepare the covariance of the products :math:`(G\\varepsilon)(A\\varepsilon)`
     (:class:`ProductTerms`): ``True``, ``False``, or ``"auto"``: where it is cheap next to the
-    layer's first-order terms (a subnetwork, not a dense factor; see :func:`_product_terms`)."""
+    layer's first-order terms (a subnetwork, not a dense factor; see :func:`_product_terms`).
+    ``exact_input``: for a known input only (the data, :attr:`Gaussian.exact`): what :func:`linear`
+    reads of an input's variances and factor (``weight_sq_t``, ``outer``, ``cross``,
+    ``factor_sq_t``, ``factor_on_inputs``, ``products``) is left ``None``; the factor's
+    ``factor_flat`` or sparse form is all it needs."""
     out, n_in = weight.shape
-    outer = cross = factor_flat = factor_sq_t = None
+    outer = cross = factor_flat = factor_sq_t = weight_sq_t = None
     sparse_idx = sparse_factor = factor_inputs = factor_on_inputs = product_terms = None
-    if full:
-        outer = (weight.T.unsqueeze(-1) * weight.T.unsqueeze(-2)).reshape(n_in, out * out)
-    if factor is not None:
-        factor_flat = factor.permute(1, 0, 2).reshape(n_in + 1, -1)
-        factor_sq_t = (factor[:, :-1] ** 2).sum(-1).T
+    if not exact_input:
+        weight_sq_t = (weight ** 2).T.contiguous()
         if full:
-            cross = torch.einsum("kir,lir->ikl", factor[:, :-1], factor[:, :-1]).reshape(n_in, out * out)
-        nz = (factor != 0).any(-1)                                  # (out, in + 1): correlated entries
-        used = nz[:, :-1].any(0).nonzero().squeeze(-1)              # inputs with correlated weights
-        factor_inputs = None if used.numel() == n_in else used
-        factor_on_inputs = factor[:, used].reshape(out, -1).T.contiguous()
-        product_terms = _product_terms(factor, nz[:, :-1], used, products)
+            outer = (weight.T.unsqueeze(-1) * weight.T.unsqueeze(-2)).reshape(n_in, out * out)
+    if factor is not None:
+        nz = (factor != 0).any(-1) if correlated is None else correlated   # (out, in + 1): correlated entries
+        if not exact_input:
+            factor_sq_t = (factor[:, :-1] ** 2).sum(-1).T
+            if full:
+                cross = torch.einsum("kir,lir->ikl", factor[:, :-1], factor[:, :-1]).reshape(n_in, out * out)
+            used = nz[:, :-1].any(0).nonzero().squeeze(-1)          # inputs with correlated weights
+            factor_inputs = None if used.numel() == n_in else used
+            on_inputs = factor[:, :-1] if factor_inputs is None else factor[:, used]
+            factor_on_inputs = on_inputs.reshape(out, -1).T.contiguous()
+            product_terms = _product_terms(factor, nz[:, :-1], used, products)
         counts = nz.sum(-1)
         m = int(counts.max())
         if 2 * m <= n_in + 1:                                       # worth it: at least half the work saved
@@ -116,8 +129,10 @@ def prepare_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], weight_va
             keep = torch.arange(max(m, 1), device=factor.device) < counts.unsqueeze(-1)
             sparse_idx = order
             sparse_factor = factor.gather(1, order.unsqueeze(-1).expand(-1, -1, factor.shape[-1])) * keep.unsqueeze(-1)
+        else:
+            factor_flat = factor.permute(1, 0, 2).reshape(n_in + 1, -1)
     return LinearWeights(weight, bias, None if weight_var is None else weight_var.T.contiguous(), factor,
-                         factor_flat, (weight ** 2).T.contiguous(), factor_sq_t, outer, cross, sparse_idx, sparse_factor,
+                         factor_flat, weight_sq_t, factor_sq_t, outer, cross, sparse_idx, sparse_factor,
                          factor_inputs, factor_on_inputs, product_terms)
 
 
@@ -233,7 +248,10 @@ def linear(x: Gaussian, lw: LinearWeights, full: bool = False, products: bool = 
             gm = torch.bmm(sel.transpose(0, 1), lw.sparse_factor).transpose(0, 1)   # (N, out, r)
             gm = gm.reshape(*mean.shape[:-1], out_f, gm.shape[-1])
         else:
-            gm = (mean @ lw.factor_flat[:-1] + lw.factor_flat[-1]).unflatten(-1, (out_f, -1))
+            flat = lw.factor_flat
+            if flat is None:        # (prepared for the sparse path only)
+                flat = factor.permute(1, 0, 2).reshape(factor.shape[1], -1)
+            gm = (mean @ flat[:-1] + flat[-1]).unflatten(-1, (out_f, -1))
         out_A = gm if out_A is None else out_A + gm
         if A is not None and products:
             # E[(G eps)(A eps)] = sum_ir G_kir A_ir, over the inputs that have correlated weights

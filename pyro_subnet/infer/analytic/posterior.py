@@ -25,7 +25,8 @@ a :class:`FlatPosterior`            as given (e.g. a diagonal Laplace approximat
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence
+import copy
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from pyro.distributions import constraints
@@ -98,11 +99,15 @@ def read_posterior(guide, layout: SiteLayout) -> FlatPosterior:
     _check_real_support(guide, layout)
     with torch.no_grad():
         if isinstance(guide, AutoNormal):
-            locs, scales = {}, {}
-            for n in layout.names:
+            locs, scales = [], []
+            for n, shape in layout.shapes.items():
                 loc, scale = guide._get_loc_and_scale(n)
-                locs[n], scales[n] = loc.detach(), scale.detach()
-            return _validated(FlatPosterior(layout.flatten(locs), layout.flatten(scales) ** 2), layout)
+                if loc.shape != shape:
+                    raise ValueError(f"AnalyticPredictive: the guide's site {n!r} has shape {tuple(loc.shape)}, the "
+                                     f"model's {tuple(shape)}; was the guide made for this model?")
+                locs.append(loc.reshape(-1))
+                scales.append(scale.reshape(-1))
+            return _validated(FlatPosterior(torch.cat(locs), torch.cat(scales).square_()), layout)
         if isinstance(guide, AutoDelta):
             mean = layout.flatten({n: v for n, v in guide.median().items() if n in layout.names})
             return _validated(FlatPosterior(mean, torch.zeros_like(mean)), layout)
@@ -139,7 +144,9 @@ def _validated(p: FlatPosterior, layout: SiteLayout) -> FlatPosterior:
                              f"indices, got {tuple(p.factor.shape)}.")
         if p.indices.numel() and (p.indices.min() < 0 or p.indices.max() >= D):
             raise ValueError(f"AnalyticPredictive: indices must lie in [0, {D}).")
-    if not (torch.isfinite(p.mean).all() and torch.isfinite(p.var).all() and (p.var >= 0).all()):
+    # one reduction per bound (NaN propagates through max and min, so it fails them too)
+    bounds = torch.stack([p.mean.abs().max(), p.var.max(), p.var.min()]) if D else torch.zeros(3)
+    if not (bool((bounds[:2] < float("inf")).all()) and bool(bounds[2] >= 0)):
         raise ValueError("AnalyticPredictive: the posterior mean/variances must be finite, variances >= 0.")
     return p
 
@@ -167,14 +174,26 @@ class SitePosterior:
         self.full_output_at = full_output_at
         self._memo = {}
         cast = dict(dtype=dtype, device=device)
+        var = post.var.to(**cast)
         self.mean = layout.unflatten(post.mean.to(**cast))
-        self.var = layout.unflatten(post.var.to(**cast))
-        self.has_var = {n: bool((v > 0).any()) for n, v in self.var.items()}
+        self.var = layout.unflatten(var)
+        # which sites have independent variances: positive entries counted per site in one pass
+        ends = torch.tensor([0] + [sl.stop for sl in layout.slices().values()], device=var.device)
+        counts = torch.cat([ends.new_zeros(1), (var > 0).cumsum(0)])[ends].diff()
+        self.has_var = dict(zip(layout.names, (counts > 0).tolist()))
         self._idx = None if post.indices is None else post.indices.to(device)
         self._factor = None if post.factor is None else post.factor.to(**cast)
         # full covariances of independent weights travel as per-example columns of A
         # (moments.linear's lift); with a weight factor, A's columns are the weights' epsilon
         self.lift = full and self._factor is None
+
+    def with_full(self, full: bool) -> "SitePosterior":
+        """The same posterior with ``full`` set otherwise: the tensors and what the layers derived
+        from them (:meth:`cached`, keyed by the representation where it matters) are shared."""
+        view = copy.copy(self)
+        view.full = full
+        view.lift = full and self._factor is None
+        return view
 
     @property
     def factor_width(self) -> int:
@@ -199,6 +218,42 @@ class SitePosterior:
 
     def independent_var(self, name: str) -> Optional[torch.Tensor]:
         return self.var[name] if self.has_var[name] else None
+
+    def linear_factor(self, weight: str, bias: Optional[str]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """The factor ``G`` ``(out, in + 1, r)`` of a linear layer's ``[W, b]`` (the rows of ``F`` as
+        :meth:`factor` gives them, the bias as the last input; zeros without a bias) and which of its
+        entries are correlated, ``(out, in + 1)``: a row of ``F`` that is not all zero. Both are
+        written from the layer's correlated coordinates alone, without a pass over the mostly zero
+        grid of a subnetwork. ``None`` when none of its coordinates is correlated."""
+        if self._idx is None:
+            return None
+        out, n_in = self.layout.shapes[weight]
+        r = self._factor.shape[-1]
+        G = self._factor.new_zeros(out * (n_in + 1), r)
+        correlated = torch.zeros(out * (n_in + 1), dtype=torch.bool, device=G.device)
+        found = False
+        for name, bias_site in ((weight, False), (bias, True)):
+            entries = None if name is None else self._entries(name)
+            if entries is None:
+                continue
+            local, rows = entries
+            # W[k, i] sits at k (in + 1) + i of the grid, b[k] at k (in + 1) + in
+            at = local * (n_in + 1) + n_in if bias_site else local + torch.div(local, n_in, rounding_mode="floor")
+            G[at] = rows
+            correlated[at] = (rows != 0).any(-1)
+            found = True
+        if not found:
+            return None
+        return G.view(out, n_in + 1, r), correlated.view(out, n_in + 1)
+
+    def _entries(self, name: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(local, rows)``: the flat positions in site ``name`` of its correlated coordinates and their
+        rows of the factor, ``(k, r)``; ``None`` where it has none."""
+        s = self.layout.slices()[name]
+        pos = ((self._idx >= s.start) & (self._idx < s.stop)).nonzero().reshape(-1)
+        if pos.numel() == 0:
+            return None
+        return self._idx[pos] - s.start, self._factor[pos]
 
     def factor(self, names: Sequence[str]) -> Optional[List[torch.Tensor]]:
         """The rows of the factor ``F`` for the sites ``names``: one tensor ``(*site_shape, r)`` per

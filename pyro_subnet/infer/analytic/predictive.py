@@ -9,6 +9,7 @@ import pyro
 import torch
 
 from ...nn.bridge import ModelBridge, check_model
+from ...nn.functional import _in_mode
 from .. import links
 from . import gaussian_activation, layers
 from .forward_trace import walkable_network
@@ -31,10 +32,15 @@ def _guide_tensors(guide, modules=None) -> List[torch.Tensor]:
     return out
 
 
-def widest_activation(net: torch.nn.Module, example_shape, dtype) -> Optional[int]:
+def widest_activation(net: torch.nn.Module, example_shape, dtype, device=None) -> Optional[int]:
     """The most numbers any module of ``net`` outputs for one example of shape ``example_shape``:
-    a forward pass on the meta device (shapes only, no arithmetic) with a hook on every module.
-    ``None`` where the network does not run on the meta device."""
+    one forward pass on an example of zeros, with a hook on every module (a real pass on one
+    example: on the meta device the same pass costs more, every operation being decomposed in
+    Python). Nothing is left changed: eval mode (no running statistics updated, no dropout draws),
+    no gradients, the random stream restored (a PyroSample weight draws from its prior), torch's
+    fused attention path off (it would skip the inner modules and their hooks). The weights are
+    cast to ``dtype`` and ``device`` (default: the network's) where they differ. ``None`` where
+    the network does not run on such an example."""
     sizes = []
 
     def record(module, args, out):
@@ -43,15 +49,21 @@ def widest_activation(net: torch.nn.Module, example_shape, dtype) -> Optional[in
             sizes.append(out.numel())
     tensors = dict(net.named_parameters())
     tensors.update(net.named_buffers())
-    meta = {n: torch.empty_like(t, device="meta", dtype=dtype if t.is_floating_point() else t.dtype)
-            for n, t in tensors.items()}
+    if device is None:
+        device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
+    device = torch.device(device)
+    tensors = {n: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for n, t in tensors.items()}
     hooks = [m.register_forward_hook(record) for m in net.modules()]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
-        with torch.no_grad():
-            torch.func.functional_call(net, meta, (torch.empty(1, *example_shape, dtype=dtype, device="meta"),))
+        with torch.no_grad(), torch.random.fork_rng(devices=[] if device.type == "cpu" else None), \
+                _in_mode(net, False):
+            torch.backends.mha.set_fastpath_enabled(False)
+            torch.func.functional_call(net, tensors, (torch.zeros(1, *example_shape, dtype=dtype, device=device),))
     except Exception:       # a heuristic: where shapes cannot be traced, no chunking
         return None
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for h in hooks:
             h.remove()
     return max(sizes, default=None)
@@ -77,13 +89,14 @@ TRACE_ROWS = 16
 def _bridge_on_few(model, x) -> ModelBridge:
     """The model's bridge, traced on the first :data:`TRACE_ROWS` examples of ``x`` (the structure is
     all it reads, and tracing a large set costs more than a prediction); on all of ``x`` where the
-    model cannot run on so few (e.g. a data plate whose ``subsample_size`` is larger)."""
+    model cannot run on so few (e.g. a data plate whose ``subsample_size`` is larger). The prior's
+    structure is left undecided (``lazy_priors``): the predictive never evaluates the prior."""
     if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] > TRACE_ROWS:
         try:
-            return ModelBridge(model, x[:TRACE_ROWS])
+            return ModelBridge(model, x[:TRACE_ROWS], lazy_priors=True)
         except ValueError:
             pass
-    return ModelBridge(model, x)
+    return ModelBridge(model, x, lazy_priors=True)
 
 
 def _predictive_kl(p: Dict[str, torch.Tensor], q: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -316,8 +329,16 @@ class AnalyticPredictive:
         (categorical, or Gaussian for regression), exceeds ``covariance_tolerance`` nats. The
         divergence is kept in :attr:`covariance_change`."""
         probe = x[:PROBE_ROWS]
-        views = {full: self._site_view(flat, x, full) for full in (False, True)}
-        outs = {full: self._outputs(*self._latent(probe, views[full])) for full in views}
+        diag = self._site_view(flat, x, False)
+        views = {False: diag, True: diag.with_full(True)}      # (one reading of the posterior, shared)
+        latents = {full: self._latent(probe, views[full]) for full in views}
+        (m0, v0), (m1, v1) = latents[False], latents[True]
+        if v0.shape == v1.shape:    # both carry the output covariance: one call of the link for both
+            n = m0.shape[0]
+            both = self._outputs(torch.cat([m0, m1]), torch.cat([v0, v1]))
+            outs = {False: {k: v[:n] for k, v in both.items()}, True: {k: v[n:] for k, v in both.items()}}
+        else:
+            outs = {full: self._outputs(*latents[full]) for full in latents}
         self.covariance_change = float(_predictive_kl(outs[True], outs[False]))
         self.full = self.covariance_change > self.covariance_tolerance
         return views[self.full]
@@ -338,9 +359,9 @@ class AnalyticPredictive:
         if not r or x.device.type != "cpu":   # (GPUs favour one large pass)
             return x.shape[0]
         net = self.net
-        key = (id(net), tuple(x.shape[1:]), x.dtype)
+        key = (id(net), tuple(x.shape[1:]), x.dtype, x.device)
         if key not in self._widest:
-            self._widest[key] = widest_activation(net, x.shape[1:], x.dtype)
+            self._widest[key] = widest_activation(net, x.shape[1:], x.dtype, x.device)
         widest = self._widest[key]
         return x.shape[0] if widest is None else max(16, AUTO_BATCH_ELEMENTS // (r * widest))
 
