@@ -90,3 +90,15 @@ def test_annealed_smc_noise_latent(data):
     assert float(smc.noise_samples.mean()) == pytest.approx(TRUE_NOISE, rel=0.15)
     assert smc.get_samples()["weight"].shape == (64, 1, 3)   # the noise is not a weight site
     assert m.noise_scale == pytest.approx(float(smc.noise_samples.pow(2).mean().sqrt()))
+
+
+def test_log_evidence_of_an_unfactorisable_precision_is_minus_inf_and_differentiable():
+    """A tuner probing extreme values can make G + P numerically indefinite: the evidence there is
+    -inf, and a backward pass through it still runs (L-BFGS calls backward on every probe)."""
+    ggn = -torch.eye(3, dtype=torch.float64) * 10.0
+    prior_prec = torch.full((3,), 1e-3, dtype=torch.float64, requires_grad=True)
+    value = prior_lib.log_evidence(torch.tensor(0.0, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
+                                   prior_prec, ggn)
+    assert value.item() == -math.inf
+    value.backward()
+    assert torch.isfinite(prior_prec.grad).all()

@@ -115,8 +115,8 @@ def log_evidence(log_lik: torch.Tensor, theta_s: torch.Tensor, prior_prec: torch
             logdet_post = 2.0 * torch.log(torch.diagonal(L)).sum()
         else:    # too ill-conditioned to factorise (a tuner probing extreme values): LU instead
             sign, logdet_post = torch.linalg.slogdet(precision)
-            if float(sign) <= 0:
-                return torch.full((), -math.inf, dtype=precision.dtype, device=precision.device)
+            if float(sign) <= 0:   # -inf, still a function of the inputs so that a tuner's backward runs
+                return log_lik + prior_prec.sum() * 0.0 - math.inf
     return log_lik - 0.5 * (prior_prec * theta_s ** 2).sum() + 0.5 * torch.log(prior_prec).sum() - 0.5 * logdet_post
 
 
