@@ -120,6 +120,33 @@ def log_evidence(log_lik: torch.Tensor, theta_s: torch.Tensor, prior_prec: torch
     return log_lik - 0.5 * (prior_prec * theta_s ** 2).sum() + 0.5 * torch.log(prior_prec).sum() - 0.5 * logdet_post
 
 
+def _lbfgs_maximise(params, objective, max_iter: int) -> None:
+    """Maximise ``objective()`` over ``params`` in place (L-BFGS, strong Wolfe), robust to probes
+    where it is not finite (an unfactorisable precision at an extreme step): such a probe gets a
+    huge finite loss and no gradient, so the line search backs off instead of turning the
+    iterate into NaN, and the best finite point seen is kept."""
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-9, tolerance_change=1e-12)
+    best = {"loss": math.inf, "values": [q.detach().clone() for q in params]}
+
+    def closure():
+        opt.zero_grad()
+        loss = -objective()
+        if not torch.isfinite(loss):
+            for q in params:
+                q.grad = torch.zeros_like(q)
+            return torch.full_like(loss.detach(), 1e30)
+        loss.backward()
+        if float(loss) < best["loss"]:
+            best["loss"], best["values"] = float(loss), [q.detach().clone() for q in params]
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        for q, v in zip(params, best["values"]):
+            q.copy_(v)
+
+
 def tune_marglik(ggn: torch.Tensor, theta_s: torch.Tensor, groups: torch.Tensor, init: torch.Tensor,
                  max_iter: int = 200) -> torch.Tensor:
     """Maximise :math:`\\log Z` over one log-precision per group (L-BFGS, strong Wolfe).
@@ -134,17 +161,8 @@ def tune_marglik(ggn: torch.Tensor, theta_s: torch.Tensor, groups: torch.Tensor,
     # The optimiser works in float64: the log-determinant of a k x k matrix needs the digits.
     G, th = ggn.detach().double(), theta_s.detach().double()
     log_p = start.double().clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([log_p], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-9, tolerance_change=1e-12)
-
-    def closure():
-        opt.zero_grad()
-        p = log_p.clamp(_LOG_MIN, _LOG_MAX).exp()[groups]
-        loss = -log_evidence(torch.zeros((), dtype=G.dtype, device=G.device), th, p, G)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    zero = torch.zeros((), dtype=G.dtype, device=G.device)
+    _lbfgs_maximise([log_p], lambda: log_evidence(zero, th, log_p.clamp(_LOG_MIN, _LOG_MAX).exp()[groups], G), max_iter)
     return log_p.detach().clamp(_LOG_MIN, _LOG_MAX).exp()[groups].to(init.dtype)
 
 
@@ -228,17 +246,9 @@ def tune_marglik_noise(ggn1: torch.Tensor, theta_s: torch.Tensor, groups: torch.
     sse_t = torch.as_tensor(float(sse), dtype=G.dtype, device=G.device)
     log_p = start.double().clone().requires_grad_(tune_prior)
     log_s = torch.tensor(math.log(init_scale), dtype=G.dtype, device=G.device, requires_grad=True)
-    opt = torch.optim.LBFGS([log_p, log_s] if tune_prior else [log_s], lr=1.0, max_iter=max_iter,
-                            line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
-
-    def closure():
-        opt.zero_grad()
-        p = log_p.clamp(_LOG_MIN, _LOG_MAX).exp()[groups]
-        loss = -log_evidence_noise(sse_t, num_obs, th, p, G, log_s.clamp(-12.0, 12.0))
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    _lbfgs_maximise([log_p, log_s] if tune_prior else [log_s],
+                    lambda: log_evidence_noise(sse_t, num_obs, th, log_p.clamp(_LOG_MIN, _LOG_MAX).exp()[groups], G,
+                                               log_s.clamp(-12.0, 12.0)), max_iter)
     p = log_p.detach().clamp(_LOG_MIN, _LOG_MAX).exp()[groups].to(init.dtype)
     return p, float(log_s.detach().clamp(-12.0, 12.0).exp())
 
