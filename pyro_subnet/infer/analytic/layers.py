@@ -164,6 +164,12 @@ def _linear_params(post: SitePosterior, w: str, b: str, has_bias: bool, rows: sl
     return weight, bias, wv, G, correlated
 
 
+def _prepare_linear(post: SitePosterior, w: str, b: str, has_bias: bool, rows: slice = slice(None), **options):
+    """:func:`~.linear_moments.prepare_linear` of ``[W, b]`` as :func:`_linear_params` reads it."""
+    weight, bias, wv, G, correlated = _linear_params(post, w, b, has_bias, rows)
+    return linear_moments.prepare_linear(weight, bias, wv, G, correlated=correlated, **options)
+
+
 @register(nn.Linear)
 def _linear(module, prefix, x, post):
     output = prefix == post.full_output_at
@@ -174,9 +180,9 @@ def _linear(module, prefix, x, post):
         x, lift = gaussian_activation.Gaussian(x.mean, x.total_cov()), False
     full = (post.full and not lift) or output
     exact = x.exact     # (the data: the first layer, whose input needs less of the weights' terms)
-    lw = post.cached(("linear", prefix, full, exact), lambda: linear_moments.prepare_linear(
-        *_linear_params(post, prefix + "weight", prefix + "bias", module.bias is not None), full=full,
-        products=post.products, exact_input=exact))
+    lw = post.cached(("linear", prefix, full, exact), lambda: _prepare_linear(
+        post, prefix + "weight", prefix + "bias", module.bias is not None, full=full, products=post.products,
+        exact_input=exact))
     return linear_moments.linear(x, lw, full=full, products=post.products is not False, lift=lift)
 
 
@@ -244,8 +250,8 @@ def _self_attention(module, prefix, x, post):
     N, T = mean.shape[:2]
     heads = lambda t: t.reshape(N, T, H, d).transpose(1, 2)  # noqa: E731  (N, H, T, d)
     attn = links.softmax(heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(d))
-    lw = post.cached(("values", prefix), lambda: linear_moments.prepare_linear(
-        *_linear_params(post, w, b, has_bias, rows=slice(2 * E, 3 * E)), products=post.products))
+    lw = post.cached(("values", prefix), lambda: _prepare_linear(
+        post, w, b, has_bias, rows=slice(2 * E, 3 * E), products=post.products))
     v = linear_moments.linear(x, lw, products=post.products is not False)
     r = None if v.A is None else v.A.shape[-1]
     v = gaussian_activation.Gaussian(heads(v.mean), heads(v.var),

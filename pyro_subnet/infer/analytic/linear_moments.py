@@ -89,8 +89,8 @@ class LinearWeights(NamedTuple):
 
 
 def prepare_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], weight_var: Optional[torch.Tensor] = None,
-                   factor: Optional[torch.Tensor] = None, correlated: Optional[torch.Tensor] = None,
-                   full: bool = False, products: Union[bool, str] = "auto",
+                   factor: Optional[torch.Tensor] = None, full: bool = False,
+                   products: Union[bool, str] = "auto", correlated: Optional[torch.Tensor] = None,
                    exact_input: bool = False) -> LinearWeights:
     """:class:`LinearWeights` from the weight mean ``(out, in)``, bias mean, independent variances of
     ``[W, b]`` ``(out, in + 1)`` and factor ``G`` ``(out, in + 1, r)`` (see :func:`linear`).
