@@ -7,7 +7,7 @@ Backpropagation Networks*, Neural Computation 1992) alternates the two until the
 
 .. math::
 
-    \\hat\\theta_t = \\arg\\max_\\theta \\log p(\\theta \\mid \\alpha_{t}) + \\log p(y \\mid \\theta, \\sigma),
+    \\hat\\theta_t = \\arg\\max_\\theta \\log p(\\theta \\mid \\alpha_{t}) + \\log p(y \\mid \\theta, \\sigma_t),
     \\qquad
     (\\alpha_{t+1}, \\sigma_{t+1}) = \\arg\\max_{\\alpha, \\sigma} \\log Z(\\alpha, \\sigma; \\hat\\theta_t),
 
