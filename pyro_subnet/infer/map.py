@@ -86,9 +86,9 @@ def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Op
     theta0 = bridge.initial_theta(dtype=x.dtype, device=x.device) if init is None else init.to(x)
     theta = theta0.detach().clone().requires_grad_(True)
     params = [theta]
-    learns_noise = getattr(bridge.likelihood, "learn_noise", False)
-    learn_noise = learns_noise and fit_noise
-    if learn_noise:
+    noise_is_learned = getattr(bridge.likelihood, "learn_noise", False)   # a hyperparameter, not a fixed value
+    fits_noise = noise_is_learned and fit_noise                            # ... and this run fits it
+    if fits_noise:
         log_noise = torch.tensor(math.log(bridge.likelihood.noise_scale), dtype=x.dtype,
                                  device=x.device).requires_grad_(True)
         params.append(log_noise)
@@ -110,7 +110,7 @@ def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Op
                 xb, yb = x[idx], y[idx]
             else:
                 xb, yb = x, y
-            loss = neg_log_joint(bridge, theta, xb, yb, n, log_noise.exp() if learn_noise else None)
+            loss = neg_log_joint(bridge, theta, xb, yb, n, log_noise.exp() if fits_noise else None)
             if noise_prior:
                 loss = loss - (bridge.noise_log_prior(log_noise) - log_noise)   # log p(sigma), no Jacobian
             loss = loss / n
@@ -124,8 +124,8 @@ def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Op
                 bar.set_postfix(loss=f"{loss.item():.4f}")
     if not torch.isfinite(theta).all():
         raise RuntimeError("fit_map: the weights became NaN or infinite; lower lr.")
-    if learn_noise:
+    if fits_noise:
         bridge.likelihood.set_noise_scale(float(log_noise.detach().exp()))
-    if learns_noise:
+    if noise_is_learned:
         return MAPResult(theta.detach(), losses, bridge.likelihood.noise_scale)
     return MAPResult(theta.detach(), losses)

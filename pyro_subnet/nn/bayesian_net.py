@@ -79,7 +79,7 @@ class BayesianNet(PyroModule):
         self.subsample_size = subsample_size
         self.prior_scale = prior_scale
         self.prior = prior
-        self._scales = {} if pyro_net else {n: self._scale_for(n) for n in self.layout.names}
+        self._scales = {} if pyro_net else self._site_scales()
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -119,10 +119,14 @@ class BayesianNet(PyroModule):
         old = self.prior_scale
         self.prior_scale = prior_scale
         try:
-            self._scales = {n: self._scale_for(n) for n in self.layout.names}
+            self._scales = self._site_scales()
         except ValueError:
             self.prior_scale = old
             raise
+
+    def _site_scales(self) -> dict:
+        """Each weight site's prior scale under :attr:`prior_scale` (checked: a dict must cover every site)."""
+        return {n: self._scale_for(n) for n in self.layout.names}
 
     def _scale_for(self, name: str) -> float:
         s = self.prior_scale
