@@ -270,7 +270,7 @@ def ggn_factor(likelihood: Likelihood, f: torch.Tensor, J: torch.Tensor) -> torc
 
 def ggn(fnet: NetworkFunction, likelihood: Likelihood, theta: torch.Tensor, data,
         indices: Optional[torch.Tensor] = None, structure: str = "dense",
-        batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+        batch_size: int = 256, progress: bool = False, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Generalised Gauss-Newton matrix :math:`\\sum_n J_{S,n}^\\top \\Lambda_n J_{S,n}`.
 
     :param data: inputs ``x``, a pair ``(x, y)`` or an iterable of batches (a DataLoader);
@@ -278,7 +278,11 @@ def ggn(fnet: NetworkFunction, likelihood: Likelihood, theta: torch.Tensor, data
         Categorical and Gaussian likelihoods).
     :param indices: coordinates ``S`` (``None``: all weights).
     :param structure: ``"dense"`` (``k x k``) or ``"diag"`` (its diagonal, ``k``).
-    :returns: the GGN in ``theta``'s dtype and device.
+    :param dtype: the dtype the products are summed and returned in (default ``theta``'s). A
+        float32 sum of outer products is positive semi-definite only up to rounding of order
+        ``1e-7`` of its largest eigenvalue; where a weak prior is all that keeps the posterior
+        precision definite, float64 keeps it so.
+    :returns: the GGN, on ``theta``'s device.
     """
     if structure not in ("dense", "diag"):
         raise ValueError(f"ggn: structure must be 'dense' or 'diag', got {structure!r}.")
@@ -286,6 +290,8 @@ def ggn(fnet: NetworkFunction, likelihood: Likelihood, theta: torch.Tensor, data
     for xb, _ in iter_batches(data, batch_size, device=theta.device, progress=progress, desc="GGN"):
         f, J = jacobian(fnet, theta, xb, indices)
         M = ggn_factor(likelihood, f, J)
+        if dtype is not None:
+            M = M.to(dtype)
         term = M.T @ M if structure == "dense" else (M * M).sum(0)
         G = term if G is None else G + term
     return G

@@ -11,6 +11,7 @@ from torch import nn
 
 from pyro_subnet.infer import AutoSampledLaplace, AutoSubnetLaplace
 from pyro_subnet.infer.autoguide import prior as prior_lib
+from pyro_subnet.infer.curvature import ggn
 from pyro_subnet.infer.map import fit_map
 from pyro_subnet.infer.mcmc import SGHMC
 from pyro_subnet.infer.smc import AnnealedSMC
@@ -102,3 +103,41 @@ def test_log_evidence_of_an_unfactorisable_precision_is_minus_inf_and_differenti
     assert value.item() == -math.inf
     value.backward()
     assert torch.isfinite(prior_prec.grad).all()
+
+
+def test_log_evidence_of_an_indefinite_precision_with_a_positive_determinant_is_minus_inf():
+    """Two negative eigenvalues give a positive determinant: a log-determinant alone would call the
+    matrix a precision; the evidence there is -inf."""
+    ggn = torch.diag(torch.tensor([-2.0, -2.0, 5.0], dtype=torch.float64))
+    prior_prec = torch.ones(3, dtype=torch.float64)
+    value = prior_lib.log_evidence(torch.tensor(0.0, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
+                                   prior_prec, ggn)
+    assert value.item() == -math.inf
+
+
+def test_float32_ggn_rounding_under_a_small_noise_is_summed_again_in_float64():
+    """More weights than data, a small noise, a weak prior: the float32 sum of outer products has
+    negative eigenvalues of order 1e-7 of its largest (which is ~N / sigma^2), far below -p, so the
+    float32 precision is indefinite. The guide sums the GGN again in float64 and its posterior is
+    that of the same model fitted in float64."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(30, 5, generator=g)
+    y = torch.sin(x[:, 0]) + 0.01 * torch.randn(30, generator=g)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 30), nn.Tanh(), nn.Linear(30, 1))       # 211 weights, 30 points
+    theta = torch.nn.utils.parameters_to_vector(net.parameters()).detach()
+    fits = {}
+    for dtype in (torch.float32, torch.float64):
+        m = BayesianNet(net.to(dtype), likelihood="regression", noise_scale=1e-3)
+        guide = AutoSubnetLaplace(m, subnet=All(), prior_precision=1.0, progress=False)
+        guide.fit(x.to(dtype), y.to(dtype), map_theta=theta.to(dtype))
+        fits[dtype] = guide
+    f32 = fits[torch.float32]
+    assert f32.ggn.dtype == torch.float64          # the retry's GGN, kept in float64
+    summed32 = ggn(f32.bridge.network, f32.bridge.likelihood, theta, x)
+    assert summed32.dtype == torch.float32
+    eye = torch.eye(summed32.shape[0], dtype=torch.float64)
+    assert torch.linalg.eigvalsh(summed32.double() + eye).min() < 0     # the float32 sum is no precision
+    cov = {d: (f.scale_tril.double() @ f.scale_tril.double().T) for d, f in fits.items()}
+    assert fits[torch.float32].scale_tril.dtype == torch.float32
+    assert torch.allclose(cov[torch.float32], cov[torch.float64], atol=1e-4, rtol=1e-3)

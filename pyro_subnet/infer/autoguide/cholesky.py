@@ -38,7 +38,21 @@ def precision_to_scale_tril(precision: torch.Tensor) -> torch.Tensor:
     *upper* triangular ``U = F L_f F``, so ``P^{-1} = U^{-T} U^{-1}`` and ``L = U^{-T}`` is lower
     triangular: one Cholesky and one triangular solve (the trick of
     ``torch.distributions.multivariate_normal``).
+
+    A precision in a low precision (float32) that does not factorise there is factorised again in
+    float64 and the factor returned in its own dtype: a posterior with a small noise and a weak
+    prior has a condition number beyond float32's ~1e7 (the factorisation fails) while its
+    covariance factor is well representable.
     """
+    try:
+        return _scale_tril(precision)
+    except NotPositiveDefiniteError:
+        if precision.dtype == torch.float64 or not torch.isfinite(precision).all():
+            raise
+        return _scale_tril(precision.double()).to(precision.dtype)
+
+
+def _scale_tril(precision: torch.Tensor) -> torch.Tensor:
     Lf = cholesky(torch.flip(precision, (-2, -1)))
     L_inv = torch.transpose(torch.flip(Lf, (-2, -1)), -2, -1)
     eye = torch.eye(precision.shape[-1], dtype=precision.dtype, device=precision.device)

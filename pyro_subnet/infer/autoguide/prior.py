@@ -111,12 +111,11 @@ def log_evidence(log_lik: torch.Tensor, theta_s: torch.Tensor, prior_prec: torch
     else:
         precision = ggn + torch.diag(prior_prec)
         L, info = torch.linalg.cholesky_ex(precision)
-        if int(info) == 0:
-            logdet_post = 2.0 * torch.log(torch.diagonal(L)).sum()
-        else:    # too ill-conditioned to factorise (a tuner probing extreme values): LU instead
-            sign, logdet_post = torch.linalg.slogdet(precision)
-            if float(sign) <= 0:   # -inf, still a function of the inputs so that a tuner's backward runs
-                return log_lik + prior_prec.sum() * 0.0 - math.inf
+        if int(info) != 0 and precision.dtype != torch.float64:   # beyond float32's condition numbers
+            L, info = torch.linalg.cholesky_ex(precision.double())
+        if int(info) != 0:   # not positive definite: -inf, still a function of the inputs so that a tuner's backward runs
+            return log_lik + prior_prec.sum() * 0.0 - math.inf
+        logdet_post = 2.0 * torch.log(torch.diagonal(L)).sum().to(precision.dtype)
     return log_lik - 0.5 * (prior_prec * theta_s ** 2).sum() + 0.5 * torch.log(prior_prec).sum() - 0.5 * logdet_post
 
 
@@ -137,8 +136,9 @@ def _lbfgs_maximise(params, objective, max_iter: int) -> None:
                 q.grad = torch.zeros_like(q)
             return torch.full_like(loss.detach(), 1e30)
         loss.backward()
-        if float(loss) < best["loss"]:
-            best["loss"], best["values"] = float(loss), [q.detach().clone() for q in params]
+        value = float(loss.detach())
+        if value < best["loss"]:
+            best["loss"], best["values"] = value, [q.detach().clone() for q in params]
         return loss
 
     opt.step(closure)

@@ -10,7 +10,7 @@ from ...data.batches import iter_batches
 from .. import distributed
 from ..curvature import FlatGaussian, ggn, jacobian, log_likelihood_gradient
 from . import prior as prior_lib
-from .cholesky import cholesky, precision_to_scale_tril
+from .cholesky import NotPositiveDefiniteError, cholesky, precision_to_scale_tril
 from .linearised_laplace import LinearisedLaplaceGuide, broadest_within
 from .subnet_selection import warn_if_flat
 
@@ -99,12 +99,12 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
 
     # ------------------------------------------------------------------------------------------
     # Data sums below run over this rank's share (all of it in one process) and are all-reduced.
-    def _ggn(self, theta, idx, x, y) -> torch.Tensor:
+    def _ggn(self, theta, idx, x, y, dtype=None) -> torch.Tensor:
         x, y, _ = distributed.local_share(x, y)
         G = ggn(self.bridge.network, self.bridge.likelihood, theta, (x, y), indices=idx, structure="dense",
-                batch_size=self.batch_size, progress=self._fit_progress) if x.shape[0] else None
+                batch_size=self.batch_size, progress=self._fit_progress, dtype=dtype) if x.shape[0] else None
         if G is None:
-            G = theta.new_zeros(len(idx), len(idx))
+            G = theta.new_zeros(len(idx), len(idx), dtype=dtype)
         return distributed.all_reduce_sum(G)
 
     def _gauss_newton_step(self, theta, idx, precision, x, y) -> torch.Tensor:
@@ -115,13 +115,30 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         data_grad = distributed.all_reduce_sum(log_likelihood_gradient(
             self.bridge.network, self.bridge.likelihood, theta, (x, y), idx, self.batch_size))
         grad = -data_grad + torch.diagonal(precision - self.ggn) * theta[idx]
-        step = torch.cholesky_solve(grad[:, None], cholesky(precision))[:, 0]
-        return theta.index_copy(0, idx, theta[idx] - step)
+        step = torch.cholesky_solve(grad[:, None].to(precision.dtype), cholesky(precision))[:, 0]
+        return theta.index_copy(0, idx, theta[idx] - step.to(theta.dtype))
 
     def _fit_posterior(self, theta, data, x, y) -> None:
         prior_full = self._prior_full(theta.dtype, theta.device)
         idx = self._select(theta, data, prior_full)
-        G = self._ggn(theta, idx, x, y)
+        lik = self.bridge.likelihood
+        noise = getattr(lik, "noise_scale", None)
+        try:
+            self._posterior_from_ggn(theta, idx, self._ggn(theta, idx, x, y), prior_full, x, y)
+        except NotPositiveDefiniteError:
+            if theta.dtype == torch.float64:
+                raise
+            # A float32 GGN is positive semi-definite only up to rounding (of order 1e-7 of its
+            # largest eigenvalue): with a small noise and a weak prior that rounding leaves the
+            # precision indefinite. Summed in float64 (and kept so) it is the exact GGN of the
+            # float32 Jacobians; the tuning starts again from the same noise.
+            if noise is not None and getattr(lik, "learn_noise", False):
+                lik.set_noise_scale(noise)
+            self._posterior_from_ggn(theta, idx, self._ggn(theta, idx, x, y, dtype=torch.float64), prior_full, x, y)
+
+    def _posterior_from_ggn(self, theta, idx, G, prior_full, x, y) -> None:
+        """Prior precision (and a learned noise) from the GGN ``G`` over ``idx``, then the posterior
+        factor; ``G`` may be float64 for float32 weights (the factor is cast to theirs)."""
         layout = self.bridge.layout
         spec = self.prior_precision_spec
         if spec == "validation":   # one number, by the held-out NLL (then a learned noise by the evidence)
@@ -156,7 +173,7 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         self.loc = theta.detach().clone()
         self.prior_prec = p
         self.log_lik = self._log_lik(theta, x, y)
-        self.scale_tril = precision_to_scale_tril(precision)
+        self.scale_tril = precision_to_scale_tril(precision).to(theta.dtype)
 
     # ------------------------------------------------------------------------------------------
     def _sample_subnet(self):
@@ -231,7 +248,7 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
         x_val, y_val = (t.to(self.loc.device) for t in self.bridge.check(x_val, y_val))
         best = self._grid_search(self.loc, self.subnet_indices, self.ggn, x_val, y_val, grid)
         self.prior_prec = torch.full_like(self.prior_prec, best)
-        self.scale_tril = precision_to_scale_tril(self.posterior_precision)
+        self.scale_tril = precision_to_scale_tril(self.posterior_precision).to(self.loc.dtype)
         return best
 
     def log_marginal_likelihood(self, prior_precision=None) -> torch.Tensor:
