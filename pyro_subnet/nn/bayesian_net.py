@@ -80,6 +80,7 @@ class BayesianNet(PyroModule):
         self.prior_scale = prior_scale
         self.prior = prior
         self._scales = {} if pyro_net else self._site_scales()
+        self._normal_priors = {}      # (site, dtype, device) -> its default Normal prior under _scales
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -123,6 +124,7 @@ class BayesianNet(PyroModule):
         except ValueError:
             self.prior_scale = old
             raise
+        self._normal_priors = {}
 
     def _site_scales(self) -> dict:
         """Each weight site's prior scale under :attr:`prior_scale` (checked: a dict must cover every site)."""
@@ -157,8 +159,14 @@ class BayesianNet(PyroModule):
         if self._pyro_net is not None:
             return self.network.priors()[name]
         if self.prior is None:
-            zero = torch.zeros((), dtype=like.dtype, device=like.device)
-            return dist.Normal(zero, zero + self._scales[name]).expand(shape).to_event(len(shape))
+            # built once per site, dtype and device: every model call (each SVI step, each trace) reads it
+            key = (name, like.dtype, like.device)
+            prior = self._normal_priors.get(key)
+            if prior is None:
+                zero = torch.zeros((), dtype=like.dtype, device=like.device)
+                prior = dist.Normal(zero, zero + self._scales[name]).expand(shape).to_event(len(shape))
+                self._normal_priors[key] = prior
+            return prior
         if isinstance(self.prior, dist.Distribution) or isinstance(self.prior, torch.distributions.Distribution):
             return self.prior.expand(shape).to_event(len(shape))
         return self.prior(name, shape)

@@ -203,7 +203,7 @@ def test_cached_posterior_follows_guide_updates(guide_cls):
     guide(x, y)
     pred = ps.infer.AnalyticPredictive(model, guide, covariance="full")
     first = pred(x)["f_cov"]
-    assert pred._site_posterior(x) is pred._site_posterior(x)
+    assert pred._site_posterior(x)[0] is pred._site_posterior(x)[0]
     _perturb(guide)                                   # in place, as an optimiser step
     after = pred(x)["f_cov"]
     fresh = ps.infer.AnalyticPredictive(model, guide, covariance="full")(x)["f_cov"]
@@ -226,11 +226,11 @@ def test_auto_batch_size_chunks_correlated_passes_without_changing_them(monkeypa
     monkeypatch.setattr(predictive, "AUTO_BATCH_ELEMENTS", 20 * r * 64)
     auto, whole = (ps.infer.AnalyticPredictive(model, post, batch_size=b) for b in ("auto", None))
     auto.prepare(x)
-    assert auto._batch_rows(auto._site_posterior(x), x) == 20
+    assert auto._batch_rows(auto._site_posterior(x)[0], x) == 20
     monkeypatch.setattr(predictive, "AUTO_BATCH_ELEMENTS", 1)
     auto = ps.infer.AnalyticPredictive(model, post)
     auto.prepare(x)
-    assert auto._batch_rows(auto._site_posterior(x), x) == 16
+    assert auto._batch_rows(auto._site_posterior(x)[0], x) == 16
     calls = []
     monkeypatch.setattr(predictive.layers, "propagate",             # count the passes over the whole network
                         lambda m, *a, _p=predictive.layers.propagate: calls.append(m is model.network.module) or _p(m, *a))
@@ -241,7 +241,7 @@ def test_auto_batch_size_chunks_correlated_passes_without_changing_them(monkeypa
     independent = FlatPosterior(post.mean, torch.full((D,), 0.01, dtype=torch.float64))
     pred = ps.infer.AnalyticPredictive(model, independent)
     pred.prepare(x)
-    assert pred._batch_rows(pred._site_posterior(x), x) == 40
+    assert pred._batch_rows(pred._site_posterior(x)[0], x) == 40
     for bad in (0, "all", True, 2.5, torch.ones(2)):
         with pytest.raises(ValueError, match="batch_size"):
             ps.infer.AnalyticPredictive(model, post, batch_size=bad)

@@ -168,3 +168,15 @@ def test_fused_log_prob_sums_equal_the_distributions():
     reg = BayesianNet(nn.Linear(2, 1), "regression", noise_scale=0.3).likelihood
     f1, y1 = torch.randn(6, 1, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     assert torch.allclose(reg.log_prob_sum(f1, y1), reg.log_prob(f1, y1).sum())
+
+
+def test_default_prior_is_built_once_and_follows_set_prior_scale():
+    model = BayesianNet(nn.Linear(3, 2), likelihood="classification", prior_scale=1.0)
+    x = torch.randn(4, 3)
+    first, again = (pyro.poutine.trace(model).get_trace(x).nodes["weight"]["fn"] for _ in range(2))
+    assert first is again                          # one distribution per site, dtype and device
+    model.set_prior_scale(0.25)
+    fn = pyro.poutine.trace(model).get_trace(x).nodes["weight"]["fn"]
+    assert torch.allclose(fn.base_dist.scale, torch.tensor(0.25))
+    fn64 = pyro.poutine.trace(model.double()).get_trace(x.double()).nodes["weight"]["fn"]
+    assert fn64.base_dist.scale.dtype == torch.float64

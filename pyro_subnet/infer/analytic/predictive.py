@@ -294,12 +294,15 @@ class AnalyticPredictive:
                 return float(sigma.reshape(())) ** 2
         return float(bridge.likelihood.noise_scale) ** 2
 
-    def _site_posterior(self, x: torch.Tensor) -> SitePosterior:
+    def _site_posterior(self, x: torch.Tensor):
         """The per-site posterior, read from the guide again only when one of its tensors has changed
         (a new tensor, or an in-place update such as an optimiser step: ``tensor._version``), so that
         repeated predictions skip reading the guide and everything the layers derive from it. Under
         ``covariance="auto"`` the representation is chosen then (:meth:`_choose_covariance`, on the
-        first rows of ``x``) and kept while the posterior stays the same."""
+        first rows of ``x``) and kept while the posterior stays the same.
+
+        :returns: the posterior and, where a choice was just made, the chosen representation's latent
+            moments on those first rows (the probe's, part of the prediction at ``x``), else ``None``."""
         if self._modules is None and isinstance(self.guide, torch.nn.Module) and getattr(
                 self.guide, "prototype_trace", True) is not None:
             self._modules = list(self.guide.modules())    # fixed once the guide is set up
@@ -308,14 +311,15 @@ class AnalyticPredictive:
         cached = self._cache
         if (cached is not None and cached[0] == key
                 and all(a is b and v == b._version for (a, v), b in zip(cached[1], tensors))):
-            return cached[2]
+            return cached[2], None
         flat = self.posterior()
+        head = None
         if self._weigh_covariance:
-            post = self._choose_covariance(flat, x)
+            post, head = self._choose_covariance(flat, x)
         else:
             post = self._site_view(flat, x, self.full)
         self._cache = (key, [(t, t._version) for t in tensors], post)
-        return post
+        return post, head
 
     def _site_view(self, flat: FlatPosterior, x: torch.Tensor, full: bool) -> SitePosterior:
         return SitePosterior(flat, self.bridge.layout, x.dtype, x.device, full=full, activations=self.activations,
@@ -327,7 +331,9 @@ class AnalyticPredictive:
         the mean Kullback-Leibler divergence of the diagonal predictive from it,
         :math:`\\tfrac1n \\sum_i \\mathrm{KL}(p_{\\text{full}}(y \\mid x_i) \\,\\|\\, p_{\\text{diag}}(y \\mid x_i))`
         (categorical, or Gaussian for regression), exceeds ``covariance_tolerance`` nats. The
-        divergence is kept in :attr:`covariance_change`."""
+        divergence is kept in :attr:`covariance_change`.
+
+        :returns: the chosen representation and its latent moments on the probe rows."""
         probe = x[:PROBE_ROWS]
         diag = self._site_view(flat, x, False)
         views = {False: diag, True: diag.with_full(True)}      # (one reading of the posterior, shared)
@@ -341,7 +347,7 @@ class AnalyticPredictive:
             outs = {full: self._outputs(*latents[full]) for full in latents}
         self.covariance_change = float(_predictive_kl(outs[True], outs[False]))
         self.full = self.covariance_change > self.covariance_tolerance
-        return views[self.full]
+        return views[self.full], latents[self.full]
 
     def posterior(self) -> FlatPosterior:
         """The guide's Gaussian over the flat weights, in the bridge's layout order."""
@@ -369,7 +375,15 @@ class AnalyticPredictive:
     def latent(self, x: torch.Tensor):
         """Mean ``(N, O)`` and variances ``(N, O)`` or covariance ``(N, O, O)`` of ``f(x)``."""
         x = self.prepare(x)
-        return self._latent(x, self._site_posterior(x))
+        post, head = self._site_posterior(x)
+        if head is None:
+            return self._latent(x, post)
+        # the probe rows are predicted already, by the representation chosen on them
+        rows = head[0].shape[0]
+        if rows == x.shape[0]:
+            return head
+        mean, var = self._latent(x[rows:], post)
+        return torch.cat([head[0], mean]), torch.cat([head[1], var])
 
     def _latent(self, x: torch.Tensor, post: SitePosterior):
         net = self.net
