@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import pyro
 import torch
@@ -294,7 +294,7 @@ class AnalyticPredictive:
                 return float(sigma.reshape(())) ** 2
         return float(bridge.likelihood.noise_scale) ** 2
 
-    def _site_posterior(self, x: torch.Tensor):
+    def _site_posterior(self, x: torch.Tensor) -> Tuple[SitePosterior, Optional[Tuple[torch.Tensor, torch.Tensor]]]:
         """The per-site posterior, read from the guide again only when one of its tensors has changed
         (a new tensor, or an in-place update such as an optimiser step: ``tensor._version``), so that
         repeated predictions skip reading the guide and everything the layers derive from it. Under
