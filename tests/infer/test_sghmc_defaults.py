@@ -9,6 +9,7 @@ from pyro.infer import MCMC
 import pyro_subnet as ps
 from pyro_subnet.infer import SGHMC
 from pyro_subnet.infer.map import fit_map
+from pyro_subnet.infer.mcmc import step_size as lib
 
 
 def _data(n=40):
@@ -59,3 +60,47 @@ def test_vb_preconditioner_with_a_latent_noise_scale():
     assert abs(float(sigma.mean()) / map_sigma - 1) < 0.2, (float(sigma.mean()), map_sigma)
     lp = torch.tensor(mcmc.diagnostics()["lp"]["chain 0"])
     assert torch.isfinite(lp).all()
+
+
+def test_auto_friction_is_underdamped_at_the_prior_and_raised_against_gradient_noise():
+    """``propose`` with a curvature floor: full batch, alpha = sqrt(eps lambda_min) at the curvature
+    bound's step; with gradient noise q, alpha is raised so that that step stays within the noise
+    bound (clipped to MAX_FRICTION), and the step follows."""
+    state = lib.init(1.0)._replace(lambda_max=1e4)
+    scale = torch.ones(3)
+    full, alpha = lib.propose(state, scale, 0.1, curvature_floor=2.0)
+    assert full.step_size == pytest.approx(0.25 / 1e4)
+    assert alpha == pytest.approx((0.25 / 1e4 * 2.0) ** 0.5)
+    noisy = lib.observe_noise(state, torch.full((3,), 1e3))      # gradient noise V = q = 1000
+    q = float(lib.grad_noise(noisy)[0])
+    stepped, alpha = lib.propose(noisy, scale, 0.1, curvature_floor=2.0)
+    assert alpha == pytest.approx(0.25 / 1e4 * q / 0.4)
+    assert stepped.step_size == pytest.approx(0.25 / 1e4)
+    loud = lib.observe_noise(state, torch.full((3,), 1e5))
+    stepped, alpha = lib.propose(loud, scale, 0.1, curvature_floor=2.0)
+    assert alpha == lib.MAX_FRICTION
+    assert stepped.step_size == pytest.approx(0.4 * lib.MAX_FRICTION / float(lib.grad_noise(loud)[0]))
+    assert lib.propose(state, scale, 0.1)[1] == 0.1                 # no floor: the given friction
+
+
+def test_auto_friction_samples_a_direction_only_the_prior_bounds():
+    """Linear regression whose second input is always 0: its weight's posterior is the prior
+    N(0, 1) (curvature 1) while the first weight's is 1e4 times stiffer, which sets the step size.
+    The derived friction lets that flat direction move through its whole prior spread; a fixed
+    alpha = 0.1 is about 70 times overdamped there (its draws' variance was 0.25 in 10,000 steps)."""
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(100, 1, generator=g), torch.zeros(100, 1)], 1).double()
+    y = 0.7 * x[:, 0] + 0.1 * torch.randn(100, generator=g, dtype=torch.float64)
+    exact = torch.diag(torch.linalg.inv(x.T @ x / 0.01 + torch.eye(2, dtype=torch.float64)))
+    pyro.set_rng_seed(0)
+    model = ps.nn.BayesianNet(torch.nn.Linear(2, 1, bias=False).double(), likelihood="regression",
+                              noise_scale=0.1, prior_scale=1.0)
+    kernel = SGHMC(model, steps_per_sample=10)
+    mcmc = MCMC(kernel, num_samples=1000, warmup_steps=200, num_chains=2, disable_progbar=True)
+    mcmc.run(x, y)
+    step = kernel.adapted_step_size
+    assert kernel.friction == pytest.approx((step * 1.0) ** 0.5, rel=1e-6)    # sqrt(eps * min prior precision)
+    w = mcmc.get_samples()["weight"].reshape(-1, 2)
+    ratio = w.var(0) / exact
+    assert 0.6 < float(ratio[1]) < 1.5 and 0.75 < float(ratio[0]) < 1.35, ratio

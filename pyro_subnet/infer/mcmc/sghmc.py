@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import OrderedDict
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 from pyro.infer.autoguide.initialization import init_to_sample
@@ -91,7 +91,11 @@ class SGHMC(MCMCKernel):
     :param step_size_options: options of the adaptation (:func:`.step_size.propose`):
         ``noise_ratio`` (0.2), ``curvature_ratio`` (0.25), ``quantile`` (0.9),
         ``curvature_every`` (steps between curvature estimates, default a tenth of warm-up).
-    :param friction: ``alpha`` in ``(0, 1]`` (``1 - momentum``; ``1`` gives SGLD).
+    :param friction: ``alpha`` in ``(0, 1]`` (``1 - momentum``; ``1`` gives SGLD), or ``"auto"``
+        (default): set with the step size, :math:`\\alpha = \\sqrt{\\epsilon \\lambda_{\\min}}` for the
+        smallest prior precision :math:`\\lambda_{\\min}` (preconditioned), so that the flattest
+        directions of the posterior, which set the predictive spread away from the data, are not
+        overdamped (:mod:`.step_size`); ``0.1`` where the weights' priors are not all fixed Normals.
     :param preconditioner: ``"vb"``, ``"rmsprop"`` or ``None``.
     :param subsample_size: mini-batch size of the fast path (overrides the model's own).
     :param steps_per_sample: SGHMC steps per returned draw.
@@ -120,14 +124,15 @@ class SGHMC(MCMCKernel):
     #: :func:`pyro_subnet.to_inference_data`; ``lp`` there is the exact full-data log joint).
     per_draw_stats = {"step_size": "step_size", "lp": "lp_minibatch"}
 
-    def __init__(self, model, step_size: Optional[float] = None, friction: float = 0.1, preconditioner=None,
+    def __init__(self, model, step_size: Optional[float] = None, friction: Union[float, str] = "auto",
+                 preconditioner=None,
                  subsample_size: Optional[int] = None, steps_per_sample: int = 1, step_size_schedule=None,
                  schedule_options: Optional[dict] = None, adapt_preconditioner: str = "warmup",
                  preconditioner_options: Optional[dict] = None, init_strategy=init_to_sample,
                  adapt_step_size: bool = True, step_size_options: Optional[dict] = None,
                  warm_start_fraction: float = 0.25, warm_start_lr: float = 1e-2):
-        if not (isinstance(friction, (int, float)) and 0 < friction <= 1):
-            raise ValueError(f"friction must be in (0, 1], got {friction!r}.")
+        if friction != "auto" and not (isinstance(friction, (int, float)) and 0 < friction <= 1):
+            raise ValueError(f"friction must be 'auto' or a number in (0, 1], got {friction!r}.")
         if not (isinstance(steps_per_sample, int) and steps_per_sample >= 1):
             raise ValueError(f"steps_per_sample must be a positive integer, got {steps_per_sample!r}.")
         if adapt_preconditioner not in ("warmup", "always", "never"):
@@ -152,7 +157,8 @@ class SGHMC(MCMCKernel):
         # The schedule's shape; with adaptation its level is the adapted step size.
         self.schedule = make_schedule(1.0 if step_size is None else step_size, step_size_schedule,
                                       **(schedule_options or {}))
-        self.friction = float(friction)
+        self.auto_friction = friction == "auto"
+        self._given_friction = step_size_lib.FALLBACK_FRICTION if self.auto_friction else float(friction)
         self.preconditioner = make_preconditioner(preconditioner, **(preconditioner_options or {}))
         self.subsample_size = subsample_size
         self.steps_per_sample = steps_per_sample
@@ -183,6 +189,7 @@ class SGHMC(MCMCKernel):
         self._eps = None          # step-size adaptation state (step_size.StepSizeState)
         self._adam = None         # optimiser state of the warm start (warm_start.AdamState)
         self._warned = False
+        self.friction = self._given_friction    # the current alpha ("auto": set with the step size)
 
     @property
     def initial_params(self) -> Dict[str, torch.Tensor]:
@@ -275,12 +282,39 @@ class SGHMC(MCMCKernel):
 
     def _propose(self):
         opts = {k: v for k, v in self.step_size_options.items() if k != "curvature_every"}
-        self._eps = step_size_lib.propose(self._eps, self._state.precond.scale, self.friction, **opts)
+        self._eps, self.friction = step_size_lib.propose(self._eps, self._state.precond.scale, self.friction,
+                                                         curvature_floor=self._curvature_floor(), **opts)
+
+    def _prior_precision(self) -> Optional[torch.Tensor]:
+        """``(D_w,)`` precisions of the weights' priors where every weight site has a fixed Normal
+        prior (the bridge's Gaussian view), else ``None``."""
+        if self.bridge is None:
+            return None
+        parts = {}
+        for n in self.bridge.layout.names:
+            normal = self.bridge.site_normal(n)
+            if normal is None:
+                return None
+            parts[n] = normal[1].pow(-2).expand(self.bridge.layout.shapes[n])
+        return self.bridge.layout.flatten(parts)
+
+    def _curvature_floor(self) -> Optional[float]:
+        """Under ``friction="auto"``: the smallest prior precision in the preconditioned coordinates,
+        :math:`\\min_j G_j p_j`, a lower bound of the posterior's flattest curvature; ``None``
+        otherwise (or without a Normal prior on every weight: the friction stays 0.1)."""
+        prior_prec = self._prior_precision() if self.auto_friction else None
+        if prior_prec is None:
+            return None
+        scale = self._state.precond.scale
+        return float((scale[:prior_prec.numel()] * prior_prec.to(scale)).min())
 
     def _start_adaptation(self):
         """At the first step of a chain: the curvature at the starting point bounds the first
         steps (the given step size, if smaller, is where they start)."""
         self._eps = step_size_lib.init(self.step_size if self.step_size is not None else step_size_lib.MAX_STEP_SIZE)
+        floor = self._curvature_floor()
+        if floor is not None and self.step_size is not None:
+            self.friction = step_size_lib.friction_for(self.step_size, floor)
         if self._warm_start_calls() > 0:
             return      # the optimiser goes first; the adaptation starts where it ends
         if self.adapt_step_size and (self._warmup_steps > 0 or self.step_size is None):
@@ -451,7 +485,7 @@ class SGHMC(MCMCKernel):
                "precond_curvature": s.precond.curvature, "precond_count": s.precond.count,
                "step_size": s.step_size, "noise": s.noise, "num_steps": self._k, "noise_var": self._noise_var,
                "noise_scale": getattr(self.bridge.likelihood, "noise_scale", None) if self.bridge is not None else None,
-               "step_size_state": None if self._eps is None else tuple(self._eps)}
+               "step_size_state": None if self._eps is None else tuple(self._eps), "friction": self.friction}
         order = getattr(self.potential, "batch_order", None)
         if order is not None:
             out["batch_order"] = order()
@@ -478,6 +512,8 @@ class SGHMC(MCMCKernel):
         self._initial = self.layout.unflatten(theta)
         self._k = int(state["num_steps"])
         self._noise_var = state["noise_var"]
+        if state.get("friction") is not None:
+            self.friction = float(state["friction"])
         if state.get("step_size_state") is not None:
             eps = step_size_lib.StepSizeState(*state["step_size_state"])
             self._eps = eps._replace(grad_noise=cast(eps.grad_noise), eigvec=cast(eps.eigvec))

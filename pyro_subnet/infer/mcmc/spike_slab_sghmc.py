@@ -118,7 +118,7 @@ class SpikeSlabSGHMC(SGHMC):
 
     per_draw_stats = {**SGHMC.per_draw_stats, "sparsity": "sparsity", "inclusion_rate": "inclusion_rate"}
 
-    def __init__(self, model, step_size: Optional[float] = None, friction: float = 0.1, *, spike_scale: Optional[float] = None,
+    def __init__(self, model, step_size: Optional[float] = None, friction="auto", *, spike_scale: Optional[float] = None,
                  slab_scale: Optional[float] = None, inclusion_prior: Optional[float] = None,
                  inclusion_beta=None, sites: Optional[Sequence[str]] = None, group: str = "weight",
                  target_sparsity: Optional[float] = None, prune_start: Optional[int] = None,
@@ -229,6 +229,13 @@ class SpikeSlabSGHMC(SGHMC):
             for n in self._other_sites:
                 lp = lp + self.bridge.site_log_prior(n, values[n])
         return lp
+
+    def _prior_precision(self) -> Optional[torch.Tensor]:
+        """The EM prior's precision per weight (``friction="auto"``'s floor; ``None`` before it is
+        built or where a site keeps a prior that is not a fixed Normal)."""
+        if self._kappa is None or self._other_sites:
+            return None
+        return self._kappa
 
     def _build_kappa(self, ref: torch.Tensor) -> torch.Tensor:
         em, parts, layout = self._em, {}, self.bridge.layout

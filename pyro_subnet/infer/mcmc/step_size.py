@@ -28,6 +28,25 @@ iterations of Hessian-vector products of the mini-batch potential, repeated duri
 chain moves (the first estimate is at the starting point, where the curvature can be far from the
 posterior's).
 
+**Friction.** With ``friction="auto"`` the kernel sets :math:`\alpha` with the step size. The
+velocity form is underdamped Langevin dynamics with time step :math:`h = \sqrt\epsilon` and
+friction coefficient :math:`\gamma = \alpha / h`; a mode of curvature :math:`\lambda` is critically
+damped at :math:`\gamma = 2\sqrt\lambda` and decorrelates slowest when overdamped. The slowest mode
+is the flattest one, and in a Bayesian network it is at least as curved as the prior (the data add
+curvature): with :math:`\lambda_{\min}` the smallest prior precision in the preconditioned
+coordinates (:math:`\min_j G_j p_j`),
+
+.. math:: \alpha = \sqrt{\epsilon \lambda_{\min}},
+
+half the critical value there (underdamped, so the flattest directions move ballistically) and
+below it in every stiffer direction, clipped to ``[MIN_FRICTION, MAX_FRICTION]``. A fixed
+``alpha = 0.1`` is overdamped by orders of magnitude in the flat directions of a network posterior
+whose stiffest curvature is ``N / sigma^2`` (the step size follows the stiffest): those directions,
+which set the predictive spread away from the data, then barely move in a chain of thousands of
+steps. Where mini-batch gradient noise would cut the step size below the curvature bound, the
+friction is raised instead (up to ``MAX_FRICTION``) so that the noise stays within its bound at
+that step (:func:`propose`).
+
 The step size is the smaller of the two bounds. A divergence during warm-up (a non-finite
 potential or an energy jump, see :mod:`.integrator`) halves a ``backoff`` factor that multiplies
 every later proposal. After warm-up the step size, the gradient-noise estimate and the
@@ -37,13 +56,21 @@ preconditioner are frozen, so the chain is a homogeneous Markov chain targeting 
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
 #: The largest ``epsilon`` a proposal may take: a guard against a curvature estimate of ~0 (a
 #: flat start) with exact gradients, where neither bound binds.
 MAX_STEP_SIZE = 1.0
+
+#: Bounds of the derived friction: below ``MIN_FRICTION`` the velocity would need more than
+#: ~1000 steps to forget its start; ``MAX_FRICTION`` keeps the dynamics second order.
+MIN_FRICTION, MAX_FRICTION = 1e-3, 0.5
+
+#: The friction where no prior precision bounds the flattest curvature (a model without a fixed
+#: Normal prior on every weight).
+FALLBACK_FRICTION = 0.1
 
 
 class StepSizeState(NamedTuple):
@@ -108,22 +135,41 @@ def backoff(state: StepSizeState, factor: float = 0.5) -> StepSizeState:
     return state._replace(backoff=state.backoff * factor, step_size=state.step_size * factor)
 
 
+def friction_for(step_size: float, curvature_floor: float) -> float:
+    """:math:`\\alpha = \\sqrt{\\epsilon \\lambda_{\\min}}` clipped to ``[MIN_FRICTION, MAX_FRICTION]`` (module docstring)."""
+    return min(max(math.sqrt(max(step_size, 0.0) * curvature_floor), MIN_FRICTION), MAX_FRICTION)
+
+
 def propose(state: StepSizeState, scale: torch.Tensor, friction: float, noise_ratio: float = 0.2,
-            curvature_ratio: float = 0.25, quantile: float = 0.9) -> StepSizeState:
-    """The step size of both bounds (see the module docstring), times the back-off factor."""
-    bounds = [MAX_STEP_SIZE]
+            curvature_ratio: float = 0.25, quantile: float = 0.9,
+            curvature_floor: Optional[float] = None) -> Tuple[StepSizeState, float]:
+    """The step size of both bounds (see the module docstring), times the back-off factor, and the
+    friction: ``friction`` as given, or with ``curvature_floor`` (:math:`\\lambda_{\\min}`) the
+    derived one: :func:`friction_for` of the curvature bound's step size, raised where the
+    gradient-noise bound would otherwise cut that step (:math:`\\alpha \\ge \\epsilon q / (2 \\cdot
+    \\text{noise\\_ratio})`; in those overdamped directions the mixing rate
+    :math:`\\epsilon\\lambda / \\alpha` is set by the noise whatever the friction, and the larger
+    step moves the stiff ones faster)."""
+    fixed = [MAX_STEP_SIZE]
+    if state.lambda_max is not None:
+        if not math.isfinite(state.lambda_max):
+            fixed.append(state.step_size * 0.5)
+        elif state.lambda_max > 0:
+            fixed.append(curvature_ratio / state.lambda_max)
+    q = None
     v = grad_noise(state)
     if v is not None:
         gv = (scale * v).float()
         q = float(torch.quantile(gv, quantile)) if gv.numel() > 1 else float(gv.reshape(-1)[0])
-        if q > 0:
-            bounds.append(noise_ratio * 2 * friction / q)
-    if state.lambda_max is not None:
-        if not math.isfinite(state.lambda_max):
-            bounds.append(state.step_size * 0.5)
-        elif state.lambda_max > 0:
-            bounds.append(curvature_ratio / state.lambda_max)
-    return state._replace(step_size=min(bounds) * state.backoff)
+        q = q if q > 0 else None
+    if curvature_floor is not None:
+        eps = min(fixed)
+        alpha = math.sqrt(eps * curvature_floor)
+        if q is not None:
+            alpha = max(alpha, eps * q / (2 * noise_ratio))
+        friction = min(max(alpha, MIN_FRICTION), MAX_FRICTION)
+    bounds = fixed + ([] if q is None else [noise_ratio * 2 * friction / q])
+    return state._replace(step_size=min(bounds) * state.backoff), friction
 
 
 def noise_ratio(step_size: float, scale: torch.Tensor, grad_noise_var: Optional[torch.Tensor], friction: float):
