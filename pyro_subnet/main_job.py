@@ -369,7 +369,7 @@ def sgmcmc_posterior(ctx: Context, target_sparsity: Optional[float] = None, num_
     kernels' defaults choose the step size in warm-up; the chains start at the MAP, so the
     kernels' Adam warm start is skipped. Options (``ctx.options[name]``): ``num_samples``,
     ``warmup_steps``, ``steps_per_sample``, ``batch_size``, ``num_chains``, ``preconditioner``,
-    ``step_size`` (then fixed)."""
+    ``friction``, ``step_size`` (then fixed)."""
     ds, model = ctx.ds, ctx.model
     name = "sghmc" if target_sparsity is None else "spike_slab_sghmc"
     opt = lambda k, d: ctx.option(name, k, d)  # noqa: E731
@@ -377,7 +377,7 @@ def sgmcmc_posterior(ctx: Context, target_sparsity: Optional[float] = None, num_
     warmup_steps = warmup_steps or opt("warmup_steps", 50 if ctx.quick else 300)
     num_chains = opt("num_chains", 1 if ctx.quick else 2)
     step = opt("step_size", None)
-    options = dict(step_size=step, adapt_step_size=step is None, friction=0.1,
+    options = dict(step_size=step, adapt_step_size=step is None, friction=opt("friction", "auto"),
                    preconditioner=opt("preconditioner", "vb"), subsample_size=opt("batch_size", batch_size),
                    steps_per_sample=opt("steps_per_sample", steps_per_sample), warm_start_fraction=0.0)
     if target_sparsity is None:
