@@ -164,9 +164,9 @@ def propose(state: StepSizeState, scale: torch.Tensor, friction: float, noise_ra
         q = q if q > 0 else None
     if curvature_floor is not None:
         eps = min(fixed)
-        alpha = math.sqrt(eps * curvature_floor)
+        alpha = math.sqrt(eps * state.backoff * curvature_floor)     # at the step to be taken
         if q is not None:
-            alpha = max(alpha, eps * q / (2 * noise_ratio))
+            alpha = max(alpha, eps * q / (2 * noise_ratio))           # (both bounds before the back-off)
         friction = min(max(alpha, MIN_FRICTION), MAX_FRICTION)
     bounds = fixed + ([] if q is None else [noise_ratio * 2 * friction / q])
     return state._replace(step_size=min(bounds) * state.backoff), friction
