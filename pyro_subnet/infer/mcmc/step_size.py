@@ -28,15 +28,15 @@ iterations of Hessian-vector products of the mini-batch potential, repeated duri
 chain moves (the first estimate is at the starting point, where the curvature can be far from the
 posterior's).
 
-**Friction.** With ``friction="auto"`` the kernel sets :math:`\alpha` with the step size. The
-velocity form is underdamped Langevin dynamics with time step :math:`h = \sqrt\epsilon` and
-friction coefficient :math:`\gamma = \alpha / h`; a mode of curvature :math:`\lambda` is critically
-damped at :math:`\gamma = 2\sqrt\lambda` and decorrelates slowest when overdamped. The slowest mode
+**Friction.** With ``friction="auto"`` the kernel sets :math:`\\alpha` with the step size. The
+velocity form is underdamped Langevin dynamics with time step :math:`h = \\sqrt\\epsilon` and
+friction coefficient :math:`\\gamma = \\alpha / h`; a mode of curvature :math:`\\lambda` is critically
+damped at :math:`\\gamma = 2\\sqrt\\lambda` and decorrelates slowest when overdamped. The slowest mode
 is the flattest one, and in a Bayesian network it is at least as curved as the prior (the data add
-curvature): with :math:`\lambda_{\min}` the smallest prior precision in the preconditioned
-coordinates (:math:`\min_j G_j p_j`),
+curvature): with :math:`\\lambda_{\\min}` the smallest prior precision in the preconditioned
+coordinates (:math:`\\min_j G_j p_j`),
 
-.. math:: \alpha = \sqrt{\epsilon \lambda_{\min}},
+.. math:: \\alpha = \\sqrt{\\epsilon \\lambda_{\\min}},
 
 half the critical value there (underdamped, so the flattest directions move ballistically) and
 below it in every stiffer direction, clipped to ``[MIN_FRICTION, MAX_FRICTION]``. A fixed
