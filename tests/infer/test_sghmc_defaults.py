@@ -9,7 +9,7 @@ from pyro.infer import MCMC
 import pyro_subnet as ps
 from pyro_subnet.infer import SGHMC
 from pyro_subnet.infer.map import fit_map
-from pyro_subnet.infer.mcmc import step_size as lib
+from pyro_subnet.infer.mcmc import step_size as step_size_lib
 
 
 def _data(n=40):
@@ -66,21 +66,21 @@ def test_auto_friction_is_underdamped_at_the_prior_and_raised_against_gradient_n
     """``propose`` with a curvature floor: full batch, alpha = sqrt(eps lambda_min) at the curvature
     bound's step; with gradient noise q, alpha is raised so that that step stays within the noise
     bound (clipped to MAX_FRICTION), and the step follows."""
-    state = lib.init(1.0)._replace(lambda_max=1e4)
+    state = step_size_lib.init(1.0)._replace(lambda_max=1e4)
     scale = torch.ones(3)
-    full, alpha = lib.propose(state, scale, 0.1, curvature_floor=2.0)
+    full, alpha = step_size_lib.propose(state, scale, 0.1, curvature_floor=2.0)
     assert full.step_size == pytest.approx(0.25 / 1e4)
     assert alpha == pytest.approx((0.25 / 1e4 * 2.0) ** 0.5)
-    noisy = lib.observe_noise(state, torch.full((3,), 1e3))      # gradient noise V = q = 1000
-    q = float(lib.grad_noise(noisy)[0])
-    stepped, alpha = lib.propose(noisy, scale, 0.1, curvature_floor=2.0)
+    noisy = step_size_lib.observe_noise(state, torch.full((3,), 1e3))      # gradient noise V = q = 1000
+    q = float(step_size_lib.grad_noise(noisy)[0])
+    stepped, alpha = step_size_lib.propose(noisy, scale, 0.1, curvature_floor=2.0)
     assert alpha == pytest.approx(0.25 / 1e4 * q / 0.4)
     assert stepped.step_size == pytest.approx(0.25 / 1e4)
-    loud = lib.observe_noise(state, torch.full((3,), 1e5))
-    stepped, alpha = lib.propose(loud, scale, 0.1, curvature_floor=2.0)
-    assert alpha == lib.MAX_FRICTION
-    assert stepped.step_size == pytest.approx(0.4 * lib.MAX_FRICTION / float(lib.grad_noise(loud)[0]))
-    assert lib.propose(state, scale, 0.1)[1] == 0.1                 # no floor: the given friction
+    loud = step_size_lib.observe_noise(state, torch.full((3,), 1e5))
+    stepped, alpha = step_size_lib.propose(loud, scale, 0.1, curvature_floor=2.0)
+    assert alpha == step_size_lib.MAX_FRICTION
+    assert stepped.step_size == pytest.approx(0.4 * step_size_lib.MAX_FRICTION / float(step_size_lib.grad_noise(loud)[0]))
+    assert step_size_lib.propose(state, scale, 0.1)[1] == 0.1                 # no floor: the given friction
 
 
 def test_auto_friction_samples_a_direction_only_the_prior_bounds():
