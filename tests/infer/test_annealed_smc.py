@@ -89,7 +89,9 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="schedule"):
         AnnealedSMC(model, 8, 4, schedule="geometric")
     with pytest.raises(ValueError, match="batch_size"):
-        AnnealedSMC(model, 8, None, schedule="adaptive")
+        AnnealedSMC(model, 8, 0, schedule="adaptive")
+    with pytest.raises(ValueError, match="covariance"):
+        AnnealedSMC(model, 8, 4, covariance="full")
     with pytest.raises(ValueError, match="move"):
         AnnealedSMC(model, 8, 4, move="nuts")
     with pytest.raises(ValueError, match="resampling"):

@@ -144,10 +144,15 @@ class AnnealedTarget:
         return f, n
 
 
-class Move:
-    """A move kernel and its settings: ``"mala"`` or ``"hmc"``.
+COVARIANCES = ("curvature", "diagonal", "particles")
 
-    :param name: ``"mala"`` (one gradient per step) or ``"hmc"``.
+
+class Move:
+    """A move kernel and its settings: ``"hmc"`` (default) or ``"mala"``.
+
+    :param name: ``"hmc"`` (``num_leapfrog_steps`` gradients per step) or ``"mala"`` (one; its
+        steps are diffusive, so in hundreds of dimensions it needs many more of them to move as
+        far).
     :param num_mcmc_steps: kernel steps per SMC step.
     :param num_leapfrog_steps: HMC leapfrog steps per kernel step.
     :param target_accept: acceptance rate the step size is adapted to (default 0.574 for MALA,
@@ -156,14 +161,16 @@ class Move:
     :param target_correlation: the moves stop once the correlation over particles of the log
         density before and after them is at most this.
     :param covariance: the moves' proposal covariance (:mod:`.proposal_covariance`):
-        ``"diagonal"`` (the population's per-coordinate spread) or ``"particles"`` (its
-        covariance shrunk a fifth of the way to the diagonal; the diagonal alone under
-        ``torch.distributed``, where the particles are sharded).
+        ``"curvature"`` (per coordinate, the inverse of the particles' mean squared gradient of
+        the target: the local curvature, what a network's posterior needs, whose particles spread
+        over many modes), ``"diagonal"`` (the population's per-coordinate spread) or
+        ``"particles"`` (its covariance shrunk a fifth of the way to the diagonal; the diagonal
+        alone under ``torch.distributed``, where the particles are sharded).
     """
 
-    def __init__(self, name: str = "mala", num_mcmc_steps: int = 5, num_leapfrog_steps: int = 5,
+    def __init__(self, name: str = "hmc", num_mcmc_steps: int = 5, num_leapfrog_steps: int = 10,
                  target_accept: Optional[float] = None, max_mcmc_steps: Optional[int] = None,
-                 target_correlation: float = 0.5, covariance: str = "diagonal"):
+                 target_correlation: float = 0.5, covariance: str = "curvature"):
         if name not in KERNELS:
             raise ValueError(f"move={name!r}: choose one of {sorted(KERNELS)}.")
         for arg, v in (("num_mcmc_steps", num_mcmc_steps), ("num_leapfrog_steps", num_leapfrog_steps)):
@@ -175,8 +182,8 @@ class Move:
                              f"got {max_mcmc_steps!r}.")
         if not -1 <= target_correlation < 1:
             raise ValueError(f"target_correlation must be in [-1, 1), got {target_correlation!r}.")
-        if covariance not in ("particles", "diagonal"):
-            raise ValueError(f"covariance must be 'particles' or 'diagonal', got {covariance!r}.")
+        if covariance not in COVARIANCES:
+            raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}.")
         fn, default_accept = KERNELS[name]
         self.covariance = covariance
         self.max_mcmc_steps = max_mcmc_steps
@@ -233,6 +240,16 @@ def _population_scale(particles: torch.Tensor, log_weights: torch.Tensor) -> tor
     return std.clamp(min=1e-3 * float(std.median()) + 1e-12)
 
 
+def _curvature_scale(grad: torch.Tensor, log_weights: torch.Tensor, part: slice) -> torch.Tensor:
+    """Per-coordinate scale :math:`1 / \\sqrt{\\sum_i W_i\\, g_{ij}^2}` from the particles'
+    gradients of the step's target (all ranks' particles): the inverse square root of the average
+    local curvature, by the Fisher identity :math:`E_\\pi[g g^\\top] = E_\\pi[-\\nabla^2 \\log\\pi]`
+    (see :mod:`.proposal_covariance`)."""
+    w = torch.softmax(log_weights, 0)[part][:, None]
+    fisher = distributed.all_reduce_sum((w * grad ** 2).sum(0))
+    return fisher.clamp(min=1e-12).rsqrt()
+
+
 def step(generator: torch.Generator, state: SMCState, target: AnnealedTarget, schedule, move: Move,
          ess_threshold: float = 0.5, resampling="systematic"):
     """One SMC step: reweight, resample if needed, move. Returns ``(SMCState, SMCInfo)``.
@@ -278,6 +295,8 @@ def step(generator: torch.Generator, state: SMCState, target: AnnealedTarget, sc
 
     log_density, n = target.log_density(level)
     lp, grad = log_density(theta)
+    if move.covariance == "curvature":
+        cov = DiagonalCovariance(_curvature_scale(grad, log_w, part))
     step_size, accepts = state.step_size, []
     noise = ParticleNoise(generator, p, part)
     lp_start = lp

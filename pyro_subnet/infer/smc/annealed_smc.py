@@ -92,11 +92,12 @@ class AnnealedSMC:
 
     :param model: a :class:`~pyro_subnet.nn.BayesianNet` (the fast functional path is used).
     :param num_particles: particles per chain ``P`` (= draws per chain).
-    :param batch_size: examples per data batch (ignored by ``"full"``).
+    :param batch_size: examples per data batch (ignored by ``"full"``); ``None``: a tenth of the
+        data (rounded up).
     :param schedule: ``"full"`` (adaptive likelihood tempering on all data, the full-batch
         baseline), ``"linear"`` (``batches_per_step`` whole batches per step) or ``"adaptive"``
         (as much new data as keeps the ESS at the threshold, the newest batch tempered).
-    :param move: ``"mala"`` or ``"hmc"``.
+    :param move: ``"hmc"`` (default) or ``"mala"``.
     :param ess_threshold: resampling threshold (and adaptive target) as a fraction of ``P``.
     :param resampling: ``"systematic"``, ``"stratified"``, ``"multinomial"`` or a function
         ``(generator, weights, num_samples) -> indices``.
@@ -118,9 +119,11 @@ class AnnealedSMC:
     :param target_correlation: the decorrelation the moves aim for (correlation over particles of
         the log density before and after them). If the moves run out of steps above it in more
         than a quarter of the SMC steps, :meth:`run` warns that the particles have not mixed.
-    :param covariance: the moves' proposal covariance: ``"diagonal"`` (default; the population's
+    :param covariance: the moves' proposal covariance (see :mod:`.proposal_covariance`):
+        ``"curvature"`` (default; per coordinate, the inverse root of the particles' mean squared
+        gradient, the local width of the posterior), ``"diagonal"`` (the population's
         per-coordinate spread) or ``"particles"`` (its low-rank covariance shrunk toward the
-        diagonal, see :mod:`.proposal_covariance`).
+        diagonal).
     :param seed: seed of the sampler's generator (``None``: drawn from torch's global RNG); the
         prior draws use torch's global RNG.
     :param progress: show a progress bar (data included, ESS, acceptance).
@@ -155,13 +158,13 @@ class AnnealedSMC:
     torch.Size([64, 1, 2])
     """
 
-    def __init__(self, model, num_particles: int = 128, batch_size: Optional[int] = None,
-                 schedule: str = "adaptive", move: str = "mala", ess_threshold: float = 0.5,
+    def __init__(self, model, num_particles: int = 256, batch_size: Optional[int] = None,
+                 schedule: str = "adaptive", move: str = "hmc", ess_threshold: float = 0.5,
                  resampling="systematic", num_chains: int = 1, *, num_mcmc_steps: int = 5,
-                 num_leapfrog_steps: int = 5, step_size: float = 0.5, target_accept: Optional[float] = None,
+                 num_leapfrog_steps: int = 10, step_size: float = 0.5, target_accept: Optional[float] = None,
                  batches_per_step: int = 1, batch_growth: float = 1.0, max_steps: int = 10000,
                  seed: Optional[int] = None, progress: bool = True, max_mcmc_steps: Optional[int] = None,
-                 target_correlation: float = 0.5, covariance: str = "diagonal", start=None):
+                 target_correlation: float = 0.5, covariance: str = "curvature", start=None):
         check_model(model, 'AnnealedSMC')
         self.start = start
         if start is not None:
@@ -172,8 +175,9 @@ class AnnealedSMC:
             raise ValueError(f"num_chains must be a positive integer, got {num_chains!r}.")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r}: choose one of {SCHEDULES}.")
-        if schedule != "full" and (batch_size is None or not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"schedule={schedule!r} needs batch_size, a positive integer (got {batch_size!r}).")
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer or None (a tenth of the data), got "
+                             f"{batch_size!r}.")
         if not 0 < ess_threshold < 1:
             raise ValueError(f"ess_threshold must be in (0, 1), got {ess_threshold!r}.")
         if not (step_size > 0 and math.isfinite(step_size)):
@@ -293,7 +297,7 @@ class AnnealedSMC:
         else:
             perm = current["perm"].to(x.device)
         xs, ys = x[perm], y[perm]
-        bs = None if self.schedule == "full" else self.batch_size
+        bs = None if self.schedule == "full" else (self.batch_size or math.ceil(x.shape[0] / 10))
         path = DataPath(x.shape[0], bs, self.batch_growth)
         reference = None if self.start is None else _start_gaussian(self.start, bridge.layout.dim, x)
         log_reference = None if reference is None else _reference_log_prob(reference, noise_log_prob)

@@ -4,7 +4,18 @@ The moves of :mod:`.kernels` need three operations on :math:`\\Sigma`: the produ
 :math:`\\Sigma v`, a draw :math:`z \\sim \\mathcal N(0, \\Sigma)` and :math:`\\Sigma^{-1} v`.
 
 * :class:`DiagonalCovariance`: :math:`\\Sigma = \\mathrm{diag}(s^2)` with ``s`` the population's
-  per-coordinate standard deviation (the usual SMC choice; Buchholz, Chopin and Jacob 2021).
+  per-coordinate standard deviation (the usual SMC choice; Buchholz, Chopin and Jacob 2021), or
+  (``covariance="curvature"``, the default of the moves) with
+  :math:`s_j = (\\sum_i W_i\\, g_{ij}^2)^{-1/2}`, :math:`g_i = \\nabla \\log \\pi_t(\\theta_i)`
+  the particles' gradients of the step's target. By the Fisher identity
+  :math:`E_\\pi[g g^\\top] = E_\\pi[-\\nabla^2 \\log \\pi]`, :math:`s_j^{-2}` estimates the
+  average local curvature along coordinate ``j`` (for a Gaussian target, the diagonal of its
+  precision, so :math:`s_j` is the conditional standard deviation). A network's particles spread
+  over many modes (its symmetries, and the modes the data leave open), so their spread can be
+  many times the width of any one mode: preconditioned by the spread, the moves' step size
+  shrinks until a step fits inside a mode and the particles crawl; preconditioned by the
+  curvature, a step is a fraction of the local width whatever the spread. It costs nothing: the
+  gradients are those the first move needs anyway.
 * :class:`ParticleCovariance`: the population's own covariance, shrunk toward its diagonal,
 
   .. math::
