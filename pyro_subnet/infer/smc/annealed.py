@@ -157,7 +157,8 @@ class Move:
     :param num_leapfrog_steps: HMC leapfrog steps per kernel step.
     :param target_accept: acceptance rate the step size is adapted to (default 0.574 for MALA,
         0.65 for HMC).
-    :param max_mcmc_steps: most kernel steps per SMC step (``num_mcmc_steps``: a fixed number).
+    :param max_mcmc_steps: most kernel steps per SMC step (default ``10 * num_mcmc_steps``;
+        ``num_mcmc_steps``: a fixed number).
     :param target_correlation: the moves stop once the correlation over particles of the log
         density before and after them is at most this.
     :param covariance: the moves' proposal covariance (:mod:`.proposal_covariance`):
@@ -176,7 +177,7 @@ class Move:
         for arg, v in (("num_mcmc_steps", num_mcmc_steps), ("num_leapfrog_steps", num_leapfrog_steps)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{arg} must be a positive integer, got {v!r}.")
-        max_mcmc_steps = num_mcmc_steps if max_mcmc_steps is None else max_mcmc_steps
+        max_mcmc_steps = 10 * num_mcmc_steps if max_mcmc_steps is None else max_mcmc_steps
         if not isinstance(max_mcmc_steps, int) or max_mcmc_steps < num_mcmc_steps:
             raise ValueError(f"max_mcmc_steps must be an integer >= num_mcmc_steps ({num_mcmc_steps}), "
                              f"got {max_mcmc_steps!r}.")
