@@ -3,7 +3,6 @@ small tanh network on gap data against Pyro's NUTS (a stored run that the benchm
 again when it is missing)."""
 
 import importlib.util
-import math
 from pathlib import Path
 
 import pyro

@@ -284,11 +284,14 @@ def step(generator: torch.Generator, state: SMCState, target: AnnealedTarget, sc
     log_w = log_w + inc
     log_w = log_w - torch.logsumexp(log_w, 0)
     ess = float(log_ess(log_w).exp())
-    scale = _population_scale(theta, log_w)
-    if move.covariance == "particles" and not distributed.is_active():
-        cov = ParticleCovariance(theta, log_w, scale)
-    else:
-        cov = DiagonalCovariance(scale)
+    # The population's spread is read before resampling (which duplicates particles); the
+    # curvature comes from the gradients the first move needs, after it.
+    if move.covariance != "curvature":
+        scale = _population_scale(theta, log_w)
+        if move.covariance == "particles" and not distributed.is_active():
+            cov = ParticleCovariance(theta, log_w, scale)
+        else:
+            cov = DiagonalCovariance(scale)
     # The adaptive schedule stops exactly at the threshold: the small tolerance makes it resample.
     resampled = ess < ess_threshold * p * (1 + 1e-3)
     if resampled:
