@@ -286,12 +286,11 @@ def step(generator: torch.Generator, state: SMCState, target: AnnealedTarget, sc
     ess = float(log_ess(log_w).exp())
     # The population's spread is read before resampling (which duplicates particles); the
     # curvature comes from the gradients the first move needs, after it.
-    if move.covariance != "curvature":
-        scale = _population_scale(theta, log_w)
-        if move.covariance == "particles" and not distributed.is_active():
-            cov = ParticleCovariance(theta, log_w, scale)
-        else:
-            cov = DiagonalCovariance(scale)
+    scale = _population_scale(theta, log_w)
+    if move.covariance == "particles" and not distributed.is_active():
+        cov = ParticleCovariance(theta, log_w, scale)
+    else:
+        cov = DiagonalCovariance(scale)
     # The adaptive schedule stops exactly at the threshold: the small tolerance makes it resample.
     resampled = ess < ess_threshold * p * (1 + 1e-3)
     if resampled:
@@ -300,7 +299,9 @@ def step(generator: torch.Generator, state: SMCState, target: AnnealedTarget, sc
     log_density, n = target.log_density(level)
     lp, grad = log_density(theta)
     if move.covariance == "curvature":
-        cov = DiagonalCovariance(_curvature_scale(grad, log_w, part))
+        # Never wider than the spread: where the gradients vanish (a flat direction, or a
+        # coordinate the data barely touch) the curvature alone would propose steps without bound.
+        cov = DiagonalCovariance(torch.minimum(_curvature_scale(grad, log_w, part), scale))
     step_size, accepts = state.step_size, []
     noise = ParticleNoise(generator, p, part)
     lp_start = lp

@@ -367,8 +367,8 @@ class AnnealedSMC:
             warnings.warn(f"AnnealedSMC: in {len(stuck)} of {len(infos)} steps of chain {chain} the moves ended with "
                           f"the particles still correlated with where they started (log-density correlation up to "
                           f"{worst:.2f}, target {move.target_correlation}), so the particles have not mixed and "
-                          f"the posterior is too narrow; raise max_mcmc_steps (now {move.max_mcmc_steps}), use "
-                          "move='hmc', or more particles.", RuntimeWarning, stacklevel=3)
+                          f"the posterior is too narrow; raise max_mcmc_steps (now {move.max_mcmc_steps}), "
+                          "num_leapfrog_steps (move='hmc') or the number of particles.", RuntimeWarning, stacklevel=3)
 
     def _finish(self, dtype) -> None:
         """Draws, evidence and noise from the finished chains of ``self._run``."""

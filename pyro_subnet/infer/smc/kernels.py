@@ -82,6 +82,14 @@ def _accept(generator, log_ratio, theta, log_prob, grad, theta_new, log_prob_new
                      torch.where(take[:, None], grad_new, grad), accept_prob)
 
 
+def _finite_or_start(q: torch.Tensor, start: torch.Tensor, diverged: torch.Tensor):
+    """Particles whose proposal left the finite numbers (an overflowing gradient far in the
+    tails) go back to their start and are marked, so the target is never evaluated at NaN and
+    the move rejects them."""
+    diverged = diverged | ~torch.isfinite(q).all(-1)
+    return torch.where(diverged[:, None], start, q), diverged
+
+
 def _covariance(cov):
     """A proposal covariance (:mod:`.proposal_covariance`), or a per-coordinate scale ``(D,)``."""
     return DiagonalCovariance(cov) if isinstance(cov, torch.Tensor) else cov
@@ -101,14 +109,15 @@ def mala(generator: torch.Generator, theta: torch.Tensor, log_prob: torch.Tensor
     cov = _covariance(cov)
     z = cov.sample(lambda shape: _draw(torch.randn, generator, shape, theta), theta)
     mean_fwd = theta + 0.5 * step_size ** 2 * cov.mul(grad)
-    theta_new = mean_fwd + step_size * z
+    theta_new, diverged = _finite_or_start(mean_fwd + step_size * z, theta,
+                                           torch.zeros_like(log_prob, dtype=torch.bool))
     log_prob_new, grad_new = log_density(theta_new)
     mean_bwd = theta_new + 0.5 * step_size ** 2 * cov.mul(grad_new)
     # log q(a | b) = -|a - mean(b)|^2_{Sigma^-1} / (2 eps^2) + const (the constants cancel).
     log_q_fwd = -0.5 * (z * cov.solve(z)).sum(-1)
     d = theta - mean_bwd
     log_q_bwd = -0.5 * (d * cov.solve(d)).sum(-1) / step_size ** 2
-    log_ratio = log_prob_new - log_prob + log_q_bwd - log_q_fwd
+    log_ratio = (log_prob_new - log_prob + log_q_bwd - log_q_fwd).masked_fill(diverged, -float("inf"))
     return _accept(generator, log_ratio, theta, log_prob, grad, theta_new, log_prob_new, grad_new)
 
 
@@ -124,13 +133,14 @@ def hmc(generator: torch.Generator, theta: torch.Tensor, log_prob: torch.Tensor,
     r = cov.solve(cov.sample(lambda shape: _draw(torch.randn, generator, shape, theta), theta))
     kinetic0 = 0.5 * (r * cov.mul(r)).sum(-1)
     q, lp, g = theta, log_prob, grad
+    diverged = torch.zeros_like(log_prob, dtype=torch.bool)
     r = r + 0.5 * step_size * g
     for i in range(num_leapfrog_steps):
-        q = q + step_size * cov.mul(r)
+        q, diverged = _finite_or_start(q + step_size * cov.mul(r), theta, diverged)
         lp, g = log_density(q)
         r = r + (step_size if i < num_leapfrog_steps - 1 else 0.5 * step_size) * g
     kinetic1 = 0.5 * (r * cov.mul(r)).sum(-1)
-    log_ratio = lp - kinetic1 - (log_prob - kinetic0)
+    log_ratio = (lp - kinetic1 - (log_prob - kinetic0)).masked_fill(diverged, -float("inf"))
     return _accept(generator, log_ratio, theta, log_prob, grad, q, lp, g)
 
 
