@@ -62,6 +62,11 @@ DISPLAY.update({"subnet_laplace_predictive": "  via Predictive", "sampled_laplac
 PREDICTIVE_DRAWS = 2000
 
 
+# The MALA moves the recorded UCI runs used; the sampler's defaults (256 particles, HMC) took
+# about 24 minutes on one Boston split on the 2-core machine (docs/measured.md).
+SMC_MALA = {"move": "mala", "batch_growth": 2.0, "max_mcmc_steps": 15}
+
+
 def settings(quick: bool, num_train: int) -> Dict[str, object]:
     """The per-method settings of the benchmark (``quick``: the test's small ones)."""
     if quick:
@@ -70,14 +75,15 @@ def settings(quick: bool, num_train: int) -> Dict[str, object]:
             "sampled_laplace": {"num_posterior_samples": 8, "num_em_steps": 2, "max_iter": 30},
             "sghmc": {"num_samples": 20, "warmup_steps": 30, "steps_per_sample": 5},
             "spike_slab_sghmc": {"num_samples": 20, "warmup_steps": 30, "steps_per_sample": 5},
-            "annealed_smc": {"num_particles": 16, "batch_size": max(64, num_train // 4), "num_mcmc_steps": 2},
+            "annealed_smc": {"num_particles": 16, "batch_size": max(64, num_train // 4), "num_mcmc_steps": 2,
+                             **SMC_MALA},
         })
     return dict(map_steps=2000, options={
         "subnet_laplace": {"k": 10 ** 9},          # all weights: the network is small
         "sampled_laplace": {"num_posterior_samples": 32, "num_em_steps": 5, "max_iter": 100},
         "sghmc": {"num_samples": 100, "warmup_steps": 200, "steps_per_sample": 10},
         "spike_slab_sghmc": {"num_samples": 100, "warmup_steps": 200, "steps_per_sample": 10},
-        "annealed_smc": {"num_particles": 64, "batch_size": 64, "num_mcmc_steps": 5},
+        "annealed_smc": {"num_particles": 64, "batch_size": 64, "num_mcmc_steps": 5, **SMC_MALA},
     })
 
 
