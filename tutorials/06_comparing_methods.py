@@ -39,9 +39,9 @@ if QUICK:
 ds = ps.data.load_breast_cancer()
 ctx = make_context(ds, quick=True, seed=0, progress=False)   # one hidden layer of 50 tanh units
 if QUICK:   # keep the samplers short in the test suite
-    ctx.options = {"sghmc": {"num_samples": 20, "warmup_steps": 20},
-                   "spike_slab_sghmc": {"num_samples": 20, "warmup_steps": 20},
-                   "annealed_smc": {"num_particles": 16}}
+    ctx.options.update({"sghmc": {"num_samples": 20, "warmup_steps": 20},
+                        "spike_slab_sghmc": {"num_samples": 20, "warmup_steps": 20},
+                        "annealed_smc": {**ctx.options["annealed_smc"], "num_particles": 16}})
 print(ds, f"network of {ctx.model.layout.dim} weights")
 
 # %%
