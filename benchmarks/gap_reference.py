@@ -17,6 +17,7 @@ standard deviation :math:`\\sqrt{\\mathrm{Var}_s \\mu_s(x) + 0.1^2}` inside the 
 Usage::
 
     python benchmarks/gap_reference.py --hidden 20 --warmup 200 --samples 200   # (re)compute and store
+    python benchmarks/gap_reference.py --learn-noise     # the same with a latent noise scale
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 class TanhBNN(PyroModule):
-    """The 1-H-1 tanh network of Pyro's Bayesian-regression tutorials, noise fixed at 0.1."""
+    """The 1-H-1 tanh network of Pyro's Bayesian-regression tutorials, noise fixed at 0.1, or
+    with ``noise=None`` a latent noise scale ``sigma ~ HalfNormal(1)`` as in those tutorials."""
 
-    def __init__(self, h=20):
+    def __init__(self, h=20, noise=NOISE):
         super().__init__()
+        self.noise = noise
         self.fc1 = PyroModule[nn.Linear](1, h)
         self.fc1.weight = PyroSample(dist.Normal(0.0, 1.0).expand([h, 1]).to_event(2))
         self.fc1.bias = PyroSample(dist.Normal(0.0, 1.0).expand([h]).to_event(1))
@@ -53,8 +56,9 @@ class TanhBNN(PyroModule):
 
     def forward(self, x, y=None):
         mu = self.fc2(torch.tanh(self.fc1(x))).squeeze(-1)
+        sigma = pyro.sample("sigma", dist.HalfNormal(1.0)) if self.noise is None else self.noise
         with pyro.plate("data", x.shape[0]):
-            pyro.sample("obs", dist.Normal(mu, NOISE), obs=y)
+            pyro.sample("obs", dist.Normal(mu, sigma), obs=y)
         return mu
 
 
@@ -78,25 +82,33 @@ def gap_scores(mu_draws: torch.Tensor, ds, in_gap: torch.Tensor):
 
 
 def nuts_reference(hidden: int = 20, n: int = 100, warmup: int = 200, samples: int = 200, seed: int = 0,
-                   refresh: bool = False, path: str = None) -> dict:
+                   refresh: bool = False, path: str = None, learn_noise: bool = False) -> dict:
     """NUTS draws of the output on the test grid (``"mu"``, ``(samples, num_test)``), the
-    wall time (``"seconds"``) and the settings, from the stored file or from a new run."""
+    wall time (``"seconds"``) and the settings, from the stored file or from a new run. With
+    ``learn_noise=True`` the model is ``TanhBNN(hidden, noise=None)`` and the draws of its noise
+    scale are kept too (``"sigma"``, ``(samples,)``), in a file of their own."""
     settings = {"hidden": hidden, "n": n, "warmup": warmup, "samples": samples, "seed": seed}
-    path = path or os.path.join(RESULTS, f"nuts_gap_h{hidden}_n{n}_w{warmup}_s{samples}.pt")
+    if learn_noise:    # only then, so the fixed-noise files keep matching their settings
+        settings["noise"] = "learned"
+    path = path or os.path.join(RESULTS, f"nuts_gap_h{hidden}_n{n}_w{warmup}_s{samples}"
+                                         f"{'_sigma' if learn_noise else ''}.pt")
     if not refresh and os.path.exists(path):
         stored = torch.load(path, weights_only=False)    # our own file: tensors, numbers, strings
         if stored.get("settings") == settings:
             return stored
     ds, _ = gap_data(n)
     pyro.set_rng_seed(seed)
-    model = TanhBNN(hidden)
+    model = TanhBNN(hidden, noise=None if learn_noise else NOISE)
     mcmc = MCMC(NUTS(model), num_samples=samples, warmup_steps=warmup, disable_progbar=True)
     t0 = time.perf_counter()
     mcmc.run(ds.x_train, ds.y_train)
     seconds = time.perf_counter() - t0
-    mu = Predictive(model, mcmc.get_samples(), return_sites=["_RETURN"])(ds.x_test)["_RETURN"].detach()
+    draws = mcmc.get_samples()
+    mu = Predictive(model, draws, return_sites=["_RETURN"])(ds.x_test)["_RETURN"].detach()
     out = {"settings": settings, "mu": mu, "seconds": seconds, "torch": str(torch.__version__),
            "pyro": pyro.__version__, "made": time.strftime("%Y-%m-%d")}
+    if learn_noise:
+        out["sigma"] = draws["sigma"].detach().reshape(-1)
     torch.save(out, path)
     return out
 
@@ -107,9 +119,10 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--learn-noise", action="store_true", help="a latent noise scale instead of 0.1")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    ref = nuts_reference(args.hidden, args.n, args.warmup, args.samples, refresh=True)
+    ref = nuts_reference(args.hidden, args.n, args.warmup, args.samples, refresh=True, learn_noise=args.learn_noise)
     ds, in_gap = gap_data(args.n)
     nll, nll_inside, std = gap_scores(ref["mu"], ds, in_gap)
     print(f"NUTS 1-{args.hidden}-1, {args.n} points: test NLL {nll:.3f} (on [-2, 2] {nll_inside:.3f}), in-gap std "

@@ -110,6 +110,38 @@ def _predictive_kl(p: Dict[str, torch.Tensor], q: Dict[str, torch.Tensor]) -> to
     return 0.5 * (ratio - 1 - ratio.log() + (p["mean"] - q["mean"]) ** 2 / q["var"]).mean()
 
 
+def utility_kl(p: Tuple[torch.Tensor, torch.Tensor], q: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mean over examples of the KL divergence between the Gaussian utilities of two latent
+    predictives of a softmax classifier, ``p = (mean (N, C), covariance (N, C, C) or variances
+    (N, C))`` and ``q`` alike: the divergence of the contrasts :math:`u_k - u_C` of
+    :math:`u = f + g`, :math:`f \\sim \\mathcal N(\\mu, \\Sigma)`, :math:`g \\sim \\mathcal N(0, \\tfrac{\\pi^2}{6} I)`
+    (the Gumbel noise's Gaussian stand-in of :func:`~pyro_subnet.infer.links.gumbel_max_softmax`).
+
+    The class is :math:`\\arg\\max_k u_k`, a function of the contrasts, so by the data-processing
+    inequality this bounds the divergence between the two multinomial-probit predictives from above,
+    and costs a batched Cholesky factorisation of ``C - 1`` square matrices instead of two calls of
+    the link."""
+    def contrasts(mean, cov):
+        cov = cov if cov.dim() == 3 else torch.diag_embed(cov)
+        C = mean.shape[-1]
+        cov = cov.double() + links.GUMBEL_VAR * torch.eye(C, dtype=torch.float64, device=cov.device)
+        m = mean.double()
+        # u_k - u_C for k < C
+        m = m[:, :-1] - m[:, -1:]
+        cov = (cov[:, :-1, :-1] - cov[:, :-1, -1:] - cov[:, -1:, :-1] + cov[:, -1:, -1:])
+        return m, cov
+
+    (m1, S1), (m0, S0) = contrasts(*p), contrasts(*q)
+    L0 = torch.linalg.cholesky(S0)
+    L1 = torch.linalg.cholesky(S1)
+    k = m0.shape[-1]
+    M = torch.linalg.solve_triangular(L0, L1, upper=False)            # L0^-1 L1: tr(S0^-1 S1) = |M|^2
+    d = torch.linalg.solve_triangular(L0, (m1 - m0).unsqueeze(-1), upper=False).squeeze(-1)
+    logdet = 2 * (L0.diagonal(dim1=-2, dim2=-1).log() - L1.diagonal(dim1=-2, dim2=-1).log()).sum(-1)
+    kl = 0.5 * (M.square().sum((-2, -1)) + d.square().sum(-1) - k + logdet)
+    return kl.clamp_min(0).mean().to(p[0].dtype)
+
+
 class AnalyticPredictive:
     """Posterior predictive by moment propagation, with the call of ``pyro.infer.Predictive``.
 
@@ -159,9 +191,9 @@ class AnalyticPredictive:
         by what it changes. Where the two cannot differ (not an MLP, or at most two linear layers:
         the first, on the data, is exactly diagonal and the output layer's covariance is kept
         anyway) the diagonal; otherwise both run on the first :data:`PROBE_ROWS` inputs and the full
-        one is kept when the mean KL divergence of the diagonal predictive from it exceeds
-        ``covariance_tolerance`` (the divergence is in :attr:`covariance_change`). The choice is made
-        again when the guide changes.
+        one is kept when the mean KL divergence of the diagonal predictive from it (for a softmax
+        classifier an upper bound of it, :func:`utility_kl`) exceeds ``covariance_tolerance`` (the
+        divergence is in :attr:`covariance_change`). The choice is made again when the guide changes.
     :param covariance_tolerance: nats; see ``covariance`` (default :data:`COVARIANCE_TOLERANCE`).
     :param batch_size: examples per pass (bounds memory); ``None``: all at once; ``"auto"``
         (default): all at once, except with correlated weights on CPU. There every activation carries
@@ -328,24 +360,24 @@ class AnalyticPredictive:
     def _choose_covariance(self, flat: FlatPosterior, x: torch.Tensor) -> SitePosterior:
         """``covariance="auto"``: the diagonal representation unless the full one measurably changes
         the predictive. Both run on the first :data:`PROBE_ROWS` inputs; the full one is kept when
-        the mean Kullback-Leibler divergence of the diagonal predictive from it,
-        :math:`\\tfrac1n \\sum_i \\mathrm{KL}(p_{\\text{full}}(y \\mid x_i) \\,\\|\\, p_{\\text{diag}}(y \\mid x_i))`
-        (categorical, or Gaussian for regression), exceeds ``covariance_tolerance`` nats. The
-        divergence is kept in :attr:`covariance_change`.
+        the mean Kullback-Leibler divergence of the diagonal predictive from the full one,
+        :math:`\\tfrac1n \\sum_i \\mathrm{KL}(p_{\\text{full}}(y \\mid x_i) \\,\\|\\, p_{\\text{diag}}(y \\mid x_i))`,
+        exceeds ``covariance_tolerance`` nats: for a softmax classifier its upper bound, the
+        divergence of the Gaussian utilities the link integrates (:func:`utility_kl`: it needs no
+        call of the link, which costs as much on a few rows as on thousands), for regression and
+        binary classification the divergence of the predictives themselves. The divergence is kept
+        in :attr:`covariance_change`.
 
         :returns: the chosen representation and its latent moments on the probe rows."""
         probe = x[:PROBE_ROWS]
         diag = self._site_view(flat, x, False)
         views = {False: diag, True: diag.with_full(True)}      # (one reading of the posterior, shared)
         latents = {full: self._latent(probe, views[full]) for full in views}
-        (m0, v0), (m1, v1) = latents[False], latents[True]
-        if v0.shape == v1.shape:    # both carry the output covariance: one call of the link for both
-            n = m0.shape[0]
-            both = self._outputs(torch.cat([m0, m1]), torch.cat([v0, v1]))
-            outs = {False: {k: v[:n] for k, v in both.items()}, True: {k: v[n:] for k, v in both.items()}}
+        if self.bridge.likelihood.name == "classification":
+            change = utility_kl(latents[True], latents[False])
         else:
-            outs = {full: self._outputs(*latents[full]) for full in latents}
-        self.covariance_change = float(_predictive_kl(outs[True], outs[False]))
+            change = _predictive_kl(self._outputs(*latents[True]), self._outputs(*latents[False]))
+        self.covariance_change = float(change)
         self.full = self.covariance_change > self.covariance_tolerance
         return views[self.full], latents[self.full]
 
