@@ -248,7 +248,7 @@ def gumbel_max_softmax(mean: torch.Tensor, cov: torch.Tensor, order: str = "inde
 
 
 #: Quasi-Monte Carlo points of :func:`sobol_softmax` by default.
-SOBOL_POINTS = 128
+SOBOL_POINTS = 256
 _SOBOL = {}
 
 

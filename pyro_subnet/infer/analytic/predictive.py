@@ -152,12 +152,16 @@ class AnalyticPredictive:
     :mod:`~pyro_subnet.infer.analytic.layers` for what is exact and what is approximated). At the
     output, with latent function :math:`f \\sim \\mathcal N(\\mu, \\Sigma)`:
 
-    * classification, ``link="gumbel_max"`` (default): :math:`\\mathbb E[\\mathrm{softmax}(f)]` as a
+    * classification, ``link="gumbel_max"``: :math:`\\mathbb E[\\mathrm{softmax}(f)]` as a
       multinomial probit with Clark's maximum (:func:`~pyro_subnet.infer.links.gumbel_max_softmax`;
       closed form, uses the covariance between the logits); ``link="sobol"``: a fixed quasi-Monte
       Carlo rule over the logits alone (:func:`~pyro_subnet.infer.links.sobol_softmax`: the
-      Gaussian integral itself, ``S C^2`` operations per example). On trained networks the latent is
-      not exactly Gaussian, and the closed form is as close to Monte Carlo over the weights as the
+      Gaussian integral itself, ``S C^2`` operations per example); ``link="auto"`` (default): the
+      Sobol rule with ``activations="linearise"``, the closed form otherwise. Linearised in the
+      weights, the logits of a Gaussian posterior are exactly Gaussian, so the Gaussian integral
+      is the predictive, and the closed form's error grows with the logits' variance (a broad
+      Laplace posterior); with moment-matched activations the latent is Gaussian only by
+      approximation, and the closed form is as close to Monte Carlo over the weights as the
       exact Gaussian integral (``benchmarks/results/analytic_predictive.txt``), at less cost;
       ``link="probit"``:
       :math:`p(y \\mid x) \\approx \\mathrm{softmax}(\\mu / \\sqrt{1 + \\tfrac{\\pi}{8} v})` (the paper's
@@ -211,7 +215,7 @@ class AnalyticPredictive:
         the MAP, so its predictive is the GLM one, the same that ``pyro.infer.Predictive`` draws
         through it; exact for its covariance over the weights, see ``products``), ``"moments"``
         otherwise.
-    :param link: ``"gumbel_max"``, ``"sobol"`` or ``"probit"`` (classification; see above).
+    :param link: ``"auto"``, ``"gumbel_max"``, ``"sobol"`` or ``"probit"`` (classification; see above).
     :param products: where a layer's correlated weights meet a correlated input (a covariance that
         spans layers: ``AutoMultivariateNormal``, ``AutoLowRankMultivariateNormal``, a subnetwork
         over several layers), the products :math:`(G\\varepsilon)(A\\varepsilon)` (see
@@ -243,7 +247,7 @@ class AnalyticPredictive:
     """
 
     def __init__(self, model, guide, covariance: str = "auto", batch_size: Union[int, str, None] = "auto",
-                 activations: str = "auto", link: str = "gumbel_max", products="auto",
+                 activations: str = "auto", link: str = "auto", products="auto",
                  covariance_tolerance: float = COVARIANCE_TOLERANCE):
         check_model(model, "AnalyticPredictive")
         if covariance not in ("auto", "full", "diag"):
@@ -260,8 +264,12 @@ class AnalyticPredictive:
             # predictive (the one its own Predictive draws) is the linearised one
             activations = "linearise" if getattr(guide, "predictive", None) == "glm" else "moments"
         self.activations = activations
-        if link not in ("sobol", "gumbel_max", "probit"):
-            raise ValueError(f"AnalyticPredictive: link must be 'gumbel_max', 'sobol' or 'probit', got {link!r}.")
+        if link not in ("auto", "sobol", "gumbel_max", "probit"):
+            raise ValueError(f"AnalyticPredictive: link must be 'auto', 'gumbel_max', 'sobol' or 'probit', got "
+                             f"{link!r}.")
+        if link == "auto":
+            # linearised, the logits are exactly Gaussian: integrate that Gaussian itself
+            link = "sobol" if activations == "linearise" else "gumbel_max"
         self.link = link
         if products not in (True, False, "auto"):
             raise ValueError(f"AnalyticPredictive: products must be True, False or 'auto', got {products!r}.")
