@@ -14,7 +14,9 @@ A learned noise scale is fitted jointly, :math:`(\\hat\\theta, \\hat\\sigma) = \
 p(\\theta) + \\log p(\\sigma) + \\sum_n \\log \\mathcal{N}(y_n; f(x_n;\\theta), \\sigma^2)` (Adam on
 :math:`\\log\\sigma`), where :math:`p(\\sigma)` is the prior of the model's noise site (e.g.
 ``sigma = pyro.sample("sigma", dist.HalfNormal(1.))``), or flat for a noise hyperparameter
-(``BayesianNet(noise_scale=None)``). The likelihood keeps :math:`\\hat\\sigma`
+(``BayesianNet(noise_scale=None)``), after a warm-up with the noise held small (``noise_warmup``
+of :func:`fit_map`: from a large noise the fit can settle in a mode that calls the signal noise).
+The likelihood keeps :math:`\\hat\\sigma`
 (``bridge.likelihood.noise_scale``, also returned): the starting point that the Laplace guides
 refine by the evidence and the samplers sample or refine by EM.
 """
@@ -30,6 +32,10 @@ from tqdm.auto import trange
 from ..nn.bridge import as_bridge
 from ..nn.validation import check_positive_int
 from . import distributed
+
+
+#: The held noise scale of :func:`fit_map`'s warm-up, as a fraction of the targets' standard deviation.
+NOISE_WARMUP_SCALE = 0.1
 
 
 class MAPResult(NamedTuple):
@@ -50,7 +56,8 @@ def neg_log_joint(bridge, theta, x, y, num_data: int, noise_scale=None) -> torch
 
 def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Optional[int] = 256,
             init: Optional[torch.Tensor] = None,
-            progress: bool = True, seed: Optional[int] = None, fit_noise: bool = True) -> MAPResult:
+            progress: bool = True, seed: Optional[int] = None, fit_noise: bool = True,
+            noise_warmup: float = 0.25) -> MAPResult:
     """Find the MAP weights of ``model`` on ``(x, y)``.
 
     :param model: a Pyro model (see :class:`~pyro_subnet.nn.ModelBridge`) or its bridge; a learned
@@ -63,6 +70,13 @@ def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Op
     :param seed: seed for the mini-batch order.
     :param fit_noise: fit a learned noise scale jointly (default); ``False`` holds it at the
         likelihood's current value (the evidence framework sets it by the evidence instead).
+    :param noise_warmup: with ``fit_noise``, the fraction of the steps taken first with the noise
+        held at a small scale, ``min(current, NOISE_WARMUP_SCALE * std(y))``, before it is fitted
+        jointly from there. The joint objective has a second mode where a large noise explains the
+        data and the weights stay near the prior (the data's gradients scale as
+        :math:`\\sigma^{-2}`, so the prior wins); Adam from a noise of the targets' size falls into
+        it and stays. From a held small noise the weights fit the data first, and freeing the noise
+        only relaxes them (``docs/measured.md``). ``0``: joint from the start.
     :returns: :class:`MAPResult` with the weights and the loss curve.
 
     >>> from torch import nn
@@ -78,9 +92,13 @@ def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Op
     check_positive_int(num_steps, "num_steps")
     batch_size = check_positive_int(batch_size, "batch_size", allow_none=True)
     n = x.shape[0]
+    if not (isinstance(noise_warmup, (int, float)) and 0 <= noise_warmup < 1):
+        raise ValueError(f"fit_map: noise_warmup must be a fraction in [0, 1), got {noise_warmup!r}.")
     # Under torch.distributed every rank passes the whole data set and works on its shard; the
     # gradients are averaged (as DistributedDataParallel does), so all ranks take the same steps.
     local = distributed.shard(n)
+    held_noise = min(float(bridge.likelihood.noise_scale), NOISE_WARMUP_SCALE * float(y.std())) \
+        if getattr(bridge.likelihood, "learn_noise", False) and n > 1 else None   # the whole y: the same on every rank
     x, y = x[local], y[local]
     n_local = x.shape[0]
     theta0 = bridge.initial_theta(dtype=x.dtype, device=x.device) if init is None else init.to(x)
@@ -88,9 +106,10 @@ def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Op
     params = [theta]
     noise_is_learned = getattr(bridge.likelihood, "learn_noise", False)   # a hyperparameter, not a fixed value
     fits_noise = noise_is_learned and fit_noise                            # ... and this run fits it
+    warmup_steps = int(noise_warmup * num_steps) if fits_noise and held_noise else 0
     if fits_noise:
-        log_noise = torch.tensor(math.log(bridge.likelihood.noise_scale), dtype=x.dtype,
-                                 device=x.device).requires_grad_(True)
+        start = held_noise if warmup_steps else bridge.likelihood.noise_scale
+        log_noise = torch.tensor(math.log(start), dtype=x.dtype, device=x.device).requires_grad_(True)
         params.append(log_noise)
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator(device="cpu")
@@ -99,7 +118,7 @@ def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Op
     perm, pos = torch.randperm(n_local, generator=gen), 0
     losses = torch.empty(num_steps)
     bar = trange(num_steps, desc="MAP", disable=not progress, leave=False)
-    noise_prior = bridge.noise_site is not None      # the noise site's own prior joins the objective
+    noise_prior = fits_noise and bridge.noise_site is not None   # the noise site's own prior joins the objective
     with bridge.network.training():    # Dropout on; BatchNorm learns its running statistics
         for step in bar:
             if b < n_local:
@@ -110,14 +129,17 @@ def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Op
                 xb, yb = x[idx], y[idx]
             else:
                 xb, yb = x, y
-            loss = neg_log_joint(bridge, theta, xb, yb, n, log_noise.exp() if fits_noise else None)
+            if fits_noise:     # held (no gradient, so Adam leaves it) during the warm-up
+                log_s = log_noise if step >= warmup_steps else log_noise.detach()
+            loss = neg_log_joint(bridge, theta, xb, yb, n, log_s.exp() if fits_noise else None)
             if noise_prior:
-                loss = loss - (bridge.noise_log_prior(log_noise) - log_noise)   # log p(sigma), no Jacobian
+                loss = loss - (bridge.noise_log_prior(log_s) - log_s)   # log p(sigma), no Jacobian
             loss = loss / n
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for param in params:
-                distributed.all_reduce_mean(param.grad)
+                if param.grad is not None:
+                    distributed.all_reduce_mean(param.grad)
             opt.step()
             losses[step] = loss.detach()
             if progress and step % 50 == 0:
