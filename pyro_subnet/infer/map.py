@@ -54,6 +54,20 @@ def neg_log_joint(bridge, theta, x, y, num_data: int, noise_scale=None) -> torch
     return -(num_data / x.shape[0]) * log_lik - bridge.log_prior(theta)
 
 
+def residual_scale(bridge, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, chunk: int) -> float:
+    """The noise scale that maximises the Gaussian likelihood at fixed weights,
+    :math:`\\hat\\sigma = (\\frac{1}{N}\\sum_n \\lVert y_n - f(x_n;\\theta)\\rVert^2 / K)^{1/2}`, over the
+    data of every rank (in ``chunk``-sized passes, the network in evaluation mode)."""
+    totals = torch.zeros(2, dtype=x.dtype, device=x.device)     # sum of squared residuals, count
+    with torch.no_grad():
+        for start in range(0, x.shape[0], chunk):
+            xs, ys = x[start:start + chunk], y[start:start + chunk]
+            mean = bridge.likelihood.distribution(bridge.network.flat(theta, xs), noise_scale=1.0).mean
+            totals += torch.stack([((mean - ys) ** 2).sum(), ys.new_tensor(float(ys.numel()))])
+    distributed.all_reduce_mean(totals)     # the ratio of the means is the ratio of the sums
+    return max(float((totals[0] / totals[1]).sqrt()), torch.finfo(x.dtype).eps)   # > 0 even on an exact fit
+
+
 def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Optional[int] = 256,
             init: Optional[torch.Tensor] = None,
             progress: bool = True, seed: Optional[int] = None, fit_noise: bool = True,
@@ -72,11 +86,13 @@ def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Op
         likelihood's current value (the evidence framework sets it by the evidence instead).
     :param noise_warmup: with ``fit_noise``, the fraction of the steps taken first with the noise
         held at a small scale, ``min(current, NOISE_WARMUP_SCALE * std(y))``, before it is fitted
-        jointly from there. The joint objective has a second mode where a large noise explains the
-        data and the weights stay near the prior (the data's gradients scale as
-        :math:`\\sigma^{-2}`, so the prior wins); Adam from a noise of the targets' size falls into
-        it and stays. From a held small noise the weights fit the data first, and freeing the noise
-        only relaxes them (``docs/measured.md``). ``0``: joint from the start.
+        jointly, starting from the scale of the residuals then (:func:`residual_scale`). The joint
+        objective has a second mode where a large noise explains the data and the weights stay
+        near the prior (the data's gradients scale as :math:`\\sigma^{-2}`, so the prior wins);
+        Adam from a noise of the targets' size falls into it and stays. From a held small noise
+        the weights fit the data first, and freeing the noise only relaxes them; where they could
+        not fit it in the warm-up, the residuals' scale says so (``docs/measured.md``). ``0``:
+        joint from the start.
     :returns: :class:`MAPResult` with the weights and the loss curve.
 
     >>> from torch import nn
@@ -119,8 +135,16 @@ def fit_map(model, x, y, num_steps: int = 2000, lr: float = 1e-2, batch_size: Op
     losses = torch.empty(num_steps)
     bar = trange(num_steps, desc="MAP", disable=not progress, leave=False)
     noise_prior = fits_noise and bridge.noise_site is not None   # the noise site's own prior joins the objective
-    with bridge.network.training():    # Dropout on; BatchNorm learns its running statistics
-        for step in bar:
+    for step in bar:
+        if step == warmup_steps and warmup_steps:
+            # The held noise has done its job (the weights fit the data); the joint fit starts
+            # from the noise those weights imply, sqrt(mean squared residual), since Adam on
+            # log sigma would take many steps to get there from the held value.
+            log_noise.data.fill_(math.log(residual_scale(bridge, theta.detach(), x, y, b)))
+            # The data term's scale drops by (held / new noise)^2; Adam's second moments, which
+            # remember the warm-up for about 1 / (1 - beta2) steps, would shrink every step by it.
+            opt = torch.optim.Adam(params, lr=lr)
+        with bridge.network.training():    # Dropout on; BatchNorm learns its running statistics
             if b < n_local:
                 if pos + b > n_local:
                     perm, pos = torch.randperm(n_local, generator=gen), 0

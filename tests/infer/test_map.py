@@ -7,7 +7,7 @@ from torch import nn
 
 from pyro_subnet.data import gap_regression
 from pyro_subnet.infer import fit_map
-from pyro_subnet.infer.map import neg_log_joint
+from pyro_subnet.infer.map import neg_log_joint, residual_scale
 from pyro_subnet.nn import BayesianNet, ModelBridge
 
 
@@ -83,3 +83,22 @@ def test_noise_warmup_is_checked():
     model = BayesianNet(nn.Linear(3, 1), "regression", noise_scale=None)
     with pytest.raises(ValueError, match="noise_warmup"):
         fit_map(model, torch.randn(5, 3), torch.randn(5), noise_warmup=1.0, progress=False)
+
+
+def test_the_joint_fit_starts_from_the_noise_the_warm_up_weights_imply():
+    """After the warm-up the noise restarts at the residuals' scale, the Gaussian likelihood's
+    optimum at those weights, instead of creeping there from the held value at Adam's pace."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 3, generator=g)
+    w = torch.tensor([1.0, -2.0, 0.5])
+    y = x @ w + 0.5 * torch.randn(400, generator=g)
+    model = BayesianNet(nn.Linear(3, 1), "regression", noise_scale=None)
+    bridge = ModelBridge(model, x)
+    start = torch.cat([w, torch.zeros(1)])          # weight, bias: already at the answer
+    assert bridge.initial_theta().shape == start.shape
+    # The held noise is 0.1 std(y) ~ 0.23; 50 joint steps at lr 1e-3 could move log(sigma) by 0.05.
+    res = fit_map(bridge, x, y, num_steps=100, lr=1e-3, batch_size=None, init=start, progress=False, noise_warmup=0.5)
+    rms = float((bridge.network.flat(res.theta, x).squeeze(-1) - y).pow(2).mean().sqrt())
+    assert res.noise_scale == pytest.approx(rms, rel=0.05)
+    assert 0.45 < rms < 0.55
+    assert residual_scale(bridge, res.theta, x, y, chunk=64) == pytest.approx(rms, rel=1e-6)
