@@ -45,11 +45,12 @@ def test_tanh_network_default_step_size_samples_and_a_fixed_large_one_warns():
 
 def test_vb_preconditioner_with_a_latent_noise_scale():
     """preconditioner='vb' on a model with sigma ~ HalfNormal(1): sigma stays positive and finite
-    (it once collapsed to 0 with a NaN log density), with a finite log density at every draw, and
-    near the mode that the chain's joint Adam warm start reaches: that of a MAP fitted jointly
-    from the start (``noise_warmup=0``), where a large sigma (about 0.3) calls the signal noise.
-    The posterior's own noise is about 0.1 (``fit_map``'s default warm-up finds that mode; the
-    chain does not)."""
+    (it once collapsed to 0 with a NaN log density), with a finite log density at every draw. The
+    warm start holds sigma small while Adam fits the weights, then frees it: climbing both at once
+    it settled where a large sigma (about 0.3, the MAP fitted jointly from the start,
+    ``noise_warmup=0``) calls the signal noise. The posterior's noise is about 0.1 (fit_map's
+    default warm-up; Pyro's NUTS on this model); the chain's draws, on mini-batches of a quarter
+    of the data, stay above it (docs/measured.md) but far below the noise-as-signal mode."""
     torch.set_num_threads(1)
     x, y = _data(100)
     pyro.set_rng_seed(0)
@@ -59,8 +60,11 @@ def test_vb_preconditioner_with_a_latent_noise_scale():
     sigma = mcmc.get_samples()["sigma"]
     assert (sigma > 0).all() and torch.isfinite(sigma).all()
     pyro.set_rng_seed(0)
-    map_sigma = fit_map(RegressionBNN(h=20), x, y, num_steps=1500, progress=False, noise_warmup=0).noise_scale
-    assert abs(float(sigma.mean()) / map_sigma - 1) < 0.2, (float(sigma.mean()), map_sigma)
+    posterior_mode = fit_map(RegressionBNN(h=20), x, y, num_steps=1500, progress=False).noise_scale
+    pyro.set_rng_seed(0)
+    joint_mode = fit_map(RegressionBNN(h=20), x, y, num_steps=1500, progress=False, noise_warmup=0).noise_scale
+    assert 0.08 < posterior_mode < 0.11 and joint_mode > 0.25
+    assert posterior_mode < float(sigma.mean()) < 0.75 * joint_mode, (float(sigma.mean()), posterior_mode, joint_mode)
     lp = torch.tensor(mcmc.diagnostics()["lp"]["chain 0"])
     assert torch.isfinite(lp).all()
 

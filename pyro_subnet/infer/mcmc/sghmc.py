@@ -13,6 +13,7 @@ from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 
 from ...nn import SiteLayout
 from ...nn.bridge import BatchAwareModel, ModelBridge, UnsupportedModelError, check_model
+from ..map import residual_scale
 from . import integrator
 from . import step_size as step_size_lib
 from . import warm_start
@@ -410,17 +411,50 @@ class SGHMC(MCMCKernel):
         return int(self.warm_start_fraction * self._warmup_steps)
 
     def _warm_start_sample(self, params):
-        """A warm-up call of the optimiser phase: ``steps_per_sample`` Adam steps."""
+        """A warm-up call of the optimiser phase: ``steps_per_sample`` Adam steps. A learned
+        noise (a noise site or an EM hyperparameter) is held small for the first part of this
+        phase and then restarted at the residuals' scale (:func:`.warm_start.held_noise`)."""
         self.potential.estimate_noise = False
+        hold = self._noise_hold_calls()
+        if self._t == 0 and hold:
+            self._set_noise(warm_start.held_noise(self._noise_now(), self.potential.y))
+        if self._t == hold and hold:     # released: from the scale the fitted weights imply
+            weights = self._state.theta[:self.potential.num_weights]
+            self._set_noise(residual_scale(self.bridge, weights, self.potential.x, self.potential.y,
+                                           self.potential.batch_size))
+            self._adam = None            # the data term's scale changed: fresh moments
         adam = self._adam if self._adam is not None else warm_start.init(self._state.theta)
+        holding = self._t < hold and self.potential.sample_noise
+        potential = warm_start.holding_last(self.potential) if holding else self.potential
         for _ in range(self.steps_per_sample):
-            adam, _ = warm_start.step(adam, self.potential, self.warm_start_lr)
-            self._update_noise()
+            adam, _ = warm_start.step(adam, potential, self.warm_start_lr)
+            if self._t >= hold:
+                self._update_noise()
             self._k += 1
         self._adam = adam
         self._state = self._state._replace(theta=adam.theta, previous=None, last_potential=None)
         self._t += 1
         return self._as_params(params)
+
+    def _noise_hold_calls(self) -> int:
+        """Warm-start calls with the noise held (none without a learned regression noise)."""
+        learned = isinstance(self.potential, NetPotential) and (self.potential.sample_noise or self._learns_noise())
+        return int(warm_start.NOISE_HOLD_FRACTION * self._warm_start_calls()) if learned else 0
+
+    def _noise_now(self) -> float:
+        if self.potential.sample_noise:
+            return float(self.layout.unflatten(self._state.theta)[self.bridge.noise_site].detach().exp().reshape(-1)[0])
+        return float(self.bridge.likelihood.noise_scale)
+
+    def _set_noise(self, sigma: float) -> None:
+        """Put a learned noise at ``sigma``: the chain's noise coordinate, else the EM estimate."""
+        if self.potential.sample_noise:
+            theta = self._state.theta.clone()
+            theta[self.potential.num_weights:] = self.transforms[self.bridge.noise_site](torch.tensor(sigma).to(theta))
+            self._state = self._state._replace(theta=theta, previous=None, last_potential=None)
+        else:
+            self._noise_var = sigma ** 2
+            self.bridge.likelihood.set_noise_scale(sigma)
 
     def _restart_adaptation(self):
         """After the optimiser phase: the curvature where the chain now is bounds the first steps."""

@@ -8,6 +8,11 @@ no such bound, and warm-up draws are discarded anyway, so the first fraction of 
 Adam steps (Kingma & Ba, 2015) toward a mode, the usual start of SG-MCMC in deep learning (e.g.
 Zhang et al., 2020); the rest of warm-up then adapts the step size and the preconditioner where
 the chain will sample.
+
+A learned noise scale is held small for the first part of the optimiser phase, as in
+:func:`~pyro_subnet.infer.fit_map`: climbing the weights and the noise together from a noise of the
+targets' size, Adam settles in the mode where the noise explains the data and the weights stay near
+the prior. Once the weights fit the data the noise restarts at the scale of their residuals.
 """
 
 from __future__ import annotations
@@ -16,6 +21,11 @@ import math
 from typing import NamedTuple
 
 import torch
+
+from ..map import NOISE_WARMUP_SCALE
+
+#: The fraction of the optimiser phase with a learned noise held at :func:`held_noise`.
+NOISE_HOLD_FRACTION = 0.9
 
 
 class AdamState(NamedTuple):
@@ -42,3 +52,18 @@ def step(state: AdamState, potential_and_grad, lr: float, betas=(0.9, 0.999), ep
     denom = (second / (1 - b2 ** count)).sqrt().add_(eps)
     theta = state.theta - lr * (mean / (1 - b1 ** count)) / denom
     return AdamState(theta, mean, second, count), u
+
+
+def held_noise(current: float, y: torch.Tensor) -> float:
+    """The noise scale held while the weights climb: ``min(current, NOISE_WARMUP_SCALE std(y))``."""
+    return min(current, NOISE_WARMUP_SCALE * float(y.std())) if y.numel() > 1 else current
+
+
+def holding_last(potential_and_grad):
+    """``potential_and_grad`` with the last coordinate's gradient zeroed, so Adam leaves it."""
+    def held(theta):
+        u, grad = potential_and_grad(theta)
+        grad = grad.clone()
+        grad[-1:] = 0
+        return u, grad
+    return held
