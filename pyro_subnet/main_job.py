@@ -35,6 +35,7 @@ from .infer.evidence_map import fit_map_by_evidence
 from .infer.map import fit_map
 from .infer.mcmc import SGHMC, SpikeSlabSGHMC
 from .infer.smc import AnnealedSMC
+from .infer.smc.annealed_smc import auto_start
 from .nn import BayesianNet
 from .subnet import PredictiveVariance
 
@@ -336,21 +337,24 @@ def arviz_diagnostics(obj) -> Dict[str, float]:
 
 def run_annealed_smc(ctx: Context) -> MethodResult:
     """Data-annealed SMC with the sampler's own defaults (adaptive schedule, HMC moves scaled by
-    the local curvature, as many moves per step as decorrelate the particles) from the prior;
+    the local curvature, as many moves per step as decorrelate the particles; the start
+    ``"auto"``: the prior, or for a learned noise a diagonal Laplace approximation);
     ``ctx.options["annealed_smc"]`` overrides any :class:`~pyro_subnet.infer.AnnealedSMC`
-    argument (:func:`make_context` sets what the main job's time allows), and ``start="laplace"`` starts from
-    a diagonal Laplace approximation at the MAP under the model's own prior instead, bridged to
-    the posterior as the data come in (``AnnealedSMC(start=...)``)."""
+    argument (:func:`make_context` sets what the main job's time allows). ``start="laplace"``
+    starts from a diagonal Laplace approximation at the shared MAP under the model's own prior,
+    bridged to the posterior as the data come in (``AnnealedSMC(start=...)``)."""
     t0 = time.perf_counter()
     settings = dict(ctx.options.get("annealed_smc", {}))
-    start, seconds = settings.pop("start", "prior"), 0.0
+    start, seconds = settings.pop("start", "auto"), 0.0
+    if start == "auto":
+        start = auto_start(ctx.learns_noise)
     if start == "laplace":
         theta = ctx.theta_map
         t0 = time.perf_counter()
         start = AutoDiagonalLaplace(ctx.model, progress=False).fit(ctx.ds.x_train, ctx.ds.y_train, map_theta=theta)
         seconds = ctx.map_seconds
     elif start != "prior":
-        raise ValueError(f"annealed_smc: start must be 'prior' or 'laplace', got {start!r}.")
+        raise ValueError(f"annealed_smc: start must be 'auto', 'prior' or 'laplace', got {start!r}.")
     ctx.reset_noise()
     torch.manual_seed(ctx.seed)
     smc = AnnealedSMC(ctx.model, seed=ctx.seed, progress=ctx.progress, start=None if start == "prior" else start,

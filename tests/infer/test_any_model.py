@@ -100,19 +100,17 @@ def test_a_latent_noise_scale_is_learned_or_sampled_within_20_percent():
         assert abs(value / 0.1 - 1) < 0.2, (method, value)
 
 
-def test_annealed_smc_samples_a_latent_noise_scale_within_35_percent():
-    """The same problem for AnnealedSMC from the prior, sigma a latent of every particle with its
-    HalfNormal prior. HMC moves continued until the particles decorrelate are what it takes here
-    (five fixed MALA moves leave sigma near 0.36: the defaults do not reach it yet). Over seeds the
-    particles' mean sigma lies 10-31% above the data's noise (docs/measured.md); the bound says
-    the sampler finds the noise level, not that it is unbiased."""
+def test_annealed_smc_samples_a_latent_noise_scale_with_its_defaults():
+    """The same problem for AnnealedSMC with its defaults (fewer particles), sigma a latent of
+    every particle with its HalfNormal prior: the default start for a learned noise is a diagonal
+    Laplace fit, from which the particles find the data's noise (from the prior they settle near
+    0.36, where the noise explains the signal)."""
     x, y = _noisy_sine()
     torch.manual_seed(0)
-    smc = ps.infer.AnnealedSMC(RegressionBNN(h=20), num_particles=128, batch_size=20, move="hmc", num_mcmc_steps=10,
-                               max_mcmc_steps=100, seed=0, progress=False)
+    smc = ps.infer.AnnealedSMC(RegressionBNN(h=20), num_particles=64, seed=0, progress=False)
     smc.run(x, y)
     sigma = smc.get_samples()["sigma"]
-    assert sigma.std() > 0 and abs(float(sigma.mean()) / 0.1 - 1) < 0.35, float(sigma.mean())
+    assert sigma.std() > 0 and abs(float(sigma.mean()) / 0.1 - 1) < 0.15, float(sigma.mean())
 
 
 def test_guides_and_samplers_speak_the_models_site_names():

@@ -135,7 +135,8 @@ def test_annealed_smc_resumes_from_a_checkpoint(tmp_path, monkeypatch, noise_sca
     x = torch.randn(40, 2, generator=torch.Generator().manual_seed(0))
     y = x[:, 0] + 0.3 * torch.randn(40, generator=torch.Generator().manual_seed(1))
 
-    def make():
+    def make():      # the same network each time: a learned noise starts from its Laplace fit
+        torch.manual_seed(0)
         model = ps.nn.BayesianNet(nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 1)), "regression",
                                   noise_scale=noise_scale)
         return ps.infer.AnnealedSMC(model, num_particles=32, batch_size=10, seed=3, num_chains=2, progress=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, NamedTuple, Optional, Union
 
 import torch
 from pyro.infer.mcmc.util import print_summary
@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from ...nn import SiteLayout
 from ...nn.bridge import BatchAwareModel, ModelBridge, check_model
 from .. import distributed, draws
+from ..autoguide.diagonal_laplace import AutoDiagonalLaplace
 from ..randomness import resolve_seed
 from . import annealed
 from .annealed import AnnealedTarget, Move
@@ -21,6 +22,8 @@ from .particle_likelihood import particle_log_lik, particle_outputs
 from .resampling import get_resampler
 
 SCHEDULES = ("full", "linear", "adaptive")
+#: The named starts of :class:`AnnealedSMC` (else a fitted diagonal Gaussian guide).
+STARTS = ("auto", "prior", "laplace")
 
 
 def _data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> tuple:
@@ -37,6 +40,19 @@ class SMCKernel:
 
     def __repr__(self):
         return f"SMCKernel({self.move!r})"
+
+
+def auto_start(learns_noise: bool) -> str:
+    """What ``start="auto"`` means for a model: ``"laplace"`` where it learns its noise scale, else
+    ``"prior"`` (see :meth:`AnnealedSMC._start_reference` for why)."""
+    return "laplace" if learns_noise else "prior"
+
+
+class DiagonalGaussian(NamedTuple):
+    """A diagonal Gaussian over the flat weights, :math:`\\mathcal N(\\text{mean}, \\text{diag}(\\text{var}))`:
+    a ``start`` of :class:`AnnealedSMC`."""
+    mean: torch.Tensor     # (D,)
+    var: torch.Tensor      # (D,) positive
 
 
 def _start_gaussian(start, dim: Optional[int] = None, like: Optional[torch.Tensor] = None) -> torch.distributions.Normal:
@@ -127,8 +143,10 @@ class AnnealedSMC:
     :param seed: seed of the sampler's generator (``None``: drawn from torch's global RNG); the
         prior draws use torch's global RNG.
     :param progress: show a progress bar (data included, ESS, acceptance).
-    :param start: where the particles start: ``None`` (default), the prior; or a diagonal Gaussian
-        over the flat weights, a fitted guide with ``flat_posterior()`` such as
+    :param start: where the particles start: ``"auto"`` (default) a Laplace approximation
+        (``"laplace"``: an :class:`~pyro_subnet.infer.AutoDiagonalLaplace` fitted at :meth:`run`)
+        where the model learns its noise scale, else the prior (``"prior"`` or ``None``); or a
+        diagonal Gaussian over the flat weights, a fitted guide with ``flat_posterior()`` such as
         :class:`~pyro_subnet.infer.AutoDiagonalLaplace` (or an object with ``mean`` and ``var``,
         variances positive). The targets then bridge from that Gaussian ``q`` to the posterior as
         the data come in, :math:`\\pi_s \\propto q^{1 - s/B} p^{s/B} \\prod_b p(D_b \\mid \\theta)^{c_b(s)}`
@@ -164,11 +182,15 @@ class AnnealedSMC:
                  num_leapfrog_steps: int = 10, step_size: float = 0.5, target_accept: Optional[float] = None,
                  batches_per_step: int = 1, batch_growth: float = 1.0, max_steps: int = 10000,
                  seed: Optional[int] = None, progress: bool = True, max_mcmc_steps: Optional[int] = None,
-                 target_correlation: float = 0.5, covariance: str = "curvature", start=None):
+                 target_correlation: float = 0.5, covariance: str = "curvature", start="auto"):
         check_model(model, 'AnnealedSMC')
-        self.start = start
-        if start is not None:
-            _start_gaussian(start)       # fail early on a start that is not a diagonal Gaussian
+        self.start = "prior" if start is None else start
+        if isinstance(self.start, str):
+            if self.start not in STARTS:
+                raise ValueError(f"AnnealedSMC: start={start!r}: choose one of {STARTS} or pass a fitted diagonal "
+                                 "Gaussian guide (e.g. ps.infer.AutoDiagonalLaplace).")
+        else:
+            _start_gaussian(self.start)       # fail early on a start that is not a diagonal Gaussian
         if not isinstance(num_particles, int) or num_particles < 2:
             raise ValueError(f"num_particles must be an integer >= 2, got {num_particles!r}.")
         if not isinstance(num_chains, int) or num_chains < 1:
@@ -263,6 +285,9 @@ class AnnealedSMC:
             run = {"seed": seed, "data": fingerprint, "noise": noise, "noise_site": bridge.noise_site,
                    "noise_loc": math.log(bridge.likelihood.noise_scale) if noise == "hyper" else None,
                    "layout": list(bridge.layout.shapes.items()), "finished": [], "current": None}
+            # The start is fixed once per run (and saved with it), so a resumed run keeps it.
+            reference = self._start_reference(bridge, x, y, noise, seed)
+            run["start"] = None if reference is None else {"mean": reference.loc, "var": reference.scale ** 2}
         self._run = run
         self._checkpoint_path = checkpoint
         for chain in range(len(run["finished"]), self.num_chains):
@@ -271,6 +296,28 @@ class AnnealedSMC:
             run["current"] = None
             self._save_checkpoint()
         self._finish(x.dtype)
+
+    def _start_reference(self, bridge, x, y, noise, seed: int) -> Optional[torch.distributions.Normal]:
+        """The diagonal Gaussian the particles start from, or ``None`` for the prior. ``"auto"``:
+        an :class:`~pyro_subnet.infer.AutoDiagonalLaplace` fitted here where the model learns its
+        noise, the prior otherwise. From the prior, the annealed targets with few data favour a
+        large noise that explains the signal; the particles settle there as the data come in and
+        local moves do not leave that mode (``docs/measured.md``: the noise posterior 2.8x Pyro
+        NUTS's on the gap network). Started at the Laplace approximation, whose MAP fits the data
+        with a small noise (:func:`~pyro_subnet.infer.fit_map`'s warm-up), they stay in the
+        posterior's mode. With a known noise the prior start keeps the particles' diversity of
+        functions away from the data, which a start at one mode loses. The fit draws from the
+        run's seed, so the start is a function of the model's weights and the seed."""
+        start = self.start
+        if start == "auto":
+            start = auto_start(noise is not None)
+        if start == "prior":
+            return None
+        if start == "laplace":
+            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                start = AutoDiagonalLaplace(self.model, progress=self.progress).fit(x, y)
+        return _start_gaussian(start, bridge.layout.dim, x)
 
     def _noise_prior(self, like: torch.Tensor):
         """The prior of the noise column ``log sigma``: ``(log_prob, sample)``. A noise site has its
@@ -299,7 +346,8 @@ class AnnealedSMC:
         xs, ys = x[perm], y[perm]
         bs = None if self.schedule == "full" else (self.batch_size or math.ceil(x.shape[0] / 10))
         path = DataPath(x.shape[0], bs, self.batch_growth)
-        reference = None if self.start is None else _start_gaussian(self.start, bridge.layout.dim, x)
+        start = run.get("start")
+        reference = None if start is None else _start_gaussian(DiagonalGaussian(**start), bridge.layout.dim, x)
         log_reference = None if reference is None else _reference_log_prob(reference, noise_log_prob)
         if learn_noise:
             target = AnnealedTarget(self._noise_log_prior(bridge, noise_log_prob), self._noise_log_lik(bridge, xs, ys),
