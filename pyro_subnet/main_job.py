@@ -351,7 +351,8 @@ def run_annealed_smc(ctx: Context) -> MethodResult:
     if start == "laplace":
         theta = ctx.theta_map
         t0 = time.perf_counter()
-        start = AutoDiagonalLaplace(ctx.model, progress=False).fit(ctx.ds.x_train, ctx.ds.y_train, map_theta=theta)
+        start = AutoDiagonalLaplace(ctx.model, progress=False, noise="map").fit(ctx.ds.x_train, ctx.ds.y_train,
+                                                                                map_theta=theta)
         seconds = ctx.map_seconds
     elif start != "prior":
         raise ValueError(f"annealed_smc: start must be 'auto', 'prior' or 'laplace', got {start!r}.")

@@ -17,6 +17,9 @@ from ..curvature import ggn, jacobian
 from . import prior as prior_lib
 from .linearised_laplace import LinearisedLaplaceGuide, broadest_within
 
+#: The rules of ``AutoDiagonalLaplace(noise=...)`` for a learned noise scale.
+NOISE_RULES = ("evidence", "map")
+
 #: Candidate prior precisions of ``prior_precision="validation"``: 0.01 to 10^4, 5 a decade. A
 #: diagonal posterior over every weight drops the correlations that cancel in function space, so
 #: it needs larger precisions than a full-covariance one to predict as well.
@@ -85,7 +88,14 @@ class AutoDiagonalLaplace(LinearisedLaplaceGuide):
         broadest posterior within ``validation_tolerance`` of the best (:func:`.linearised_laplace.broadest_within`).
         A learned noise scale (a noise site such as ``sigma``, or ``BayesianNet(noise_scale=None)``)
         is tuned by the evidence from its MAP value (jointly with the prior when that is tuned by
-        ``"marglik"`` or ``"em"``; the noise site's own prior is not used) and held at that value.
+        ``"marglik"`` or ``"em"``; the noise site's own prior is not used) and held at that value,
+        unless ``noise="map"``.
+    :param noise: how a learned noise scale is set: ``"evidence"`` (default, above) or ``"map"``,
+        kept at its value at the MAP (the fitted one, or with ``map_theta`` the likelihood's for a
+        noise hyperparameter and the root mean squared residual for a noise site). The diagonal's
+        evidence overstates the posterior's volume (it drops the correlations), a cost that grows
+        with the number of weights against the data and pushes the noise up: on a UCI network
+        with more weights than data it calls the standardised targets almost all noise.
     :param prior_structure: what ``"marglik"`` / ``"em"`` tune: ``"scalar"`` (one precision),
         ``"layerwise"`` (one per weight site) or ``"diag"`` (one per weight).
     :param validation_grid: candidate precisions of ``"validation"`` (default :data:`VALIDATION_GRID`).
@@ -111,10 +121,13 @@ class AutoDiagonalLaplace(LinearisedLaplaceGuide):
 
     def __init__(self, model, prior_precision=None, prior_structure: str = "scalar", validation_grid=None,
                  map_steps: int = 2000, map_lr: float = 1e-2, batch_size: int = 256, progress: bool = True,
-                 predictive: str = "glm", validation_tolerance: float = 0.0):
+                 predictive: str = "glm", validation_tolerance: float = 0.0, noise: str = "evidence"):
         super().__init__(model, map_steps=map_steps, map_lr=map_lr, batch_size=batch_size, progress=progress,
                          predictive=predictive, validation_tolerance=validation_tolerance)
         _check_prior_spec(prior_precision)
+        if noise not in NOISE_RULES:
+            raise ValueError(f"noise={noise!r}: choose one of {NOISE_RULES}.")
+        self.noise = noise
         if prior_structure not in prior_lib.STRUCTURES:
             raise ValueError(f"prior_structure must be one of {prior_lib.STRUCTURES}, got {prior_structure!r}.")
         grid = VALIDATION_GRID if validation_grid is None else torch.as_tensor(validation_grid, dtype=torch.float64)
@@ -156,7 +169,7 @@ class AutoDiagonalLaplace(LinearisedLaplaceGuide):
         p = self._initial_prior(spec, theta)
         tune_prior = isinstance(spec, str)
         groups = prior_lib.structure_groups(self.prior_structure, layout, everything)
-        if getattr(lik, "learn_noise", False):
+        if getattr(lik, "learn_noise", False) and self.noise == "evidence":
             # For a Gaussian likelihood g = g_1 / sigma^2, so g_1 is computed once and the evidence
             # is a closed-form function of (p, sigma).
             g1 = g * lik.noise_scale ** 2
@@ -169,7 +182,7 @@ class AutoDiagonalLaplace(LinearisedLaplaceGuide):
                                                         tune_prior=tune_prior)
             lik.set_noise_scale(scale)
             g = g1 / scale ** 2
-        elif spec == "marglik":
+        elif spec == "marglik":      # (a learned noise with noise="map" stays where the MAP put it)
             p = prior_lib.tune_marglik(g, theta, groups, p)
         elif spec == "em":
             p, _ = prior_lib.tune_em_diagonal(g, theta, groups, p)

@@ -76,9 +76,22 @@ def _start_gaussian(start, dim: Optional[int] = None, like: Optional[torch.Tenso
     return torch.distributions.Normal(mean, var.sqrt())
 
 
+def _start_noise(start, num_data: int) -> Optional[tuple]:
+    """``(mean, var)`` of the start density of ``log sigma`` for a learned noise: at a fitted
+    guide's noise scale, with the Laplace variance of a Gaussian likelihood in ``log sigma``,
+    ``1 / (2N)`` (its curvature there is ``2 sum_n r_n^2 / sigma^2 = 2N``); ``None`` (the noise
+    starts from its prior) for a start without one. Started from its prior, the noise of particles
+    whose weights start at the data's fit is free in the early targets, with few data, to grow
+    until it explains the signal, and they settle there (the trap :func:`fit_map`'s warm-up avoids)."""
+    noise = getattr(start, "noise_scale", None)
+    if not (torch.is_tensor(noise) and noise.numel() == 1 and float(noise) > 0):
+        return None
+    return math.log(float(noise)), 1.0 / (2 * num_data)
+
+
 def _reference_log_prob(reference: torch.distributions.Normal, noise_log_prob=None):
-    """``theta (P, D [+ 1]) -> (P,)``: the start density of the weights, times the noise's prior
-    for a learned noise (the last coordinate, which starts from its prior)."""
+    """``theta (P, D [+ 1]) -> (P,)``: the start density of the weights, times the start density
+    of the noise for a learned noise (the last coordinate: :func:`_start_noise`, else its prior)."""
     dim = reference.loc.shape[-1]
 
     def log_q(t):
@@ -286,8 +299,9 @@ class AnnealedSMC:
                    "noise_loc": math.log(bridge.likelihood.noise_scale) if noise == "hyper" else None,
                    "layout": list(bridge.layout.shapes.items()), "finished": [], "current": None}
             # The start is fixed once per run (and saved with it), so a resumed run keeps it.
-            reference = self._start_reference(bridge, x, y, noise, seed)
-            run["start"] = None if reference is None else {"mean": reference.loc, "var": reference.scale ** 2}
+            reference, noise_start = self._start_reference(bridge, x, y, noise, seed)
+            run["start"] = None if reference is None else {"mean": reference.loc, "var": reference.scale ** 2,
+                                                           "log_noise": noise_start}
         self._run = run
         self._checkpoint_path = checkpoint
         for chain in range(len(run["finished"]), self.num_chains):
@@ -297,10 +311,12 @@ class AnnealedSMC:
             self._save_checkpoint()
         self._finish(x.dtype)
 
-    def _start_reference(self, bridge, x, y, noise, seed: int) -> Optional[torch.distributions.Normal]:
-        """The diagonal Gaussian the particles start from, or ``None`` for the prior. ``"auto"``:
+    def _start_reference(self, bridge, x, y, noise, seed: int):
+        """The diagonal Gaussian the particles' weights start from (``None``: the prior) and, for a
+        learned noise, the start of ``log sigma`` (:func:`_start_noise`; ``None``: its prior). ``"auto"``:
         an :class:`~pyro_subnet.infer.AutoDiagonalLaplace` fitted here where the model learns its
-        noise, the prior otherwise. From the prior, the annealed targets with few data favour a
+        noise (its noise kept at the MAP's, ``noise="map"``, where the start of ``log sigma`` is
+        centred), the prior otherwise. From the prior, the annealed targets with few data favour a
         large noise that explains the signal; the particles settle there as the data come in and
         local moves do not leave that mode (``docs/measured.md``: the noise posterior 2.8x Pyro
         NUTS's on the gap network). Started at the Laplace approximation, whose MAP fits the data
@@ -312,12 +328,12 @@ class AnnealedSMC:
         if start == "auto":
             start = auto_start(noise is not None)
         if start == "prior":
-            return None
+            return None, None
         if start == "laplace":
             with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
                 torch.manual_seed(seed)
-                start = AutoDiagonalLaplace(self.model, progress=self.progress).fit(x, y)
-        return _start_gaussian(start, bridge.layout.dim, x)
+                start = AutoDiagonalLaplace(self.model, progress=self.progress, noise="map").fit(x, y)
+        return _start_gaussian(start, bridge.layout.dim, x), (_start_noise(start, x.shape[0]) if noise else None)
 
     def _noise_prior(self, like: torch.Tensor):
         """The prior of the noise column ``log sigma``: ``(log_prob, sample)``. A noise site has its
@@ -347,8 +363,14 @@ class AnnealedSMC:
         bs = None if self.schedule == "full" else (self.batch_size or math.ceil(x.shape[0] / 10))
         path = DataPath(x.shape[0], bs, self.batch_growth)
         start = run.get("start")
-        reference = None if start is None else _start_gaussian(DiagonalGaussian(**start), bridge.layout.dim, x)
-        log_reference = None if reference is None else _reference_log_prob(reference, noise_log_prob)
+        reference = None if start is None else _start_gaussian(DiagonalGaussian(start["mean"], start["var"]),
+                                                               bridge.layout.dim, x)
+        noise_start_log_prob, noise_start_sample = noise_log_prob, noise_sample
+        if start is not None and start.get("log_noise") is not None:     # the start's noise, not its prior
+            loc, var = (torch.tensor(v, dtype=x.dtype, device=x.device) for v in start["log_noise"])
+            normal = torch.distributions.Normal(loc, var.sqrt())
+            noise_start_log_prob, noise_start_sample = normal.log_prob, lambda n: normal.sample((n,))
+        log_reference = None if reference is None else _reference_log_prob(reference, noise_start_log_prob)
         if learn_noise:
             target = AnnealedTarget(self._noise_log_prior(bridge, noise_log_prob), self._noise_log_lik(bridge, xs, ys),
                                     path, log_reference)
@@ -366,7 +388,7 @@ class AnnealedSMC:
                 else:
                     particles = reference.sample((self.num_particles,))
                 if learn_noise:
-                    particles = torch.cat([particles, noise_sample(self.num_particles)[:, None].to(particles)], -1)
+                    particles = torch.cat([particles, noise_start_sample(self.num_particles)[:, None].to(particles)], -1)
             # Rank 0's prior draws for everyone; each rank keeps its share of the particles.
             theta0 = distributed.broadcast(particles.contiguous())
             state = annealed.init(theta0, self.step_size)
