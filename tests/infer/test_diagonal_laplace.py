@@ -251,3 +251,23 @@ def test_errors_on_bad_input():
     guide = AutoDiagonalLaplace(model, map_steps=0, progress=False).fit(x, y, map_theta=mean)
     with pytest.raises(ValueError, match="method"):
         guide.predict(x, method="kfac")
+
+
+def test_noise_map_keeps_the_map_noise_and_its_curvature():
+    """noise='map': a learned noise stays at the MAP's value (the likelihood's, with map_theta)
+    and the diagonal GGN is taken at it, g = sum_n J_n^2 / sigma^2; 'evidence' moves it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 2, generator=g, dtype=torch.float64)
+    y = x @ torch.tensor([1.0, -1.0], dtype=torch.float64) + 0.3 * torch.randn(30, generator=g, dtype=torch.float64)
+    fits = {}
+    for rule in ("map", "evidence"):
+        model = ps.nn.BayesianNet(nn.Linear(2, 1).double(), "regression", noise_scale=None)
+        model.likelihood.set_noise_scale(0.25)
+        theta = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64)
+        fits[rule] = AutoDiagonalLaplace(model, progress=False, noise=rule).fit(x, y, map_theta=theta)
+    assert float(fits["map"].noise_scale) == pytest.approx(0.25)
+    assert abs(float(fits["evidence"].noise_scale) - 0.25) > 0.01
+    design = torch.cat([x, torch.ones(30, 1, dtype=torch.float64)], 1)      # weight, bias
+    torch.testing.assert_close(fits["map"].ggn, (design ** 2).sum(0) / 0.25 ** 2)
+    with pytest.raises(ValueError, match="noise="):
+        AutoDiagonalLaplace(RegressionBNN(), noise="mle")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from pyro_subnet.infer.smc import Adaptive, AnnealedSMC, DataPath, Linear, log_ess
+from pyro_subnet.infer.smc.annealed_smc import _start_noise
 from pyro_subnet.data import conjugate_regression
 from pyro_subnet.nn import BayesianNet
 
@@ -160,3 +161,12 @@ def test_a_start_must_be_a_diagonal_gaussian_over_the_weights():
                                                                                  var=torch.zeros(3)))
     with pytest.raises(TypeError, match="flat_posterior"):
         AnnealedSMC(model, num_particles=8, batch_size=10, start=object())
+
+
+def test_a_start_with_a_noise_scale_centres_log_sigma_there():
+    """A start's noise scale gives log sigma its start density N(log sigma, 1/(2N)) (the Laplace
+    variance of a Gaussian likelihood in log sigma); a start without one leaves it to its prior."""
+    guide = SimpleNamespace(mean=torch.zeros(3), var=torch.ones(3), noise_scale=torch.tensor(0.2))
+    loc, var = _start_noise(guide, 50)
+    assert loc == pytest.approx(math.log(0.2)) and var == pytest.approx(0.01)
+    assert _start_noise(SimpleNamespace(mean=torch.zeros(3), var=torch.ones(3)), 50) is None
