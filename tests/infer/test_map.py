@@ -1,14 +1,14 @@
 import pyro
-import pyro.distributions as dist
 import pytest
 import torch
-from pyro.nn import PyroModule, PyroSample
 from torch import nn
 
 from pyro_subnet.data import gap_regression
 from pyro_subnet.infer import fit_map
 from pyro_subnet.infer.map import neg_log_joint, residual_scale
 from pyro_subnet.nn import BayesianNet, ModelBridge
+
+from bnn_models import RegressionBNN
 
 
 def test_map_of_linear_regression_is_the_ridge_solution():
@@ -37,26 +37,6 @@ def test_fit_noise_false_holds_a_learned_noise_and_gives_the_ridge_solution_at_i
     assert torch.allclose(res.theta, exact, atol=1e-4)
 
 
-class _NoisyTanhNet(PyroModule):
-    """A user-written 1-20-1 tanh regression with a latent noise scale, as in Pyro's tutorials."""
-
-    def __init__(self, h=20):
-        super().__init__()
-        self.fc1 = PyroModule[nn.Linear](1, h)
-        self.fc1.weight = PyroSample(dist.Normal(0.0, 1.0).expand([h, 1]).to_event(2))
-        self.fc1.bias = PyroSample(dist.Normal(0.0, 1.0).expand([h]).to_event(1))
-        self.fc2 = PyroModule[nn.Linear](h, 1)
-        self.fc2.weight = PyroSample(dist.Normal(0.0, h ** -0.5).expand([1, h]).to_event(2))
-        self.fc2.bias = PyroSample(dist.Normal(0.0, 1.0).expand([1]).to_event(1))
-
-    def forward(self, x, y=None):
-        mu = self.fc2(torch.tanh(self.fc1(x))).squeeze(-1)
-        sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("obs", dist.Normal(mu, sigma), obs=y)
-        return mu
-
-
 def test_a_latent_noise_is_fitted_after_the_weights_fit_the_data():
     """Fitted jointly from the start, the noise settles in the mode that calls the signal noise
     (sigma near the targets' spread, the weights near the prior); after the warm-up with the noise
@@ -65,7 +45,7 @@ def test_a_latent_noise_is_fitted_after_the_weights_fit_the_data():
     fits = {}
     for warmup in (0.0, 0.25):
         pyro.set_rng_seed(0)
-        bridge = ModelBridge(_NoisyTanhNet(), ds.x_train)
+        bridge = ModelBridge(RegressionBNN(h=20), ds.x_train)
         res = fit_map(bridge, ds.x_train, ds.y_train, num_steps=2000, progress=False, noise_warmup=warmup)
         objective = neg_log_joint(bridge, res.theta, ds.x_train, ds.y_train, 100, torch.tensor(res.noise_scale))
         objective = objective - (bridge.noise_log_prior(torch.tensor(res.noise_scale).log()) -
