@@ -113,12 +113,18 @@ def nuts_reference(hidden: int = 20, n: int = 100, warmup: int = 200, samples: i
     return out
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def nuts_parser(description: str) -> argparse.ArgumentParser:
+    """The options of a NUTS run on the gap network: ``--hidden``, ``--n``, ``--warmup``, ``--samples``."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--hidden", type=int, default=20)
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--samples", type=int, default=200)
+    return parser
+
+
+def main(argv=None):
+    parser = nuts_parser(__doc__.split("\n")[0])
     parser.add_argument("--learn-noise", action="store_true", help="a latent noise scale instead of 0.1")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

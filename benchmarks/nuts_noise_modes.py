@@ -12,7 +12,6 @@ weigh, only a trap of local moves on the annealed targets.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import pyro
@@ -22,16 +21,11 @@ from pyro.infer.autoguide.initialization import init_to_value
 
 from pyro_subnet.infer import fit_map
 from pyro_subnet.nn import ModelBridge
-from gap_reference import TanhBNN, gap_data
+from gap_reference import TanhBNN, gap_data, nuts_parser
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--hidden", type=int, default=20)
-    parser.add_argument("--n", type=int, default=100)
-    parser.add_argument("--warmup", type=int, default=200)
-    parser.add_argument("--samples", type=int, default=200)
-    args = parser.parse_args(argv)
+    args = nuts_parser(__doc__.split("\n")[0]).parse_args(argv)
     torch.set_num_threads(1)
     ds, _ = gap_data(args.n)
     pyro.set_rng_seed(0)
