@@ -29,6 +29,7 @@ from typing import NamedTuple, Optional
 import torch
 from tqdm.auto import trange
 
+from ..data.batches import iter_batches
 from ..nn.bridge import as_bridge
 from ..nn.validation import check_positive_int
 from . import distributed
@@ -54,16 +55,24 @@ def neg_log_joint(bridge, theta, x, y, num_data: int, noise_scale=None) -> torch
     return -(num_data / x.shape[0]) * log_lik - bridge.log_prior(theta)
 
 
+def residual_sum_of_squares(fnet, theta: torch.Tensor, data, batch_size: int = 256) -> float:
+    """:math:`\\mathrm{SSE} = \\sum_n \\lVert y_n - f(x_n, \\theta) \\rVert^2` of a regression network over
+    ``data`` (tensors ``(x, y)`` or a DataLoader), batch by batch, the network in evaluation mode: what
+    the noise updates of the MAP and of the Laplace guides need."""
+    total = 0.0
+    with torch.no_grad():
+        for xb, yb in iter_batches(data, batch_size, device=theta.device):
+            f = fnet.flat(theta, xb)
+            total += float((f.reshape(len(yb), -1) - yb.reshape(len(yb), -1)).pow(2).sum())
+    return total
+
+
 def residual_scale(bridge, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, chunk: int) -> float:
     """The noise scale that maximises the Gaussian likelihood at fixed weights,
-    :math:`\\hat\\sigma = (\\frac{1}{N}\\sum_n \\lVert y_n - f(x_n;\\theta)\\rVert^2 / K)^{1/2}`, over the
+    :math:`\\hat\\sigma = (\\mathrm{SSE} / (N K))^{1/2}` (:func:`residual_sum_of_squares`), over the
     data of every rank (in ``chunk``-sized passes, the network in evaluation mode)."""
-    totals = torch.zeros(2, dtype=x.dtype, device=x.device)     # sum of squared residuals, count
-    with torch.no_grad():
-        for start in range(0, x.shape[0], chunk):
-            xs, ys = x[start:start + chunk], y[start:start + chunk]
-            mean = bridge.likelihood.distribution(bridge.network.flat(theta, xs), noise_scale=1.0).mean
-            totals += torch.stack([((mean - ys) ** 2).sum(), ys.new_tensor(float(ys.numel()))])
+    sse = residual_sum_of_squares(bridge.network, theta, (x, y), chunk)
+    totals = torch.tensor([sse, float(y.numel())], dtype=torch.float64, device=x.device)
     distributed.all_reduce_mean(totals)     # the ratio of the means is the ratio of the sums
     return max(float((totals[0] / totals[1]).sqrt()), torch.finfo(x.dtype).eps)   # > 0 even on an exact fit
 

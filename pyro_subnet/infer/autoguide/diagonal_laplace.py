@@ -14,6 +14,7 @@ from ...data.batches import iter_batches
 from .. import distributed
 from ..analytic.posterior import FlatPosterior
 from ..curvature import ggn, jacobian
+from ..map import residual_sum_of_squares
 from . import prior as prior_lib
 from .linearised_laplace import LinearisedLaplaceGuide, broadest_within
 
@@ -173,7 +174,7 @@ class AutoDiagonalLaplace(LinearisedLaplaceGuide):
             # For a Gaussian likelihood g = g_1 / sigma^2, so g_1 is computed once and the evidence
             # is a closed-form function of (p, sigma).
             g1 = g * lik.noise_scale ** 2
-            sse = prior_lib.residual_sum_of_squares(self.bridge.network, theta, (x, y), self.batch_size)
+            sse = residual_sum_of_squares(self.bridge.network, theta, (x, y), self.batch_size)
             num_obs = y.reshape(len(y), -1).numel()
             if spec == "em":
                 p, scale = prior_lib.tune_em_diagonal(g1, theta, groups, p, sse, num_obs, lik.noise_scale, tune_prior)

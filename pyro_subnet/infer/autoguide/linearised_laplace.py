@@ -37,7 +37,7 @@ from ...nn.bridge import BatchAwareModel, ModelBridge, _own_network, check_model
 from ...nn.validation import check_positive_int
 from .. import distributed, links
 from ..curvature import jvp
-from ..map import fit_map
+from ..map import fit_map, residual_sum_of_squares
 from . import glm
 from . import prior as prior_lib
 from .subnet_selection import All, PredictiveVariance
@@ -266,7 +266,7 @@ class LinearisedLaplaceGuide(AutoGuide):
             if getattr(lik, "learn_noise", False) and self.bridge.noise_site is not None:
                 # The noise that goes with given weights: its maximum-likelihood value, the root
                 # mean squared residual (the guide then tunes it by the evidence from there).
-                sse = prior_lib.residual_sum_of_squares(self.bridge.network, theta, data, self.batch_size)
+                sse = residual_sum_of_squares(self.bridge.network, theta, data, self.batch_size)
                 lik.set_noise_scale(max((sse / y.numel()) ** 0.5, 1e-6))
         elif self.map_steps > 0:
             theta = fit_map(self.bridge, x, y, num_steps=self.map_steps, lr=self.map_lr,

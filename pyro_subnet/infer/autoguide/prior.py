@@ -30,7 +30,6 @@ from typing import Mapping, Optional, Tuple
 
 import torch
 
-from ...data.batches import iter_batches
 from .cholesky import cholesky
 
 STRUCTURES = ("scalar", "layerwise", "diag")
@@ -203,17 +202,6 @@ def tune_em(ggn: torch.Tensor, theta_s: torch.Tensor, groups: torch.Tensor, init
 # (G_1 the GGN at sigma = 1) and the log-likelihood at the MAP is
 # -SSE / (2 sigma^2) - M log sigma - M/2 log 2 pi (M = N O observed numbers), so the evidence is a
 # closed-form function of (p, sigma) once G_1 and the SSE are known.
-def residual_sum_of_squares(fnet, theta: torch.Tensor, data, batch_size: int = 256) -> float:
-    """:math:`\\mathrm{SSE} = \\sum_n \\lVert y_n - f(x_n, \\theta) \\rVert^2` of a regression network over
-    ``data`` (tensors ``(x, y)`` or a DataLoader), batch by batch: what the noise updates below need."""
-    total = 0.0
-    with torch.no_grad():
-        for xb, yb in iter_batches(data, batch_size, device=theta.device):
-            f = fnet.flat(theta, xb)
-            total += float((f.reshape(len(yb), -1) - yb.reshape(len(yb), -1)).pow(2).sum())
-    return total
-
-
 def log_evidence_noise(sse: torch.Tensor, num_obs: int, theta_s: torch.Tensor, prior_prec: torch.Tensor,
                        ggn1: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
     """:math:`\\log Z(p, \\sigma)` of the module docstring with the Gaussian log-likelihood

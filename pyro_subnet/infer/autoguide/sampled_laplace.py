@@ -11,6 +11,7 @@ from tqdm.auto import trange
 
 from ..analytic.posterior import FlatPosterior
 from ..curvature import jvp
+from ..map import residual_sum_of_squares
 from ..randomness import resolve_seed
 from . import prior as prior_lib
 from . import sample_then_optimise as sto
@@ -153,7 +154,7 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
 
         draws, diag_g, grad_term = prepare()
         if learn_noise:
-            sse = prior_lib.residual_sum_of_squares(net, theta, (x, y), self.batch_size)
+            sse = residual_sum_of_squares(net, theta, (x, y), self.batch_size)
             num_obs = y.reshape(len(y), -1).numel()
         theta_s = theta[idx]
         solution = torch.zeros(self.num_posterior_samples + 1, len(idx), dtype=theta.dtype, device=theta.device)

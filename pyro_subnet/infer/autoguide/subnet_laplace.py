@@ -9,6 +9,7 @@ import torch
 from ...data.batches import iter_batches
 from .. import distributed
 from ..curvature import FlatGaussian, ggn, jacobian, log_likelihood_gradient
+from ..map import residual_sum_of_squares
 from . import prior as prior_lib
 from .cholesky import NotPositiveDefiniteError, cholesky, precision_to_scale_tril
 from .linearised_laplace import LinearisedLaplaceGuide, broadest_within
@@ -155,7 +156,7 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
             tune = prior_lib.tune_em_noise if spec == "em" else prior_lib.tune_marglik_noise
             G1 = G * lik.noise_scale ** 2
             y2 = y.reshape(len(y), -1)
-            sse = prior_lib.residual_sum_of_squares(self.bridge.network, theta, (x, y), self.batch_size)
+            sse = residual_sum_of_squares(self.bridge.network, theta, (x, y), self.batch_size)
             p, scale = tune(G1, theta[idx], groups, init, sse, y2.numel(), lik.noise_scale, tune_prior=tune_prior)
             lik.set_noise_scale(scale)
             G = G1 / scale ** 2

@@ -443,7 +443,9 @@ class SGHMC(MCMCKernel):
 
     def _noise_now(self) -> float:
         if self.potential.sample_noise:
-            return float(self.layout.unflatten(self._state.theta)[self.bridge.noise_site].detach().exp().reshape(-1)[0])
+            site = self.bridge.noise_site
+            unconstrained = self.layout.unflatten(self._state.theta)[site].detach()
+            return float(self.transforms[site].inv(unconstrained).reshape(-1)[0])
         return float(self.bridge.likelihood.noise_scale)
 
     def _set_noise(self, sigma: float) -> None:
