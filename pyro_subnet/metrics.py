@@ -1,7 +1,6 @@
 """Predictive quality metrics.
 
-All take tensors (or arrays) and return Python floats, averaged over examples, except
-``pointwise_nll``, the per-example terms of ``nll`` (a tensor), for paired comparisons.
+All take tensors (or arrays) and return Python floats, averaged over examples.
 
 * ``nll(probs, y)``: :math:`-\\frac1N\\sum_n \\log p_{n, y_n}` (classification), or
   ``nll(mean, y, var=var)``: the Gaussian :math:`\\frac1N\\sum_n \\tfrac12\\log(2\\pi v_n) +
@@ -38,20 +37,15 @@ def _check_probs(probs, y):
     return probs, y
 
 
-def pointwise_nll(pred, y, var=None, eps: float = 1e-12) -> torch.Tensor:
-    """The per-example terms of :func:`nll`, a float64 tensor ``(N,)``."""
+def nll(pred, y, var=None, eps: float = 1e-12) -> float:
+    """Mean negative log-likelihood (see the module docstring)."""
     if var is not None:
         mean, y, var = _t(pred, torch.float64).reshape(-1), _t(y, torch.float64).reshape(-1), _t(var, torch.float64).reshape(-1)
         if (var <= 0).any():
             raise ValueError("nll: the predictive variance must be positive.")
-        return 0.5 * torch.log(2 * math.pi * var) + 0.5 * (y - mean) ** 2 / var
+        return float((0.5 * torch.log(2 * math.pi * var) + 0.5 * (y - mean) ** 2 / var).mean())
     probs, y = _check_probs(pred, y)
-    return -torch.log(probs.gather(1, y[:, None]).clamp_min(eps)).squeeze(1)
-
-
-def nll(pred, y, var=None, eps: float = 1e-12) -> float:
-    """Mean negative log-likelihood (see the module docstring)."""
-    return float(pointwise_nll(pred, y, var=var, eps=eps).mean())
+    return float(-torch.log(probs.gather(1, y[:, None]).clamp_min(eps)).mean())
 
 
 def accuracy(probs, y) -> float:

@@ -122,7 +122,7 @@ class AutoDiagonalLaplace(LinearisedLaplaceGuide):
 
     def __init__(self, model, prior_precision=None, prior_structure: str = "scalar", validation_grid=None,
                  map_steps: int = 2000, map_lr: float = 1e-2, batch_size: int = 256, progress: bool = True,
-                 predictive: str = "glm", validation_tolerance=0.0, noise: str = "evidence"):
+                 predictive: str = "glm", validation_tolerance: float = 0.0, noise: str = "evidence"):
         super().__init__(model, map_steps=map_steps, map_lr=map_lr, batch_size=batch_size, progress=progress,
                          predictive=predictive, validation_tolerance=validation_tolerance)
         _check_prior_spec(prior_precision)

@@ -15,7 +15,7 @@ from ..map import residual_sum_of_squares
 from ..randomness import resolve_seed
 from . import prior as prior_lib
 from . import sample_then_optimise as sto
-from .linearised_laplace import LinearisedLaplaceGuide, broadest_within, within_tolerance
+from .linearised_laplace import LinearisedLaplaceGuide, broadest_within
 
 #: Candidate prior precisions of ``prior_precision="validation"``: 0.1 to 10^4, 2 a decade (each
 #: costs a warm-started solve for the samples).
@@ -100,7 +100,7 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
                  max_iter: int = 500, sgd_lr: float = 1e-3, newton_step: bool = False,
                  prior_structure: str = "scalar", seed: Optional[int] = None, map_steps: int = 2000,
                  map_lr: float = 1e-2, batch_size: int = 256, progress: bool = True, predictive: str = "glm",
-                 validation_tolerance=0.0):
+                 validation_tolerance: float = 0.0):
         super().__init__(model, map_steps=map_steps, map_lr=map_lr, batch_size=batch_size, progress=progress,
                          predictive=predictive, validation_tolerance=validation_tolerance)
         if not (isinstance(num_posterior_samples, int) and num_posterior_samples >= 2):
@@ -226,8 +226,8 @@ class AutoSampledLaplace(LinearisedLaplaceGuide):
             f, JZ = jvp(self.bridge.network, theta, x_val, start[1:], idx)            # (K, N, O)
             scores.append(self._glm_nll(f, JZ.permute(1, 2, 0) / (start.shape[0] - 1) ** 0.5, y_val))
             tried.append((p, a, start))
-            best = min(scores, key=lambda s: float(s.mean()))
-            outside = 0 if within_tolerance(scores[-1], best, self.validation_tolerance) else outside + 1
+            best = min(scores)
+            outside = outside + 1 if scores[-1] > best + self.validation_tolerance * abs(best) else 0
             if outside == 2:
                 break
         chosen = broadest_within([t[0] for t in tried], scores, self.validation_tolerance)

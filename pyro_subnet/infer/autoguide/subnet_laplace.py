@@ -82,7 +82,7 @@ class AutoSubnetLaplace(LinearisedLaplaceGuide):
     def __init__(self, model, subnet=None, prior_precision=None,
                  prior_structure: str = "scalar", newton_step: bool = False, map_steps: int = 2000,
                  map_lr: float = 1e-2, batch_size: int = 256, progress: bool = True, predictive: str = "glm",
-                 validation_tolerance=0.0):
+                 validation_tolerance: float = 0.0):
         super().__init__(model, map_steps=map_steps, map_lr=map_lr, batch_size=batch_size, progress=progress,
                          predictive=predictive, validation_tolerance=validation_tolerance)
         if prior_structure not in prior_lib.STRUCTURES:
