@@ -473,10 +473,23 @@ def _laplace_result(name: str, ctx: Context, guide, fit_seconds: float, diag: Di
     return MethodResult.timed(name, ctx, ctx.map_seconds + fit_seconds, predict, diagnostics=diag, guide=guide)
 
 
-def _laplace_prior(ctx: Context, evidence: str):
+#: The main job's ``validation_tolerance`` per Laplace guide: the broadest prior precision whose
+#: held-out NLL is within this fraction of the best. The held-out split is small and easy, so its
+#: argmin often lands at the MAP end of the grid, where the posterior adds nothing under shift;
+#: these values are the ones ``benchmarks/prior_tuning.py`` found to keep the in-distribution NLL
+#: near the MAP's on most seeds while widening the posterior (the subnetwork's grid has fewer
+#: weights to widen, hence its larger tolerance).
+LAPLACE_VALIDATION_TOLERANCE = {"subnet_laplace": 0.2, "sampled_laplace": 0.05}
+
+
+def _laplace_prior(ctx: Context, method: str, evidence: str):
     """The main job's prior tuning: by the GLM predictive's NLL on the held-out split (it keeps the
-    in-distribution NLL at the MAP's, where the evidence's prior is much wider), else ``evidence``."""
-    return ("validation", ctx.validation) if ctx.validation is not None else (evidence, None)
+    in-distribution NLL near the MAP's, where the evidence's prior is much wider), else ``evidence``.
+    Returns the prior spec, the validation data and the validation tolerance."""
+    tolerance = ctx.option(method, "validation_tolerance", LAPLACE_VALIDATION_TOLERANCE[method])
+    if ctx.validation is not None:
+        return "validation", ctx.validation, tolerance
+    return evidence, None, 0.0
 
 
 def run_subnet_laplace(ctx: Context) -> MethodResult:
@@ -487,8 +500,9 @@ def run_subnet_laplace(ctx: Context) -> MethodResult:
     ds = ctx.ds
     t0 = time.perf_counter()
     k = min(ctx.option("subnet_laplace", "k", min(1000, ctx.model.layout.dim // 2)), ctx.model.layout.dim)
-    spec, validation = _laplace_prior(ctx, "marglik")
+    spec, validation, tolerance = _laplace_prior(ctx, "subnet_laplace", "marglik")
     guide = AutoSubnetLaplace(ctx.model, subnet=PredictiveVariance(k), prior_precision=spec,
+                              validation_tolerance=tolerance,
                               progress=ctx.progress).fit(ds.x_train, ds.y_train, map_theta=theta, validation=validation)
     diag = {"k": float(k), "log_evidence": float(guide.log_marginal_likelihood()),
             "prior_precision": float(guide.prior_prec.mean())}
@@ -501,10 +515,11 @@ def run_sampled_laplace(ctx: Context) -> MethodResult:
     theta = ctx.theta_map
     ds = ctx.ds
     opt = lambda k, d: ctx.option("sampled_laplace", k, d)  # noqa: E731
-    spec, validation = _laplace_prior(ctx, "em")
+    spec, validation, tolerance = _laplace_prior(ctx, "sampled_laplace", "em")
     t0 = time.perf_counter()
     guide = AutoSampledLaplace(ctx.model, num_posterior_samples=opt("num_posterior_samples", 16 if ctx.quick else 32),
-                               prior_precision=spec, num_em_steps=opt("num_em_steps", 3 if ctx.quick else 5), em_tol=1e-2,
+                               prior_precision=spec, validation_tolerance=tolerance,
+                               num_em_steps=opt("num_em_steps", 3 if ctx.quick else 5), em_tol=1e-2,
                                tol=opt("tol", 1e-3), max_iter=opt("max_iter", 100 if ctx.quick else 200),
                                seed=ctx.seed, progress=ctx.progress).fit(ds.x_train, ds.y_train, map_theta=theta,
                                                                          validation=validation)
