@@ -477,8 +477,7 @@ def _laplace_result(name: str, ctx: Context, guide, fit_seconds: float, diag: Di
 #: held-out NLL is within this fraction of the best. The held-out split is small and easy, so its
 #: argmin often lands at the MAP end of the grid, where the posterior adds nothing under shift;
 #: these values are the ones ``benchmarks/prior_tuning.py`` found to keep the in-distribution NLL
-#: near the MAP's on most seeds while widening the posterior (the subnetwork's grid has fewer
-#: weights to widen, hence its larger tolerance).
+#: near the MAP's on most seeds while widening the posterior.
 LAPLACE_VALIDATION_TOLERANCE = {"subnet_laplace": 0.2, "sampled_laplace": 0.05}
 
 
@@ -486,10 +485,9 @@ def _laplace_prior(ctx: Context, method: str, evidence: str):
     """The main job's prior tuning: by the GLM predictive's NLL on the held-out split (it keeps the
     in-distribution NLL near the MAP's, where the evidence's prior is much wider), else ``evidence``.
     Returns the prior spec, the validation data and the validation tolerance."""
-    tolerance = ctx.option(method, "validation_tolerance", LAPLACE_VALIDATION_TOLERANCE[method])
-    if ctx.validation is not None:
-        return "validation", ctx.validation, tolerance
-    return evidence, None, 0.0
+    if ctx.validation is None:
+        return evidence, None, 0.0
+    return "validation", ctx.validation, ctx.option(method, "validation_tolerance", LAPLACE_VALIDATION_TOLERANCE[method])
 
 
 def run_subnet_laplace(ctx: Context) -> MethodResult:
