@@ -387,8 +387,9 @@ def sgmcmc_posterior(ctx: Context, target_sparsity: Optional[float] = None, num_
     name = "sghmc" if target_sparsity is None else "spike_slab_sghmc"
     opt = lambda k, d: ctx.option(name, k, d)  # noqa: E731
     num_samples = num_samples or opt("num_samples", 50 if ctx.quick else 300)
-    # A warm-up this long is what took the log-likelihood's bulk ESS past 100 and its R-hat below
-    # 1.05 on the digits network (docs/measured.md); more draws alone did not.
+    # A warm-up this long is what took SGHMC's log-likelihood bulk ESS past 100 and its R-hat below
+    # 1.05 on the digits network (docs/measured.md; more draws alone did not). SpikeSlabSGHMC
+    # shares the length and does not reach those there.
     warmup_steps = warmup_steps or opt("warmup_steps", 50 if ctx.quick else 600)
     num_chains = opt("num_chains", 1 if ctx.quick else 2)
     step = opt("step_size", None)
