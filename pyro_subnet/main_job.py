@@ -15,10 +15,11 @@ passes; Gal & Ghahramani, 2016).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import pyro
 import torch
@@ -163,6 +164,7 @@ class Context:
     _map: Optional[torch.Tensor] = None
     _map_seconds: float = 0.0
     _map_noise: Optional[float] = None
+    _members: List[Tuple[BayesianNet, torch.Tensor, float]] = field(default_factory=list)
 
     def __post_init__(self):
         if self.map_prior not in ("fixed", "evidence"):
@@ -207,13 +209,44 @@ class Context:
         return self._map_seconds
 
     def fresh_model(self, seed: int, dropout: float = 0.0) -> BayesianNet:
-        """A model like :attr:`model` (same architecture, prior and likelihood) with a new
-        initialisation (``seed``) and, for MC dropout, dropout layers."""
+        """The main job's MLP with dropout layers (for MC dropout), its prior and likelihood like
+        :attr:`model`'s, initialised from ``seed``."""
         torch.manual_seed(seed)
         net = mlp(self.ds.num_features, self.ds.num_outputs, self.hidden, dropout=dropout)
-        lik = self.model.likelihood
-        noise = None if self.learns_noise else getattr(lik, "noise_scale", 0.1)
+        noise = None if self.learns_noise else getattr(self.model.likelihood, "noise_scale", 0.1)
         return BayesianNet(net, likelihood=self.ds.likelihood, prior_scale=self.model.prior_scale, noise_scale=noise)
+
+    def fresh_start(self, seed: int) -> Tuple[BayesianNet, torch.Tensor]:
+        """A copy of :attr:`model` (architecture, prior, likelihood) and new initial weights
+        ``(D,)``: its network's layers re-initialised (``reset_parameters``) from ``seed``."""
+        model = copy.deepcopy(self.model)
+        net = copy.deepcopy(model.net)
+        torch.manual_seed(seed)
+        for layer in net.modules():
+            if hasattr(layer, "reset_parameters"):
+                layer.reset_parameters()
+        values = dict(net.named_parameters())
+        missing = [name for name in model.layout.names if name not in values]
+        if missing:
+            raise ValueError(f"Context.fresh_start: the network has no parameters {missing}; fresh initialisations "
+                             "need a BayesianNet over a plain torch network.")
+        return model, model.layout.flatten({n: values[n].detach() for n in model.layout.names})
+
+    def map_members(self, size: int) -> List[Tuple[BayesianNet, torch.Tensor, float]]:
+        """``size`` MAP fits from different initialisations, as ``(model, theta, seconds)``: the
+        shared MAP first, then fresh initialisations (seeds ``seed + 1000 i``), fitted like it.
+        Fitted once and shared: the deep ensemble's members and the SG-MCMC chains' starts."""
+        if not self._members:
+            self._members.append((self.model, self.theta_map, self.map_seconds))
+        while len(self._members) < size:
+            seed = self.seed + 1000 * len(self._members)
+            model, init = self.fresh_start(seed)
+            t0 = time.perf_counter()
+            theta = fit_map(model, self.ds.x_train, self.ds.y_train, num_steps=self.map_steps, lr=self.map_lr,
+                            batch_size=self.map_batch_size, init=init, progress=self.progress, seed=seed).theta
+            self._members.append((model, theta, time.perf_counter() - t0))
+        self.reset_noise()
+        return self._members[:size]
 
 
 # The main job's AnnealedSMC settings over the sampler's defaults: what fits the job's time on
@@ -288,14 +321,8 @@ def run_deep_ensemble(ctx: Context) -> MethodResult:
     different initialisations (the shared MAP is the first), averaged (Lakshminarayanan et al.,
     2017, without adversarial training)."""
     size = ctx.option("deep_ensemble", "size", 3 if ctx.quick else 5)
-    members, seconds = [(ctx.model, ctx.theta_map)], ctx.map_seconds
-    t0 = time.perf_counter()
-    for i in range(1, size):
-        model = ctx.fresh_model(ctx.seed + 1000 * i)
-        members.append((model, fit_map(model, ctx.ds.x_train, ctx.ds.y_train, num_steps=ctx.map_steps, lr=ctx.map_lr,
-                                       batch_size=ctx.map_batch_size, progress=ctx.progress,
-                                       seed=ctx.seed + 1000 * i).theta))
-    seconds += time.perf_counter() - t0
+    fitted = ctx.map_members(size)
+    members, seconds = [(m, t) for m, t, _ in fitted], sum(sec for _, _, sec in fitted)
     noise = [(_map_noise_var(ctx, m, t) if ctx.ds.likelihood == "regression" else None) for m, t in members]
 
     def predict(x):
@@ -377,11 +404,16 @@ def run_annealed_smc(ctx: Context) -> MethodResult:
 
 def sgmcmc_posterior(ctx: Context, target_sparsity: Optional[float] = None, num_samples: Optional[int] = None,
                      warmup_steps: Optional[int] = None, steps_per_sample: int = 10, batch_size: int = 128):
-    """Run SGHMC (``target_sparsity=None``) or SpikeSlabSGHMC from the shared MAP through
+    """Run SGHMC (``target_sparsity=None``) or SpikeSlabSGHMC from MAP weights through
     ``pyro.infer.MCMC`` (two chains, one in quick mode); returns ``(mcmc, kernel, seconds)``. The
-    kernels' defaults choose the step size in warm-up; the chains start at the MAP, so the
-    kernels' Adam warm start is skipped. Options (``ctx.options[name]``): ``num_samples``,
-    ``warmup_steps``, ``steps_per_sample``, ``batch_size``, ``num_chains``, ``preconditioner``,
+    kernels' defaults choose the step size in warm-up; the chains start at MAP weights, so the
+    kernels' Adam warm start is skipped. Each chain starts at its own MAP fit
+    (``chain_starts="maps"``, the default: the shared MAP, then :meth:`Context.map_members`, the
+    deep ensemble's members), as Stan's advice of dispersed starts has it: chains that share a start
+    share its mode, so R-hat cannot see that they have not left it, and the draws average over one
+    mode only; ``"map"`` starts every chain at the shared MAP. ``seconds`` includes the extra
+    MAP fits. Options (``ctx.options[name]``): ``num_samples``, ``warmup_steps``,
+    ``steps_per_sample``, ``batch_size``, ``num_chains``, ``chain_starts``, ``preconditioner``,
     ``friction``, ``step_size`` (then fixed)."""
     ds, model = ctx.ds, ctx.model
     name = "sghmc" if target_sparsity is None else "spike_slab_sghmc"
@@ -401,15 +433,21 @@ def sgmcmc_posterior(ctx: Context, target_sparsity: Optional[float] = None, num_
     else:
         kernel = SpikeSlabSGHMC(model, spike_scale=0.3, slab_scale=1.0, inclusion_prior=0.5,
                                 target_sparsity=target_sparsity, **options)
+    starts = opt("chain_starts", "maps")
+    if starts == "maps":
+        members = ctx.map_members(num_chains)
+        thetas, start_seconds = [t for _, t, _ in members], sum(sec for _, _, sec in members[1:])
+    elif starts == "map":
+        thetas, start_seconds = [ctx.theta_map] * num_chains, 0.0
+    else:
+        raise ValueError(f"sgmcmc_posterior: chain_starts must be 'maps' or 'map', got {starts!r}.")
     pyro.set_rng_seed(ctx.seed)
-    init = model.layout.unflatten(ctx.theta_map)
-    if num_chains > 1:
-        init = {k: v.expand(num_chains, *v.shape).clone() for k, v in init.items()}
+    init = model.layout.unflatten(torch.stack(thetas) if num_chains > 1 else thetas[0])
     mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=num_chains,
                 initial_params=init, disable_progbar=not ctx.progress)
     t0 = time.perf_counter()
     mcmc.run(ds.x_train, ds.y_train)
-    return mcmc, kernel, time.perf_counter() - t0
+    return mcmc, kernel, time.perf_counter() - t0 + start_seconds
 
 
 def _sgmcmc_result(name: str, ctx: Context, mcmc, seconds: float, extra: Dict[str, float]) -> MethodResult:
@@ -422,7 +460,7 @@ def _sgmcmc_result(name: str, ctx: Context, mcmc, seconds: float, extra: Dict[st
 
 
 def run_sghmc(ctx: Context) -> MethodResult:
-    """SGHMC (preconditioned, Ke & Fan 2022) from the MAP; Bayesian model average of the draws."""
+    """SGHMC (preconditioned, Ke & Fan 2022), each chain from its own MAP; Bayesian model average of the draws."""
     mcmc, kernel, seconds = sgmcmc_posterior(ctx)
     return _sgmcmc_result("SGHMC", ctx, mcmc, seconds, arviz_diagnostics(mcmc) if ctx.diagnostics else {})
 
