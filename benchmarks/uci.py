@@ -82,11 +82,14 @@ def settings(quick: bool, num_train: int) -> Dict[str, object]:
     return dict(map_steps=2000, options={
         "subnet_laplace": {"k": 10 ** 9},          # all weights: the network is small
         "sampled_laplace": {"num_posterior_samples": 32, "num_em_steps": 5, "max_iter": 100},
-        # RMSprop's preconditioner, the main job's chain length and four chains, each from its own
-        # MAP: on Boston and concrete (splits 0-5, docs/measured.md) each raised SGHMC's test LL.
+        # The main job's chain length and preconditioner (RMSprop), and four chains, each from its
+        # own MAP: on Boston and concrete (splits 0-5, docs/measured.md) each raised SGHMC's test LL.
         "sghmc": {"num_samples": 300, "warmup_steps": 600, "steps_per_sample": 10, "preconditioner": "rmsprop",
                   "num_chains": 4},
-        "spike_slab_sghmc": {"num_samples": 100, "warmup_steps": 200, "steps_per_sample": 10},
+        # SpikeSlabSGHMC keeps the settings of the recorded runs (VB, 100 draws after 200, both
+        # chains from the one MAP).
+        "spike_slab_sghmc": {"num_samples": 100, "warmup_steps": 200, "steps_per_sample": 10,
+                             "preconditioner": "vb", "chain_starts": "map"},
         "annealed_smc": {"num_particles": 64, "batch_size": 64, "num_mcmc_steps": 5, **SMC_MALA},
     })
 
