@@ -79,17 +79,17 @@ def settings(quick: bool, num_train: int) -> Dict[str, object]:
             "annealed_smc": {"num_particles": 16, "batch_size": max(64, num_train // 4), "num_mcmc_steps": 2,
                              **SMC_MALA},
         })
+    # The main job's chain length and preconditioner (RMSprop), and four chains, each from its own
+    # MAP: on Boston and concrete (splits 0-5, docs/measured.md) each raised SGHMC's test LL.
+    sgmcmc = {"num_samples": 300, "warmup_steps": 600, "steps_per_sample": 10, "preconditioner": "rmsprop",
+              "num_chains": 4}
     return dict(map_steps=2000, options={
         "subnet_laplace": {"k": 10 ** 9},          # all weights: the network is small
         "sampled_laplace": {"num_posterior_samples": 32, "num_em_steps": 5, "max_iter": 100},
-        # The main job's chain length and preconditioner (RMSprop), and four chains, each from its
-        # own MAP: on Boston and concrete (splits 0-5, docs/measured.md) each raised SGHMC's test LL.
-        "sghmc": {"num_samples": 300, "warmup_steps": 600, "steps_per_sample": 10, "preconditioner": "rmsprop",
-                  "num_chains": 4},
-        # SpikeSlabSGHMC: SGHMC's settings, pruned to half the weight matrices (the sparsity at
-        # which its RMSE is compared with dense SGHMC's; uci_spike_slab.txt).
-        "spike_slab_sghmc": {"num_samples": 300, "warmup_steps": 600, "steps_per_sample": 10,
-                             "preconditioner": "rmsprop", "num_chains": 4, "target_sparsity": 0.5},
+        "sghmc": sgmcmc,
+        # pruned to half the weight matrices: the sparsity at which its RMSE is compared with
+        # dense SGHMC's (uci_spike_slab.txt)
+        "spike_slab_sghmc": {**sgmcmc, "target_sparsity": 0.5},
         "annealed_smc": {"num_particles": 64, "batch_size": 64, "num_mcmc_steps": 5, **SMC_MALA},
     })
 

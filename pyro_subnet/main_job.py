@@ -424,6 +424,9 @@ def sgmcmc_posterior(ctx: Context, target_sparsity: Optional[float] = None, num_
     # shares the length and does not reach those there.
     warmup_steps = warmup_steps or opt("warmup_steps", 50 if ctx.quick else 600)
     num_chains = opt("num_chains", 1 if ctx.quick else 2)
+    starts = opt("chain_starts", "maps")
+    if starts not in ("maps", "map"):
+        raise ValueError(f"sgmcmc_posterior: chain_starts must be 'maps' or 'map', got {starts!r}.")
     step = opt("step_size", None)
     # RMSprop's preconditioner: on the digits network both samplers mixed better with it than
     # with VB (the log-likelihood's ESS about twice VB's) at a lower NLL (docs/measured.md).
@@ -435,14 +438,11 @@ def sgmcmc_posterior(ctx: Context, target_sparsity: Optional[float] = None, num_
     else:
         kernel = SpikeSlabSGHMC(model, spike_scale=0.3, slab_scale=1.0, inclusion_prior=0.5,
                                 target_sparsity=target_sparsity, **options)
-    starts = opt("chain_starts", "maps")
     if starts == "maps":
         members = ctx.map_members(num_chains)
         thetas, start_seconds = [t for _, t, _ in members], sum(sec for _, _, sec in members[1:])
-    elif starts == "map":
-        thetas, start_seconds = [ctx.theta_map] * num_chains, 0.0
     else:
-        raise ValueError(f"sgmcmc_posterior: chain_starts must be 'maps' or 'map', got {starts!r}.")
+        thetas, start_seconds = [ctx.theta_map] * num_chains, 0.0
     pyro.set_rng_seed(ctx.seed)
     init = model.layout.unflatten(torch.stack(thetas) if num_chains > 1 else thetas[0])
     mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=num_chains,
